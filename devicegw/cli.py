@@ -1,0 +1,157 @@
+"""``devicegw`` command line: run, demo, check-config, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from devicegw import __version__
+from devicegw.clock import Clock, ScaledClock, SystemClock
+from devicegw.config import Config, load_config
+from devicegw.errors import ConfigError, GatewayError
+from devicegw.logging_setup import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _clock(scale: float) -> Clock:
+    return SystemClock() if scale == 1.0 else ScaledClock(scale)
+
+
+def run_until_signalled(coro: Coroutine[Any, Any, object]) -> int:
+    """Run ``coro``; SIGTERM/SIGINT cancel it so every task shuts down in order."""
+
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await coro
+        except asyncio.CancelledError:
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    return asyncio.run(main())
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"devicegw: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from devicegw.daemon import Gateway
+
+    config = _load(args.config)
+    configure_logging(args.log_level or config.gateway.log_level, config.gateway.log_format)
+    scale = args.time_scale if args.time_scale is not None else config.gateway.time_scale
+    try:
+        gateway = Gateway(config, clock=_clock(scale))
+    except ConfigError as exc:
+        print(f"devicegw: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_until_signalled(gateway.run())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        config.broker.password()
+    except ConfigError as exc:
+        print(f"devicegw: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.config}: OK (sha256 {config.source_sha256[:16]}…)")
+    print(f"  gateway {config.gateway.id} at site {config.gateway.site}")
+    print(f"  broker  {config.broker.host}:{config.broker.port} tls={config.broker.tls.enabled}")
+    r = config.dose_rules
+    print(
+        f"  dose rules: {r.prescribed_volume_ml} mL prescribed, >= {r.min_delivered_fraction:.0%} "
+        f"delivered, {r.min_duration_s:g}-{r.max_duration_s:g} s, pauses <= {r.max_total_pause_s:g} s"
+    )
+    for d in config.devices:
+        print(
+            f"  device {d.id}: {d.type} on {d.link.port}, bed {d.bed}, "
+            f"subject {d.subject_id}, kit {d.kit_number}"
+        )
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators.run import simulate_main
+
+    configure_logging(args.log_level or "INFO", "text")
+    link_dir = Path(args.link_dir)
+    link_dir.mkdir(parents=True, exist_ok=True)
+    return run_until_signalled(
+        simulate_main([Path(p) for p in args.scenario], clock=_clock(args.time_scale), link_dir=link_dir)
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from devicegw.demo import run_demo
+
+    configure_logging(args.log_level or "WARNING", "text")
+    try:
+        return asyncio.run(run_demo(time_scale=args.time_scale, scenario=args.scenario))
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="devicegw", description=__doc__)
+    p.add_argument("--version", action="version", version=f"devicegw {__version__}")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway daemon")
+    run.add_argument("--config", required=True, help="TOML configuration file")
+    run.add_argument(
+        "--time-scale", type=float, default=None,
+        help="run the clock N times faster (simulated devices only)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a configuration file and summarise it")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check_config)
+
+    sim = sub.add_parser("simulate", help="run simulated devices on pseudo-terminals")
+    sim.add_argument("--scenario", action="append", required=True, help="scenario TOML (repeatable)")
+    sim.add_argument("--link-dir", default="/tmp/devicegw-sim", help="where the stable port links go")
+    sim.add_argument("--time-scale", type=float, default=1.0)
+    sim.set_defaults(func=cmd_simulate)
+
+    demo = sub.add_parser("demo", help="broker + simulated nebulizer + gateway, live in the terminal")
+    demo.add_argument("--time-scale", type=float, default=8.0)
+    demo.add_argument("--scenario", default=None, help="scenario TOML (default: the demo session)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+    except GatewayError as exc:
+        print(f"devicegw: {exc}", file=sys.stderr)
+        return 1
+    return rc
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

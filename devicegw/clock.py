@@ -1,0 +1,129 @@
+"""The one clock everything asks for time, so replays and simulators outrun real time.
+
+Nothing in the gateway, the drivers or the simulators calls ``time`` or
+``asyncio.sleep`` for domain time directly: they ask a :class:`Clock`.
+``SystemClock`` is real time; ``ScaledClock`` runs N times faster than real time
+(a simulator and a daemon sharing the scale agree on durations); ``ManualClock``
+only moves when told to (tests and as-fast-as-possible replay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Time source injected into every component."""
+
+    def monotonic(self) -> float:
+        """Seconds on a monotonic scale; only differences are meaningful."""
+        ...
+
+    def now(self) -> datetime:
+        """Current UTC time (timezone-aware)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait for ``seconds`` of this clock's time."""
+        ...
+
+    @property
+    def scale(self) -> float:
+        """How many clock seconds pass per real second (1.0 for real time)."""
+        ...
+
+
+class SystemClock:
+    """Real time."""
+
+    scale = 1.0
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class ScaledClock:
+    """Real time sped up ``scale`` times, anchored at the moment of creation.
+
+    UTC time starts at the real current time (or ``start``) and then advances
+    ``scale`` times faster, so timestamps stay plausible while durations shrink.
+    """
+
+    def __init__(self, scale: float, *, start: datetime | None = None) -> None:
+        if scale <= 0:
+            raise ValueError("clock scale must be positive")
+        self._scale = float(scale)
+        self._real0 = time.monotonic()
+        self._utc0 = start if start is not None else datetime.now(UTC)
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    def monotonic(self) -> float:
+        return (time.monotonic() - self._real0) * self._scale
+
+    def now(self) -> datetime:
+        return self._utc0 + timedelta(seconds=self.monotonic())
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds) / self._scale)
+
+
+class ManualClock:
+    """A clock that only moves when :meth:`advance` is called.
+
+    ``sleep`` returns once the clock has been advanced far enough, so a driver
+    loop can run a whole simulated day without waiting.
+    """
+
+    scale = float("inf")
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._t = 0.0
+        self._utc0 = start if start is not None else datetime(2026, 1, 1, tzinfo=UTC)
+        self._waiters: list[tuple[float, asyncio.Future[None]]] = []
+
+    def monotonic(self) -> float:
+        return self._t
+
+    def now(self) -> datetime:
+        return self._utc0 + timedelta(seconds=self._t)
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a clock cannot go backwards")
+        self.set(self._t + seconds)
+
+    def set(self, t: float) -> None:
+        """Move to absolute monotonic time ``t`` and wake the sleepers it reaches."""
+        if t < self._t:
+            raise ValueError("a clock cannot go backwards")
+        self._t = t
+        due = [w for w in self._waiters if w[0] <= t]
+        self._waiters = [w for w in self._waiters if w[0] > t]
+        for _, fut in due:
+            if not fut.done():
+                fut.set_result(None)
+
+    def next_deadline(self) -> float | None:
+        """Earliest time a sleeper is waiting for, if any."""
+        pending = [t for t, f in self._waiters if not f.done()]
+        return min(pending) if pending else None
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._t + seconds, fut))
+        await fut

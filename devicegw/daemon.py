@@ -1,0 +1,116 @@
+"""The long-running gateway: every configured device plus the broker connection.
+
+Each device runs in its own task; a device that cannot be opened keeps
+retrying without affecting the others. Dose events, statuses and telemetry
+flow from the device runners through a sink to the MQTT publisher (and to any
+extra listeners, e.g. the demo's live view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from devicegw import __version__
+from devicegw.clock import Clock
+from devicegw.config import Config, DeviceSettings
+from devicegw.links import link_factory as default_link_factory
+from devicegw.mqtt_publisher import MqttPublisher, Outgoing, encode
+from devicegw.nebulizer import GatewaySink, NebulizerRunner
+from devicegw.payloads import DeviceStatus, DoseEvent, GatewayStatus, Telemetry
+from devicegw.topics import Topics
+from drivers.transport.base import ByteLink
+
+log = logging.getLogger(__name__)
+
+
+class MqttSink:
+    """Routes device outputs to their topics, then to any listeners."""
+
+    def __init__(self, publisher: MqttPublisher, topics: Topics) -> None:
+        self._pub = publisher
+        self._topics = topics
+        self.listeners: list[GatewaySink] = []
+
+    def dose_event(self, device_id: str, event: DoseEvent) -> None:
+        self._pub.publish_dose(self._topics.dose(device_id), event)
+        for listener in self.listeners:
+            listener.dose_event(device_id, event)
+
+    def device_status(self, device_id: str, status: DeviceStatus) -> None:
+        self._pub.publish_status(self._topics.device_status(device_id), status)
+        for listener in self.listeners:
+            listener.device_status(device_id, status)
+
+    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+        self._pub.publish_telemetry(self._topics.telemetry(device_id), telemetry)
+        for listener in self.listeners:
+            listener.telemetry(device_id, telemetry)
+
+
+def gateway_status(config: Config, *, online: bool, since: datetime | None) -> GatewayStatus:
+    return GatewayStatus(
+        gateway_id=config.gateway.id,
+        site=config.gateway.site,
+        online=online,
+        version=__version__,
+        config_sha256=config.source_sha256 or None,
+        devices=[d.id for d in config.devices],
+        since_utc=since,
+    )
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock,
+        link_factory: Callable[[DeviceSettings], Callable[[], ByteLink]] = default_link_factory,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
+        status_topic = self.topics.gateway_status()
+        self.publisher = MqttPublisher(
+            config.broker,
+            client_id=config.broker.client_id or f"devicegw-{config.gateway.site}-{config.gateway.id}",
+            clock=clock,
+            will=Outgoing(status_topic, encode(gateway_status(config, online=False, since=None)), 1, True),
+            birth=Outgoing(
+                status_topic,
+                encode(gateway_status(config, online=True, since=clock.now())),
+                1,
+                True,
+            ),
+            protocol=config.broker.protocol,
+        )
+        self.sink = MqttSink(self.publisher, self.topics)
+        self.runners = [
+            NebulizerRunner(
+                device, config, link_factory=link_factory(device), clock=clock, sink=self.sink
+            )
+            for device in config.devices
+        ]
+
+    async def run(self) -> None:
+        """Run until cancelled (SIGTERM/SIGINT cancel the main task)."""
+        log.info(
+            "gateway starting",
+            extra={
+                "gateway_id": self.config.gateway.id,
+                "site": self.config.gateway.site,
+                "version": __version__,
+                "config_sha256": self.config.source_sha256,
+                "devices": ",".join(d.id for d in self.config.devices),
+            },
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.publisher.run(), name="mqtt-publisher")
+                for runner in self.runners:
+                    tg.create_task(runner.run(), name=f"device-{runner.device.id}")
+        finally:
+            log.info("gateway stopped", extra={"gateway_id": self.config.gateway.id})

@@ -1,0 +1,1 @@
+"""Transports move bytes; they know nothing about what the bytes mean."""

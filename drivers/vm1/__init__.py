@@ -1,0 +1,1 @@
+"""VM-1 vibrating-mesh nebulizer: messages, payload codec and serial framing (ICD rev 1.0)."""

@@ -1,0 +1,67 @@
+"""Builds synthetic VM-1 message streams for the pure session and dose tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from devicegw.session_tracker import Rx
+from drivers.vm1.messages import (
+    Alarm,
+    DeviceMessage,
+    DeviceState,
+    EndReason,
+    Output,
+    SessionEnd,
+    SessionStart,
+    Status,
+)
+
+T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
+
+
+class StreamBuilder:
+    """Emits messages the way a VM-1 would, with device and gateway times in step."""
+
+    def __init__(self, start_ms: int = 10_000) -> None:
+        self.t_ms = start_ms
+        self.seq = 0
+        self.out: list[Rx] = []
+        self.cum = 0.0
+
+    def _rx(self, msg_cls: type[DeviceMessage], **fields: object) -> None:
+        msg = msg_cls(seq=self.seq, dev_ms=self.t_ms % (1 << 32), **fields)  # type: ignore[arg-type]
+        self.seq = (self.seq + 1) % 256
+        self.out.append(Rx(msg=msg, utc=T0 + timedelta(milliseconds=self.t_ms), mono=self.t_ms / 1e3))
+
+    def status(self, state: DeviceState, reservoir: int = 3000, flags: int = 0x09) -> None:
+        self._rx(Status, state=state, reservoir_ul=reservoir, battery_pct=80, flags=flags)
+
+    def start(self, session_no: int = 42, fill: int = 3000, wall_s: int = 1_795_507_200) -> None:
+        self.cum = 0.0
+        self._rx(SessionStart, session_no=session_no, fill_ul=fill, wall_s=wall_s)
+        self.status(DeviceState.NEBULIZING, fill)
+
+    def nebulize(self, seconds: float, rate: int = 400, hz: int = 10, state: DeviceState | None = None) -> None:
+        n = round(seconds * hz)
+        for _ in range(n):
+            self.t_ms += 1000 // hz
+            self.cum += rate / 60.0 / hz
+            self._rx(Output, rate_ul_min=rate, cum_ul=round(self.cum))
+
+    def pause(self, seconds: float, hz: int = 10) -> None:
+        self.status(DeviceState.PAUSED, flags=0x08)
+        self.nebulize(seconds, rate=0, hz=hz)
+        self.status(DeviceState.NEBULIZING)
+
+    def alarm(self, code: int, active: bool) -> None:
+        self._rx(Alarm, code=code, active=active)
+
+    def end(self, reason: EndReason, residual: int, neb_ms: int, session_no: int = 42) -> None:
+        self._rx(
+            SessionEnd, session_no=session_no, reason=reason, neb_ms=neb_ms,
+            cum_ul=round(self.cum), residual_ul=residual,
+        )
+        self.status(DeviceState.DONE, residual)
+
+    def skip(self, seconds: float) -> None:
+        self.t_ms += round(seconds * 1000)
