@@ -1,0 +1,58 @@
+"""CRC-16/CCITT-FALSE: the ICD's check value, known vectors and an independent C oracle."""
+
+from __future__ import annotations
+
+import binascii
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from drivers.vm1.crc import CRC16_INIT, crc16_ccitt_false
+
+
+def test_icd_check_value() -> None:
+    assert crc16_ccitt_false(b"123456789") == 0x29B1
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", 0xFFFF),  # no data: the initial value, no final XOR
+        (b"\x00", 0xE1F0),
+        (b"A", 0xB915),
+        (bytes.fromhex("8100000000 00"), 0x9F90),  # ICD GET_INFO vector, CRC sent as 90 9f
+    ],
+)
+def test_known_values(data: bytes, expected: int) -> None:
+    assert crc16_ccitt_false(data) == expected
+
+
+def test_default_initial_value() -> None:
+    assert CRC16_INIT == 0xFFFF
+    assert crc16_ccitt_false(b"xyz") == crc16_ccitt_false(b"xyz", 0xFFFF)
+
+
+def test_accepts_bytearray_and_memoryview() -> None:
+    data = b"123456789"
+    assert crc16_ccitt_false(bytearray(data)) == 0x29B1
+    assert crc16_ccitt_false(memoryview(data)) == 0x29B1
+
+
+@given(st.binary(max_size=128))
+def test_matches_binascii_crc_hqx(data: bytes) -> None:
+    # crc_hqx is the same polynomial, unreflected, with a caller-chosen start value.
+    assert crc16_ccitt_false(data) == binascii.crc_hqx(data, 0xFFFF)
+
+
+@given(st.binary(max_size=64), st.binary(max_size=64))
+def test_incremental_equals_one_shot(a: bytes, b: bytes) -> None:
+    assert crc16_ccitt_false(b, crc16_ccitt_false(a)) == crc16_ccitt_false(a + b)
+
+
+@given(st.binary(min_size=1, max_size=66), st.data())
+def test_detects_every_single_bit_error(data: bytes, draw: st.DataObject) -> None:
+    bit = draw.draw(st.integers(0, len(data) * 8 - 1))
+    flipped = bytearray(data)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    assert crc16_ccitt_false(bytes(flipped)) != crc16_ccitt_false(data)
