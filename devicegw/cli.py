@@ -79,8 +79,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  broker  {config.broker.host}:{config.broker.port} tls={config.broker.tls.enabled}")
     r = config.dose_rules
     print(
-        f"  dose rules: {r.prescribed_volume_ml} mL prescribed, >= {r.min_delivered_fraction:.0%} "
-        f"delivered, {r.min_duration_s:g}-{r.max_duration_s:g} s, pauses <= {r.max_total_pause_s:g} s"
+        f"  dose rules: {r.prescribed_volume_ml} mL prescribed, "
+        f">= {r.min_delivered_fraction:.0%} delivered, "
+        f"{r.min_duration_s:g}-{r.max_duration_s:g} s, pauses <= {r.max_total_pause_s:g} s"
     )
     for d in config.devices:
         print(
@@ -97,7 +98,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     link_dir = Path(args.link_dir)
     link_dir.mkdir(parents=True, exist_ok=True)
     return run_until_signalled(
-        simulate_main([Path(p) for p in args.scenario], clock=_clock(args.time_scale), link_dir=link_dir)
+        simulate_main(
+            [Path(p) for p in args.scenario], clock=_clock(args.time_scale), link_dir=link_dir
+        )
     )
 
 
@@ -120,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway daemon")
     run.add_argument("--config", required=True, help="TOML configuration file")
     run.add_argument(
-        "--time-scale", type=float, default=None,
+        "--time-scale",
+        type=float,
+        default=None,
         help="run the clock N times faster (simulated devices only)",
     )
     run.set_defaults(func=cmd_run)
@@ -130,12 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     sim = sub.add_parser("simulate", help="run simulated devices on pseudo-terminals")
-    sim.add_argument("--scenario", action="append", required=True, help="scenario TOML (repeatable)")
-    sim.add_argument("--link-dir", default="/tmp/devicegw-sim", help="where the stable port links go")
+    sim.add_argument(
+        "--scenario", action="append", required=True, help="scenario TOML (repeatable)"
+    )
+    sim.add_argument(
+        "--link-dir", default="/tmp/devicegw-sim", help="where the stable port links go"
+    )
     sim.add_argument("--time-scale", type=float, default=1.0)
     sim.set_defaults(func=cmd_simulate)
 
-    demo = sub.add_parser("demo", help="broker + simulated nebulizer + gateway, live in the terminal")
+    demo = sub.add_parser(
+        "demo", help="broker + simulated nebulizer + gateway, live in the terminal"
+    )
     demo.add_argument("--time-scale", type=float, default=8.0)
     demo.add_argument("--scenario", default=None, help="scenario TOML (default: the demo session)")
     demo.set_defaults(func=cmd_demo)

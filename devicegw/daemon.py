@@ -76,9 +76,12 @@ class Gateway:
         status_topic = self.topics.gateway_status()
         self.publisher = MqttPublisher(
             config.broker,
-            client_id=config.broker.client_id or f"devicegw-{config.gateway.site}-{config.gateway.id}",
+            client_id=config.broker.client_id
+            or f"devicegw-{config.gateway.site}-{config.gateway.id}",
             clock=clock,
-            will=Outgoing(status_topic, encode(gateway_status(config, online=False, since=None)), 1, True),
+            will=Outgoing(
+                status_topic, encode(gateway_status(config, online=False, since=None)), 1, True
+            ),
             birth=Outgoing(
                 status_topic,
                 encode(gateway_status(config, online=True, since=clock.now())),

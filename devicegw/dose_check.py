@@ -72,9 +72,7 @@ def estimate_volumes(s: FinishedSession, rules: DoseRules) -> VolumeEstimates:
         max_gap_s=rules.max_sample_gap_s,
     )
     drop = (
-        s.fill_ul - s.residual_ul
-        if s.fill_ul is not None and s.residual_ul is not None
-        else None
+        s.fill_ul - s.residual_ul if s.fill_ul is not None and s.residual_ul is not None else None
     )
     integ = integral.volume_ul if integral.samples >= 2 else None
     cum = float(s.device_cum_ul)
@@ -99,9 +97,7 @@ def estimate_volumes(s: FinishedSession, rules: DoseRules) -> VolumeEstimates:
         delivered_ml=_ml(delivered),
         delivered_basis=basis,
         delivered_fraction=(
-            None
-            if delivered is None
-            else round(delivered / 1000.0 / rules.prescribed_volume_ml, 4)
+            None if delivered is None else round(delivered / 1000.0 / rules.prescribed_volume_ml, 4)
         ),
         max_disagreement_ml=_ml(disagreement),
         estimates_agree=(

@@ -35,7 +35,9 @@ class TransportError(GatewayError):
 class DeviceTimeoutError(GatewayError, TimeoutError):
     """A device did not answer a command in time."""
 
-    def __init__(self, message: str, *, device_id: str | None = None, command: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, device_id: str | None = None, command: str | None = None
+    ) -> None:
         self.device_id = device_id
         self.command = command
         super().__init__(message)

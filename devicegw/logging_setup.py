@@ -25,7 +25,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STD and not key.startswith("_"):
-                out[key] = value if isinstance(value, (int, float, bool, str, type(None))) else str(value)
+                out[key] = (
+                    value if isinstance(value, (int, float, bool, str, type(None))) else str(value)
+                )
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import aiomqtt
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import BaseModel
 
 from devicegw.backoff import Backoff
@@ -71,7 +71,9 @@ def build_tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
         if tls.cert_file and tls.key_file:
             ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"broker.tls: cannot load certificates: {exc}", field="broker.tls") from exc
+        raise ConfigError(
+            f"broker.tls: cannot load certificates: {exc}", field="broker.tls"
+        ) from exc
     if tls.insecure_skip_verify:
         if settings.host not in _LOOPBACK:
             raise ConfigError(
@@ -154,18 +156,9 @@ class MqttPublisher:
     def pending_dose_events(self) -> int:
         return len(self._q.dose)
 
-    async def drained(self, timeout: float | None = None) -> bool:
-        """Wait until every queued dose event and status is acknowledged."""
-
-        async def _wait() -> None:
-            while self._q.dose or self._q.status:
-                await asyncio.sleep(0.02)
-
-        try:
-            await asyncio.wait_for(_wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    def is_drained(self) -> bool:
+        """True when every queued dose event and status has been acknowledged."""
+        return not (self._q.dose or self._q.status)
 
     # -- connection loop -------------------------------------------------------
 
@@ -178,8 +171,7 @@ class MqttPublisher:
             password=self._password.get_secret_value() if self._password else None,
             identifier=self._client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if self._use_v5 else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(
-                self._will.topic, self._will.payload, qos=1, retain=True),
+            will=aiomqtt.Will(self._will.topic, self._will.payload, qos=1, retain=True),
             keepalive=s.keepalive_s,
             tls_context=self._tls,
             timeout=10,
@@ -204,8 +196,10 @@ class MqttPublisher:
                     first_failure = True
                     log.info(
                         "connected to broker",
-                        extra={"broker": f"{self._settings.host}:{self._settings.port}",
-                               "mqtt_protocol": self.stats.protocol},
+                        extra={
+                            "broker": f"{self._settings.host}:{self._settings.port}",
+                            "mqtt_protocol": self.stats.protocol,
+                        },
                     )
                     try:
                         await self._send_loop(client)
@@ -225,8 +219,12 @@ class MqttPublisher:
                     self._use_v5 = False
                     continue
                 level = logging.WARNING if first_failure else logging.DEBUG
-                log.log(level, "broker connection failed: %s", exc,
-                        extra={"broker": f"{self._settings.host}:{self._settings.port}"})
+                log.log(
+                    level,
+                    "broker connection failed: %s",
+                    exc,
+                    extra={"broker": f"{self._settings.host}:{self._settings.port}"},
+                )
                 first_failure = False
             finally:
                 self._client = None

@@ -34,7 +34,6 @@ from devicegw.session_tracker import (
     TrackerEvent,
 )
 from drivers.transport.base import ByteLink
-from drivers.vm1.framing import Vm1StreamDecoder, encode_message_frame
 from drivers.vm1.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -53,6 +52,7 @@ from drivers.vm1.messages import (
     Stop,
     alarm_name,
 )
+from drivers.vm1.stream import Vm1StreamDecoder, encode_message_frame
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ class NebulizerRunner:
             except TransportError as exc:
                 self.health.last_error = str(exc)
                 level = logging.WARNING if first_failure else logging.DEBUG
-                log.log(level, "cannot open device link: %s", exc, extra={"device_id": self.device.id})
+                log.log(
+                    level, "cannot open device link: %s", exc, extra={"device_id": self.device.id}
+                )
                 if first_failure:
                     self._publish_status(error=str(exc))
                 first_failure = False
@@ -138,7 +140,8 @@ class NebulizerRunner:
                 await self._session_on(link)
             except UnexpectedDeviceError as exc:
                 self.health.refused = str(exc)
-                log.error("device refused: %s", exc, extra={"device_id": self.device.id})
+                # A refusal, not a crash: no traceback wanted.
+                log.error("device refused: %s", exc, extra={"device_id": self.device.id})  # noqa: TRY400
                 self._publish_status(error=str(exc))
             except TransportError as exc:
                 self.health.last_error = str(exc)
@@ -157,7 +160,9 @@ class NebulizerRunner:
         log.info("device link open", extra={"device_id": self.device.id, "link": link.description})
         decoder = Vm1StreamDecoder()
         async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(self._read_loop(link, decoder, tg), name=f"{self.device.id}-read")
+            reader = tg.create_task(
+                self._read_loop(link, decoder, tg), name=f"{self.device.id}-read"
+            )
             hs = tg.create_task(self._handshake(), name=f"{self.device.id}-handshake")
             try:
                 await hs
@@ -242,8 +247,11 @@ class NebulizerRunner:
         if isinstance(event, SessionStarted):
             log.info(
                 "session started",
-                extra={"device_id": self.device.id, "session_no": event.session_no,
-                       "fill_ul": event.fill_ul},
+                extra={
+                    "device_id": self.device.id,
+                    "session_no": event.session_no,
+                    "fill_ul": event.fill_ul,
+                },
             )
         elif isinstance(event, SessionFinished):
             self._emit_dose(event)
@@ -251,7 +259,9 @@ class NebulizerRunner:
             tg.create_task(self._fetch_record(event.session_no), name=f"{self.device.id}-fetch")
         elif isinstance(event, AlarmChanged):
             log.warning(
-                "device alarm %s %s", alarm_name(event.code), "raised" if event.active else "cleared",
+                "device alarm %s %s",
+                alarm_name(event.code),
+                "raised" if event.active else "cleared",
                 extra={"device_id": self.device.id, "alarm_code": event.code},
             )
             self._publish_status()
@@ -281,12 +291,15 @@ class NebulizerRunner:
         try:
             ack = await self.command(GetSession(session_no=session_no))
         except (DeviceTimeoutError, TransportError) as exc:
-            log.warning("GET_SESSION %d failed: %s", session_no, exc,
-                        extra={"device_id": self.device.id})
+            log.warning(
+                "GET_SESSION %d failed: %s", session_no, exc, extra={"device_id": self.device.id}
+            )
             return
         if ack.result != AckResult.OK:
             log.error(
-                "device no longer holds session %d (%s)", session_no, ack.result.name,
+                "device no longer holds session %d (%s)",
+                session_no,
+                ack.result.name,
                 extra={"device_id": self.device.id},
             )
 
@@ -343,7 +356,8 @@ class NebulizerRunner:
                 rate_ul_min=msg.rate_ul_min,
                 delivered_ml=round(msg.cum_ul / 1000.0, 3),
                 reservoir_ml=(
-                    None if status is None or status.reservoir_ul is None
+                    None
+                    if status is None or status.reservoir_ul is None
                     else round(status.reservoir_ul / 1000.0, 3)
                 ),
                 battery_pct=status.battery_pct if status else None,
@@ -376,12 +390,14 @@ class NebulizerRunner:
                 battery_pct=status.battery_pct if status else None,
                 on_mains=status.on_mains if status else None,
                 reservoir_ml=(
-                    None if status is None or status.reservoir_ul is None
+                    None
+                    if status is None or status.reservoir_ul is None
                     else round(status.reservoir_ul / 1000.0, 3)
                 ),
                 active_alarms=alarms,
-                last_seen_utc=self._clock.now() if self.health.last_frame_mono is not None else None,
+                last_seen_utc=self._clock.now()
+                if self.health.last_frame_mono is not None
+                else None,
                 error=error,
             ),
         )
-

@@ -67,7 +67,9 @@ class VolumeOut(_Payload):
     prescribed_ml: float
     fill_ml: float | None
     residual_ml: float | None
-    reservoir_drop_ml: float | None = Field(description="fill - residual: the level sensor's estimate")
+    reservoir_drop_ml: float | None = Field(
+        description="fill - residual: the level sensor's estimate"
+    )
     output_integral_ml: float | None = Field(
         description="integral of OUTPUT rate samples over their device times"
     )
@@ -93,7 +95,9 @@ class LinkQuality(_Payload):
 class DoseTimes(_Payload):
     gateway_start_utc: datetime | None
     gateway_end_utc: datetime
-    device_start_utc: datetime | None = Field(description="device clock at start; null if never set")
+    device_start_utc: datetime | None = Field(
+        description="device clock at start; null if never set"
+    )
     device_end_utc: datetime | None
     device_start_uptime_ms: int | None
     device_end_uptime_ms: int | None

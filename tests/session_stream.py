@@ -31,7 +31,9 @@ class StreamBuilder:
     def _rx(self, msg_cls: type[DeviceMessage], **fields: object) -> None:
         msg = msg_cls(seq=self.seq, dev_ms=self.t_ms % (1 << 32), **fields)  # type: ignore[arg-type]
         self.seq = (self.seq + 1) % 256
-        self.out.append(Rx(msg=msg, utc=T0 + timedelta(milliseconds=self.t_ms), mono=self.t_ms / 1e3))
+        self.out.append(
+            Rx(msg=msg, utc=T0 + timedelta(milliseconds=self.t_ms), mono=self.t_ms / 1e3)
+        )
 
     def status(self, state: DeviceState, reservoir: int = 3000, flags: int = 0x09) -> None:
         self._rx(Status, state=state, reservoir_ul=reservoir, battery_pct=80, flags=flags)
@@ -41,7 +43,9 @@ class StreamBuilder:
         self._rx(SessionStart, session_no=session_no, fill_ul=fill, wall_s=wall_s)
         self.status(DeviceState.NEBULIZING, fill)
 
-    def nebulize(self, seconds: float, rate: int = 400, hz: int = 10, state: DeviceState | None = None) -> None:
+    def nebulize(
+        self, seconds: float, rate: int = 400, hz: int = 10, state: DeviceState | None = None
+    ) -> None:
         n = round(seconds * hz)
         for _ in range(n):
             self.t_ms += 1000 // hz
@@ -58,8 +62,12 @@ class StreamBuilder:
 
     def end(self, reason: EndReason, residual: int, neb_ms: int, session_no: int = 42) -> None:
         self._rx(
-            SessionEnd, session_no=session_no, reason=reason, neb_ms=neb_ms,
-            cum_ul=round(self.cum), residual_ul=residual,
+            SessionEnd,
+            session_no=session_no,
+            reason=reason,
+            neb_ms=neb_ms,
+            cum_ul=round(self.cum),
+            residual_ul=residual,
         )
         self.status(DeviceState.DONE, residual)
 

@@ -189,8 +189,14 @@ def test_missed_end_is_fetched_from_the_device_log() -> None:
     events = run(s2, tracker)
     assert [e for e in events if isinstance(e, FetchSessionRecord)] == [FetchSessionRecord(42)]
     record = SessionRecord(
-        session_no=42, start_wall_s=1_795_507_200, fill_ul=3000, reason=EndReason.COMPLETE,
-        neb_ms=435_000, cum_ul=2900, residual_ul=105, end_wall_s=1_795_507_200 + 435,
+        session_no=42,
+        start_wall_s=1_795_507_200,
+        fill_ul=3000,
+        reason=EndReason.COMPLETE,
+        neb_ms=435_000,
+        cum_ul=2900,
+        residual_ul=105,
+        end_wall_s=1_795_507_200 + 435,
     )
     from devicegw.session_tracker import Rx
 
@@ -210,8 +216,14 @@ def test_unknown_session_end_is_reconciled_from_device_log() -> None:
     events = run(s, tracker)
     assert FetchSessionRecord(7) in events
     record = SessionRecord(
-        session_no=7, start_wall_s=0, fill_ul=3000, reason=EndReason.COMPLETE,
-        neb_ms=435_000, cum_ul=2890, residual_ul=105, end_wall_s=0,
+        session_no=7,
+        start_wall_s=0,
+        fill_ul=3000,
+        reason=EndReason.COMPLETE,
+        neb_ms=435_000,
+        cum_ul=2890,
+        residual_ul=105,
+        end_wall_s=0,
     )
     from devicegw.session_tracker import Rx
 
