@@ -207,6 +207,8 @@ class MqttPublisher:
                         await self._say_goodbye(client)
                         raise
             except aiomqtt.MqttError as exc:
+                # Disconnecting while being cancelled: the stop wins over a retry.
+                _raise_if_cancelling()
                 self.stats.last_error = str(exc)
                 self.stats.connect_failures += 1
                 if (
@@ -265,8 +267,17 @@ class MqttPublisher:
                     props.MessageExpiryInterval = 60
                 await client.publish(out.topic, out.payload, qos=0, properties=props)
                 self.stats.telemetry_published += 1
+            _raise_if_cancelling()
             if not (self._q.dose or self._q.status or self._q.telemetry):
                 await self._wake.wait()
+
+
+def _raise_if_cancelling() -> None:
+    """Python 3.11's ``asyncio.wait_for`` (used inside aiomqtt) can swallow a
+    cancellation that arrives as its future completes; re-raise it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _looks_like_protocol_refusal(exc: aiomqtt.MqttError) -> bool:

@@ -321,7 +321,8 @@ class NebulizerRunner:
             for _ in range(COMMAND_ATTEMPTS):
                 await link.write(frame)
                 try:
-                    return await asyncio.wait_for(asyncio.shield(fut), timeout)
+                    async with asyncio.timeout(timeout):
+                        return await asyncio.shield(fut)
                 except TimeoutError:
                     continue
             raise DeviceTimeoutError(
