@@ -1,0 +1,7 @@
+"""Pulse-oximeter codecs (sans-I/O): Bluetooth SIG PLX, BerryMed BCI and Nonin OEM III.
+
+Every codec turns bytes into its own typed, frozen messages and then into the
+one :class:`~drivers.oximeter.sample.OximeterSample` the rest of the gateway
+consumes, so session logic never needs to know which oximeter a ward uses.
+None of these modules does I/O: BLE and serial drivers feed them bytes.
+"""
