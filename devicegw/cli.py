@@ -34,13 +34,13 @@ def run_until_signalled(coro: Coroutine[Any, Any, object]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            await coro
+            result = await coro
         except asyncio.CancelledError:
             return 0
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-        return 0
+        return result if isinstance(result, int) else 0
 
     return asyncio.run(main())
 

@@ -146,6 +146,12 @@ class NebulizerRunner:
             except TransportError as exc:
                 self.health.last_error = str(exc)
                 log.warning("device link lost: %s", exc, extra={"device_id": self.device.id})
+            except Exception as exc:
+                # A bug must not take the other devices down, and must not be hidden either.
+                self.health.last_error = f"internal error: {exc!r}"
+                log.exception(
+                    "device runner failed; restarting", extra={"device_id": self.device.id}
+                )
             finally:
                 await self._on_link_closed(link)
             await self._clock.sleep(self._backoff.next_delay())
@@ -159,16 +165,16 @@ class NebulizerRunner:
         self.tracker.link_up(self._clock.now())
         log.info("device link open", extra={"device_id": self.device.id, "link": link.description})
         decoder = Vm1StreamDecoder()
-        async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(
-                self._read_loop(link, decoder, tg), name=f"{self.device.id}-read"
-            )
-            hs = tg.create_task(self._handshake(), name=f"{self.device.id}-handshake")
-            try:
-                await hs
-            except DeviceTimeoutError as exc:
-                log.warning("device handshake: %s", exc, extra={"device_id": self.device.id})
-            await reader
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read_loop(link, decoder, tg), name=f"{self.device.id}-read")
+                tg.create_task(self._handshake(), name=f"{self.device.id}-handshake")
+        except ExceptionGroup as group:
+            # A broken link surfaces as a TransportError from whichever task saw it first.
+            link_errors, others = group.split(TransportError)
+            if others is not None or link_errors is None:
+                raise
+            raise link_errors.exceptions[0] from None
 
     async def _on_link_closed(self, link: ByteLink) -> None:
         self._link = None
@@ -185,10 +191,15 @@ class NebulizerRunner:
 
     async def _handshake(self) -> None:
         """On every (re)connect: identify the device and set its clock (ICD section 2)."""
-        await self.command(GetInfo())
-        await self.command(SetClock(unix_s=int(self._clock.now().timestamp())))
-        if self.device.output_rate_hz is not None:
-            await self.command(SetRate(hz=self.device.output_rate_hz))
+        try:
+            await self.command(GetInfo())
+            await self.command(SetClock(unix_s=int(self._clock.now().timestamp())))
+            if self.device.output_rate_hz is not None:
+                await self.command(SetRate(hz=self.device.output_rate_hz))
+        except DeviceTimeoutError as exc:
+            # The link stays up: the device may still be streaming; the next reconnect retries.
+            log.warning("device handshake: %s", exc, extra={"device_id": self.device.id})
+            return
         self._backoff.reset()
 
     # -- bytes in --------------------------------------------------------------
