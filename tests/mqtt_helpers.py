@@ -115,15 +115,29 @@ class Received:
 class Collector:
     """Subscribes like the EDC would and keeps everything it receives."""
 
-    def __init__(self, host: str, port: int, topics: list[str], *, client_id: str | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topics: list[str],
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+    ):
         self.host, self.port, self.topics = host, port, topics
         self.client_id = client_id
+        self.persistent = persistent
         self.messages: list[Received] = []
         self._changed = asyncio.Condition()
         self._ready = asyncio.Event()
 
     async def run(self) -> None:
-        async with aiomqtt.Client(self.host, self.port, identifier=self.client_id) as client:
+        async with aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id,
+            clean_session=False if self.persistent else None,
+        ) as client:
             for t in self.topics:
                 await client.subscribe(t, qos=1)
             self._ready.set()
@@ -151,8 +165,15 @@ class Collector:
 
 
 @contextlib.asynccontextmanager
-async def collecting(host: str, port: int, topics: list[str]) -> AsyncIterator[Collector]:
-    collector = Collector(host, port, topics)
+async def collecting(
+    host: str,
+    port: int,
+    topics: list[str],
+    *,
+    client_id: str | None = None,
+    persistent: bool = False,
+) -> AsyncIterator[Collector]:
+    collector = Collector(host, port, topics, client_id=client_id, persistent=persistent)
     task = asyncio.create_task(collector.run(), name="test-collector")
     try:
         await collector.ready()

@@ -184,3 +184,32 @@ async def test_gateway_status_and_will(mosquitto: MosquittoBroker, tmp_path: Pat
     births = [m.json() for m in collector.matching("gw-test/status")]
     assert births[0]["online"] is True
     assert births[0]["devices"] == ["neb-bed01"]
+
+
+async def test_broker_restart_mid_session(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """The broker goes away mid-session; the gateway reconnects by itself and the EDC,
+    on a persistent session, still gets the session's event exactly once per event_id."""
+    from tests.mqtt_helpers import collecting
+
+    edc_topic = "devicegw/v1/+/+/dose/+"
+    async with collecting(
+        mosquitto.host, mosquitto.port, [edc_topic], client_id="edc-1", persistent=True
+    ):
+        pass  # registers the persistent subscription
+    async with running(mosquitto, tmp_path, ["complete"]) as e2e:
+        await e2e.collector.wait_for(lambda m: any("/telemetry/" in x.topic for x in m), 20)
+        mosquitto.stop()
+        await asyncio.sleep(1.0)  # ~100 s of device time without a broker
+        assert e2e.gateway.publisher.stats.connected is False
+        mosquitto.start()
+        async with collecting(
+            mosquitto.host, mosquitto.port, [edc_topic], client_id="edc-1", persistent=True
+        ) as edc:
+            await edc.wait_for(lambda m: len(m) >= 1, 60)
+            await asyncio.wait_for(e2e.sims[0].wait_until_idle(), 30)
+            await asyncio.sleep(0.5)
+            events = [m.json() for m in edc.messages]
+        assert e2e.gateway.publisher.stats.connects >= 2
+    assert len({e["event_id"] for e in events}) == 1
+    assert all(e == events[0] for e in events)  # any redelivery is byte-identical
+    assert events[0]["verdict"] == "complete"

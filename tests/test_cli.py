@@ -1,0 +1,108 @@
+"""The command line as users run it: real processes, real ptys, real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.mqtt_helpers import MosquittoBroker, collecting
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICEGW = [sys.executable, "-m", "devicegw.cli"]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DEVICEGW, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
+
+
+def test_check_config_ok() -> None:
+    res = run_cli("check-config", "config/ward.toml")
+    assert res.returncode == 0, res.stderr
+    assert "OK" in res.stdout
+    assert "neb-bed01" in res.stdout
+
+
+def test_bad_config_stops_the_daemon_with_one_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[gateway]\nid = "gw"\nsite = "s"\n[[devices]]\nid = "n1"\ntype = "nebulizer-x"\n'
+        'bed = "B1"\nsubject_id = "CVD-1"\nkit_number = "K1"\nlink = { port = "/dev/x" }\n'
+    )
+    for cmd in (("check-config", str(bad)), ("run", "--config", str(bad))):
+        res = run_cli(*cmd, timeout=20)
+        assert res.returncode == 2
+        assert "devices[0].type" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_simulate_rejects_bad_scenario(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[device]\nserial_no = "A"\n[[sessions]]\nrate_ul_min = -1\n')
+    res = run_cli("simulate", "--scenario", str(bad), "--link-dir", str(tmp_path), timeout=20)
+    assert res.returncode != 0
+    assert "bad.toml" in res.stderr
+
+
+@pytest.mark.e2e
+async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """`devicegw simulate` and `devicegw run` as separate processes sharing a time scale."""
+    scale = "60"
+    sim = await asyncio.create_subprocess_exec(
+        *DEVICEGW, "simulate", "--scenario", "simulators/scenarios/user_stop_half.toml",
+        "--link-dir", str(tmp_path), "--time-scale", scale,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert sim.stdout is not None
+        line = (await asyncio.wait_for(sim.stdout.readline(), 20)).decode()
+        port = line.split()[1]
+        assert Path(port).is_symlink(), line  # noqa: ASYNC240
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(
+            f'[gateway]\nid = "gw-proc"\nsite = "s1"\n'
+            f'[broker]\nhost = "127.0.0.1"\nport = {mosquitto.port}\n'
+            f'[[devices]]\nid = "neb1"\ntype = "vm1"\nbed = "B1"\nsubject_id = "CVD-001"\n'
+            f'kit_number = "K-1"\nlink = {{ kind = "serial", port = "{port}" }}\n'
+        )
+        async with collecting("127.0.0.1", mosquitto.port, ["devicegw/v1/#"]) as col:
+            gw = await asyncio.create_subprocess_exec(
+                *DEVICEGW, "run", "--config", str(cfg), "--time-scale", scale,
+                cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                await col.wait_for(lambda m: any("/dose/" in x.topic for x in m), 60)
+            finally:
+                gw.send_signal(signal.SIGTERM)
+                _, err = await asyncio.wait_for(gw.communicate(), 20)
+            # A clean stop publishes the offline status itself.
+            await col.wait_for(
+                lambda m: any(
+                    x.json()["event_type"] == "gateway_status" and not x.json()["online"] for x in m
+                ),
+                10,
+            )
+        assert gw.returncode == 0
+        [dose] = [m.json() for m in col.matching("/dose/")]
+        assert dose["verdict"] == "partial"
+        assert dose["device"]["serial_no"] == "VM1-000187"
+        # Structured logs: every stderr line is one JSON object.
+        records = [json.loads(x) for x in err.decode().splitlines() if x.strip()]
+        assert any(r["msg"] == "session finished" and r["verdict"] == "partial" for r in records)
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(sim.wait(), 20)
+
+
+def test_demo_shows_session_and_event() -> None:
+    res = run_cli("demo", "--time-scale", "100", timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "dose-completion event" in res.stdout
+    assert "verdict: complete" in res.stdout

@@ -1,0 +1,100 @@
+"""Configuration: one clear error naming the field; blinding and identifiers enforced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devicegw.config import load_config
+from devicegw.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "ward.toml"
+
+GOOD = """
+[gateway]
+id = "gw1"
+site = "site-042"
+
+[[devices]]
+id = "neb-bed01"
+type = "vm1"
+bed = "B01"
+subject_id = "CVD-042-0017"
+kit_number = "K-10234"
+link = { kind = "serial", port = "/dev/ttyUSB0" }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "gw.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_config(EXAMPLE)
+    assert [d.id for d in cfg.devices] == ["neb-bed01", "neb-bed02"]
+    assert cfg.dose_rules.prescribed_volume_ml == 3.0
+    assert cfg.dose_rules.min_delivered_fraction == 0.90
+    assert len(cfg.source_sha256) == 64
+
+
+def test_good_config_has_trial_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.broker.port == 1883
+    assert cfg.dose_rules.prescribed_volume_ml == 3.0
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (('type = "vm1"', 'type = "vm9"'), "devices[0].type"),
+        (('kit_number = "K-10234"', 'kit_number = "K-10234"\narm = "A"'), "devices[0].arm"),
+        (('subject_id = "CVD-042-0017"', 'subject_id = "John Smith"'), "devices[0].subject_id"),
+        (('site = "site-042"', 'site = "site/042"'), "gateway.site"),
+        (('[gateway]', '[dose_rules]\nmin_duration_s = 900\nmax_duration_s = 600\n[gateway]'),
+         "dose_rules"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path: Path, change: tuple[str, str], field: str) -> None:
+    old, new = change
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD.replace(old, new)))
+    assert field in str(info.value)
+
+
+def test_malformed_toml_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, GOOD + "\n[[devices]\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_duplicate_ports_rejected(tmp_path: Path) -> None:
+    second = GOOD.split("[[devices]]")[1].replace("neb-bed01", "neb-bed02").replace("B01", "B02")
+    with pytest.raises(ConfigError, match=r"link\.port"):
+        load_config(write(tmp_path, GOOD + "[[devices]]" + second))
+
+
+def test_password_from_environment_never_in_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(write(tmp_path, GOOD + '\n[broker]\npassword_env = "GW_TEST_PW"\n'))
+    with pytest.raises(ConfigError, match="GW_TEST_PW"):
+        cfg.broker.password()
+    monkeypatch.setenv("GW_TEST_PW", "s3cret")
+    pw = cfg.broker.password()
+    assert pw is not None
+    assert pw.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(pw)
+
+
+def test_insecure_tls_only_for_loopback(tmp_path: Path) -> None:
+    text = GOOD + '\n[broker]\nhost = "mqtt.example.org"\n[broker.tls]\nenabled = true\n'
+    text += "insecure_skip_verify = true\n"
+    with pytest.raises(ConfigError, match="loopback"):
+        load_config(write(tmp_path, text))
