@@ -56,9 +56,17 @@ async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_pa
     """`devicegw simulate` and `devicegw run` as separate processes sharing a time scale."""
     scale = "60"
     sim = await asyncio.create_subprocess_exec(
-        *DEVICEGW, "simulate", "--scenario", "simulators/scenarios/user_stop_half.toml",
-        "--link-dir", str(tmp_path), "--time-scale", scale,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *DEVICEGW,
+        "simulate",
+        "--scenario",
+        "simulators/scenarios/user_stop_half.toml",
+        "--link-dir",
+        str(tmp_path),
+        "--time-scale",
+        scale,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert sim.stdout is not None
@@ -74,8 +82,15 @@ async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_pa
         )
         async with collecting("127.0.0.1", mosquitto.port, ["devicegw/v1/#"]) as col:
             gw = await asyncio.create_subprocess_exec(
-                *DEVICEGW, "run", "--config", str(cfg), "--time-scale", scale,
-                cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                *DEVICEGW,
+                "run",
+                "--config",
+                str(cfg),
+                "--time-scale",
+                scale,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             try:
                 await col.wait_for(lambda m: any("/dose/" in x.topic for x in m), 60)

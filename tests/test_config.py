@@ -53,8 +53,10 @@ def test_good_config_has_trial_defaults(tmp_path: Path) -> None:
         (('kit_number = "K-10234"', 'kit_number = "K-10234"\narm = "A"'), "devices[0].arm"),
         (('subject_id = "CVD-042-0017"', 'subject_id = "John Smith"'), "devices[0].subject_id"),
         (('site = "site-042"', 'site = "site/042"'), "gateway.site"),
-        (('[gateway]', '[dose_rules]\nmin_duration_s = 900\nmax_duration_s = 600\n[gateway]'),
-         "dose_rules"),
+        (
+            ("[gateway]", "[dose_rules]\nmin_duration_s = 900\nmax_duration_s = 600\n[gateway]"),
+            "dose_rules",
+        ),
     ],
 )
 def test_bad_config_names_the_field(tmp_path: Path, change: tuple[str, str], field: str) -> None:

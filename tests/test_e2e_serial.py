@@ -113,9 +113,7 @@ async def test_corrupted_bytes_are_counted_and_verdict_holds(
     assert event["volume"]["estimates_agree"] is True
 
 
-async def test_link_drop_mid_session_reconnects(
-    mosquitto: MosquittoBroker, tmp_path: Path
-) -> None:
+async def test_link_drop_mid_session_reconnects(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     async with running(mosquitto, tmp_path, ["link_drop"]) as e2e:
         [event] = await e2e.wait_dose_events(1)
         await asyncio.wait_for(e2e.sims[0].wait_until_idle(), 30)
