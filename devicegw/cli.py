@@ -1,4 +1,4 @@
-"""``devicegw`` command line: run, demo, check-config, simulate."""
+"""``devicegw`` command line: run, demo, check-config, simulate, schema."""
 
 from __future__ import annotations
 
@@ -114,6 +114,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from devicegw.schema_export import check, export
+
+    directory = Path(args.dir)
+    if args.schema_command == "export":
+        for path in export(directory):
+            print(f"wrote {path}")
+        return 0
+    problems = check(directory)
+    for problem in problems:
+        print(f"devicegw: {problem}", file=sys.stderr)
+    if problems:
+        print(f"devicegw: run `devicegw schema export {directory}` and commit", file=sys.stderr)
+        return 1
+    print(f"{directory}: schemas up to date")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="devicegw", description=__doc__)
     p.add_argument("--version", action="version", version=f"devicegw {__version__}")
@@ -150,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--time-scale", type=float, default=8.0)
     demo.add_argument("--scenario", default=None, help="scenario TOML (default: the demo session)")
     demo.set_defaults(func=cmd_demo)
+
+    schema = sub.add_parser("schema", help="JSON Schemas of the MQTT payloads")
+    schema_sub = schema.add_subparsers(dest="schema_command", required=True)
+    for name, text in (
+        ("export", "write the JSON Schemas into DIR"),
+        ("check", "exit 1 if the schemas in DIR differ from the payload models"),
+    ):
+        cmd = schema_sub.add_parser(name, help=text)
+        cmd.add_argument("dir", metavar="DIR")
+        cmd.set_defaults(func=cmd_schema)
     return p
 
 
