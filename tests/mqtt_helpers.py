@@ -50,6 +50,8 @@ class MosquittoBroker:
     workdir: Path
     port: int = field(default_factory=free_port)
     extra_conf: str = ""
+    # user -> password; when given, anonymous clients are refused.
+    users: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,9 +62,23 @@ class MosquittoBroker:
         binary = mosquitto_binary()
         assert binary is not None
         conf = self.workdir / f"mosquitto-{self.port}.conf"
+        auth = "allow_anonymous true\n"
+        if self.users:
+            pwfile = self.workdir / f"passwd-{self.port}"
+            pwfile.write_text("")
+            for user, password in self.users.items():
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(pwfile), user, password],
+                    check=True,
+                    capture_output=True,
+                )
+            pwfile.chmod(0o600)
+            auth = f"allow_anonymous false\npassword_file {pwfile}\n"
+        # As root, mosquitto drops to user "mosquitto", which cannot read the test's tmp dir.
+        run_as = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"{run_as}listener {self.port} 127.0.0.1\n"
+            f"{auth}"
             f"persistence true\npersistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
             f"{self.extra_conf}\n"
@@ -123,8 +139,11 @@ class Collector:
         *,
         client_id: str | None = None,
         persistent: bool = False,
+        username: str | None = None,
+        password: str | None = None,
     ):
         self.host, self.port, self.topics = host, port, topics
+        self.username, self.password = username, password
         self.client_id = client_id
         self.persistent = persistent
         self.messages: list[Received] = []
@@ -136,6 +155,8 @@ class Collector:
             self.host,
             self.port,
             identifier=self.client_id,
+            username=self.username,
+            password=self.password,
             clean_session=False if self.persistent else None,
         ) as client:
             for t in self.topics:
@@ -172,8 +193,18 @@ async def collecting(
     *,
     client_id: str | None = None,
     persistent: bool = False,
+    username: str | None = None,
+    password: str | None = None,
 ) -> AsyncIterator[Collector]:
-    collector = Collector(host, port, topics, client_id=client_id, persistent=persistent)
+    collector = Collector(
+        host,
+        port,
+        topics,
+        client_id=client_id,
+        persistent=persistent,
+        username=username,
+        password=password,
+    )
     task = asyncio.create_task(collector.run(), name="test-collector")
     try:
         await collector.ready()
