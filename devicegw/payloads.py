@@ -29,7 +29,10 @@ def dose_event_id(model: str, serial_no: str, session_no: int) -> uuid.UUID:
 
 
 class _Payload(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields with defaults are always sent, so the published schemas require them.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, json_schema_serialization_defaults_required=True
+    )
 
 
 class GatewayRef(_Payload):

@@ -319,11 +319,6 @@ class SessionTracker:
         if o is not None:
             if o.pauses and o.pauses[-1][1] < 0:
                 o.pauses[-1][1] = o.last_dev
-            wall_dur = (
-                float(msg.end_wall_s - msg.start_wall_s)
-                if msg.start_wall_s and msg.end_wall_s >= msg.start_wall_s
-                else None
-            )
             finished = self._finish(
                 o,
                 data_source="live",
@@ -331,7 +326,7 @@ class SessionTracker:
                 residual_ul=msg.residual_ul,
                 cum_ul=msg.cum_ul,
                 neb_ms=msg.neb_ms,
-                duration_s=wall_dur,
+                duration_s=_record_duration(msg),
                 end_utc=utc,
                 end_wall_s=msg.end_wall_s or None,
                 end_raw_ms=None,
@@ -339,11 +334,6 @@ class SessionTracker:
             return [SessionFinished(finished)]
         # A session the gateway never saw start: only the device's log speaks for it.
         self._remember(msg.session_no)
-        duration = (
-            float(msg.end_wall_s - msg.start_wall_s)
-            if msg.start_wall_s and msg.end_wall_s >= msg.start_wall_s
-            else None
-        )
         finished = FinishedSession(
             session_no=msg.session_no,
             data_source="device_log",
@@ -352,7 +342,7 @@ class SessionTracker:
             residual_ul=msg.residual_ul,
             device_cum_ul=msg.cum_ul,
             neb_ms=msg.neb_ms,
-            duration_s=duration,
+            duration_s=_record_duration(msg),
             gateway_start_utc=None,
             gateway_end_utc=utc,
             device_start_wall_s=msg.start_wall_s or None,
@@ -453,6 +443,13 @@ class SessionTracker:
             bad_frames=o.bad_frames,
             flags=tuple(o.flags),
         )
+
+
+def _record_duration(record: SessionRecord) -> float | None:
+    """A logged session's length from the device clock; unknown if it was never set."""
+    if record.start_wall_s and record.end_wall_s >= record.start_wall_s:
+        return float(record.end_wall_s - record.start_wall_s)
+    return None
 
 
 def wall_to_utc(wall_s: int | None) -> datetime | None:

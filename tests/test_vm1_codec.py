@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import typing
-from enum import IntEnum
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,26 +13,7 @@ from devicegw.errors import ProtocolError
 from drivers.vm1 import messages as m
 from drivers.vm1.codec import decode_payload, encode_payload
 from drivers.vm1.stream import Vm1StreamDecoder, encode_message_frame
-
-VECTORS_FILE = Path(__file__).parent / "data" / "vm1" / "icd_vectors.toml"
-
-
-# --------------------------------------------------------------------------- ICD vectors
-
-
-def _build_message(vector: dict[str, Any]) -> m.Message:
-    cls = getattr(m, vector["type"])
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {name: None for name in vector.get("none_fields", [])}
-    for name, value in vector["fields"].items():
-        hint = hints[name]
-        if isinstance(hint, type) and issubclass(hint, IntEnum) and isinstance(value, str):
-            value = hint[value]
-        kwargs[name] = value
-    # The data file must spell out every field, so no default hides a mistake.
-    assert set(kwargs) == {f.name for f in dataclasses.fields(cls)}, vector["name"]
-    msg: m.Message = cls(**kwargs)
-    return msg
+from tests.vm1_vectors import RAW_VECTORS, build_message
 
 
 def _unframe(frame: bytes) -> bytes:
@@ -45,9 +22,9 @@ def _unframe(frame: bytes) -> bytes:
     return content[:-2]
 
 
-_RAW_VECTORS: list[dict[str, Any]] = tomllib.loads(VECTORS_FILE.read_text())["vector"]
+_RAW_VECTORS = RAW_VECTORS
 VECTORS = [
-    pytest.param(bytes.fromhex(v["frame"]), _build_message(v), id=v["name"]) for v in _RAW_VECTORS
+    pytest.param(bytes.fromhex(v["frame"]), build_message(v), id=v["name"]) for v in _RAW_VECTORS
 ]
 
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import typing
-from enum import IntEnum
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,26 +14,11 @@ from drivers.vm1 import messages as m
 from drivers.vm1.crc import crc16_ccitt_false
 from drivers.vm1.framing import MAX_ESCAPED, Deframer, DeframerStats, encode_frame
 from drivers.vm1.stream import StreamStats, Vm1StreamDecoder, encode_message_frame
+from tests.vm1_vectors import RAW_VECTORS, build_message
 
-VECTORS_FILE = Path(__file__).parent / "data" / "vm1" / "icd_vectors.toml"
-
-
-def _build_message(vector: dict[str, Any]) -> m.Message:
-    cls = getattr(m, vector["type"])
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {name: None for name in vector.get("none_fields", [])}
-    for name, value in vector["fields"].items():
-        hint = hints[name]
-        if isinstance(hint, type) and issubclass(hint, IntEnum) and isinstance(value, str):
-            value = hint[value]
-        kwargs[name] = value
-    msg: m.Message = cls(**kwargs)
-    return msg
-
-
-_RAW = tomllib.loads(VECTORS_FILE.read_text())["vector"]
+_RAW = RAW_VECTORS
 FRAMES: list[bytes] = [bytes.fromhex(v["frame"]) for v in _RAW]
-MESSAGES: list[m.Message] = [_build_message(v) for v in _RAW]
+MESSAGES: list[m.Message] = [build_message(v) for v in _RAW]
 VECTORS = [
     pytest.param(f, msg, id=v["name"]) for f, msg, v in zip(FRAMES, MESSAGES, _RAW, strict=True)
 ]
