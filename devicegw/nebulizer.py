@@ -1,9 +1,9 @@
-"""One VM-1 nebulizer, live: link lifecycle, handshake, commands, session tracking.
+"""One VM-1 nebulizer, live: link lifecycle, handshake and commands.
 
-Bytes come from a :class:`~drivers.transport.base.ByteLink`; the codec turns
-them into messages; the pure :class:`SessionTracker` turns messages into
-sessions; finished sessions are assessed and handed to the sink as dose
-events. The link is reopened by itself with capped, jittered backoff.
+Bytes come from a :class:`~drivers.transport.base.ByteLink` and go through the
+device's :class:`Vm1Pipeline` (the same one replays use). The link is reopened
+by itself with capped, jittered backoff; on every (re)connect the gateway sends
+GET_INFO and SET_CLOCK.
 """
 
 from __future__ import annotations
@@ -13,80 +13,39 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 from devicegw.backoff import Backoff
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
-from devicegw.dose_check import assess
-from devicegw.dose_record import build_dose_event, device_identity
 from devicegw.errors import DeviceTimeoutError, TransportError
-from devicegw.payloads import DeviceStatus, DoseEvent, Telemetry
-from devicegw.session_tracker import (
-    AlarmChanged,
-    FetchSessionRecord,
-    Rx,
-    SessionFinished,
-    SessionStarted,
-    SessionTracker,
-    StateChanged,
-    TrackerEvent,
+from devicegw.link_events import LinkObserver
+from devicegw.session_tracker import SessionTracker
+from devicegw.vm1_pipeline import (
+    DeviceHealth,
+    GatewaySink,
+    UnexpectedDeviceError,
+    Vm1Pipeline,
 )
 from drivers.transport.base import ByteLink
 from drivers.vm1.messages import (
     MESSAGE_TYPES,
     Ack,
     AckResult,
-    DeviceMessage,
     GetInfo,
     GetSession,
     HostCommand,
-    Ident,
-    Output,
-    Ping,
     SetClock,
     SetRate,
-    Start,
-    Status,
-    Stop,
-    alarm_name,
 )
-from drivers.vm1.stream import Vm1StreamDecoder, encode_message_frame
+from drivers.vm1.stream import encode_message_frame
+
+__all__ = ["GatewaySink", "NebulizerRunner", "UnexpectedDeviceError"]
 
 log = logging.getLogger(__name__)
-
-HOST_COMMAND_TYPES = (GetInfo, SetClock, SetRate, GetSession, Start, Stop, Ping)
 
 ACK_TIMEOUT_DEVICE_S = 0.5  # ICD: resend a command that got no ACK after 500 ms
 ACK_TIMEOUT_MIN_REAL_S = 0.25  # floor in real time, so a fast clock does not starve the pty
 COMMAND_ATTEMPTS = 3
-
-
-class GatewaySink(Protocol):
-    """Where a device's outputs go (MQTT in the daemon; a list in tests)."""
-
-    def dose_event(self, device_id: str, event: DoseEvent) -> None: ...
-
-    def device_status(self, device_id: str, status: DeviceStatus) -> None: ...
-
-    def telemetry(self, device_id: str, telemetry: Telemetry) -> None: ...
-
-
-@dataclass(slots=True)
-class DeviceHealth:
-    connected: bool = False
-    connects: int = 0
-    last_frame_mono: float | None = None
-    frames_ok: int = 0
-    frames_bad: int = 0
-    frames_lost: int = 0
-    refused: str | None = None
-    last_error: str | None = None
-
-
-class UnexpectedDeviceError(TransportError):
-    """The device on a configured port is not the one on the allow-list."""
 
 
 class NebulizerRunner:
@@ -99,21 +58,26 @@ class NebulizerRunner:
         clock: Clock,
         sink: GatewaySink,
         backoff: Backoff | None = None,
+        observers: list[LinkObserver] | None = None,
     ) -> None:
         self.device = device
         self.config = config
+        self.pipeline = Vm1Pipeline(device, config, sink)
+        self.observers = observers if observers is not None else []
         self._link_factory = link_factory
         self._clock = clock
-        self._sink = sink
         self._backoff = backoff or Backoff(0.5, 30.0)
-        self.tracker = SessionTracker()
-        self.health = DeviceHealth()
         self._link: ByteLink | None = None
         self._host_seq = 0
         self._pending_acks: dict[tuple[int, int], asyncio.Future[Ack]] = {}
-        self._last_telemetry = float("-inf")
-        self._last_status_key: tuple[object, ...] | None = None
-        self._ident_seen = asyncio.Event()
+
+    @property
+    def tracker(self) -> SessionTracker:
+        return self.pipeline.tracker
+
+    @property
+    def health(self) -> DeviceHealth:
+        return self.pipeline.health
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -131,43 +95,45 @@ class NebulizerRunner:
                     level, "cannot open device link: %s", exc, extra={"device_id": self.device.id}
                 )
                 if first_failure:
-                    self._publish_status(error=str(exc))
+                    self.pipeline.publish_status(error=str(exc))
                 first_failure = False
                 await self._clock.sleep(self._backoff.next_delay())
                 continue
             first_failure = True
+            reason = "closed"
             try:
                 await self._session_on(link)
             except UnexpectedDeviceError as exc:
+                reason = "refused"
                 self.health.refused = str(exc)
                 # A refusal, not a crash: no traceback wanted.
                 log.error("device refused: %s", exc, extra={"device_id": self.device.id})  # noqa: TRY400
-                self._publish_status(error=str(exc))
+                self.pipeline.publish_status(error=str(exc))
             except TransportError as exc:
+                reason = str(exc)
                 self.health.last_error = str(exc)
                 log.warning("device link lost: %s", exc, extra={"device_id": self.device.id})
             except Exception as exc:
                 # A bug must not take the other devices down, and must not be hidden either.
+                reason = "internal error"
                 self.health.last_error = f"internal error: {exc!r}"
                 log.exception(
                     "device runner failed; restarting", extra={"device_id": self.device.id}
                 )
             finally:
-                await self._on_link_closed(link)
+                await self._on_link_closed(link, reason)
             await self._clock.sleep(self._backoff.next_delay())
 
     async def _session_on(self, link: ByteLink) -> None:
         self._link = link
-        self._ident_seen.clear()
-        self.health.connected = True
-        self.health.connects += 1
-        self.health.last_error = None
-        self.tracker.link_up(self._clock.now())
+        utc, mono = self._clock.now(), self._clock.monotonic()
+        self.pipeline.link_up(utc)
+        for obs in self.observers:
+            obs.link_opened(self.device.id, link.description, utc, mono)
         log.info("device link open", extra={"device_id": self.device.id, "link": link.description})
-        decoder = Vm1StreamDecoder()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._read_loop(link, decoder, tg), name=f"{self.device.id}-read")
+                tg.create_task(self._read_loop(link, tg), name=f"{self.device.id}-read")
                 tg.create_task(self._handshake(), name=f"{self.device.id}-handshake")
         except ExceptionGroup as group:
             # A broken link surfaces as a TransportError from whichever task saw it first.
@@ -176,7 +142,7 @@ class NebulizerRunner:
                 raise
             raise link_errors.exceptions[0] from None
 
-    async def _on_link_closed(self, link: ByteLink) -> None:
+    async def _on_link_closed(self, link: ByteLink, reason: str) -> None:
         self._link = None
         for fut in self._pending_acks.values():
             if not fut.done():
@@ -184,10 +150,11 @@ class NebulizerRunner:
         self._pending_acks.clear()
         with contextlib.suppress(TransportError):
             await link.close()
+        utc, mono = self._clock.now(), self._clock.monotonic()
         if self.health.connected:
-            self.health.connected = False
-            self.tracker.link_down(self._clock.now())
-            self._publish_status()
+            for obs in self.observers:
+                obs.link_closed(self.device.id, reason, utc, mono)
+        self.pipeline.link_down(utc)
 
     async def _handshake(self) -> None:
         """On every (re)connect: identify the device and set its clock (ICD section 2)."""
@@ -202,101 +169,19 @@ class NebulizerRunner:
             return
         self._backoff.reset()
 
-    # -- bytes in --------------------------------------------------------------
-
-    async def _read_loop(
-        self, link: ByteLink, decoder: Vm1StreamDecoder, tg: asyncio.TaskGroup
-    ) -> None:
-        bad_before = 0
-        lost_before = 0
+    async def _read_loop(self, link: ByteLink, tg: asyncio.TaskGroup) -> None:
         while True:
             data = await link.read()
-            messages = decoder.feed(data)
-            stats = decoder.stats
-            bad = stats.frames_bad + stats.bad_payloads
-            if bad != bad_before:
-                self.tracker.bad_frames(bad - bad_before)
-                self.health.frames_bad += bad - bad_before
-                bad_before = bad
-            if stats.frames_lost != lost_before:
-                self.health.frames_lost += stats.frames_lost - lost_before
-                lost_before = stats.frames_lost
-            for msg in messages:
-                if isinstance(msg, HOST_COMMAND_TYPES):
-                    continue  # our own commands echoed back: not from the device
-                self._on_message(msg, tg)
-
-    def _on_message(self, msg: DeviceMessage, tg: asyncio.TaskGroup) -> None:
-        self.health.frames_ok += 1
-        self.health.last_frame_mono = self._clock.monotonic()
-        if isinstance(msg, Ack):
-            fut = self._pending_acks.get((msg.acked_seq, msg.cmd))
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            return
-        if isinstance(msg, Ident):
-            self._check_allowed(msg)
-            self._ident_seen.set()
-        rx = Rx(msg=msg, utc=self._clock.now(), mono=self._clock.monotonic())
-        for event in self.tracker.feed(rx):
-            self._on_tracker_event(event, tg)
-        if isinstance(msg, Output):
-            self._maybe_telemetry(msg)
-        elif isinstance(msg, (Ident, Status)):
-            self._publish_status()
-
-    def _check_allowed(self, ident: Ident) -> None:
-        expected = self.device.expected_serial
-        if expected is not None and ident.serial_no != expected:
-            raise UnexpectedDeviceError(
-                f"port {self.device.link.port} answered with serial {ident.serial_no!r}, "
-                f"expected {expected!r}; device not used",
-                device_id=self.device.id,
-            )
-
-    def _on_tracker_event(self, event: TrackerEvent, tg: asyncio.TaskGroup) -> None:
-        if isinstance(event, SessionStarted):
-            log.info(
-                "session started",
-                extra={
-                    "device_id": self.device.id,
-                    "session_no": event.session_no,
-                    "fill_ul": event.fill_ul,
-                },
-            )
-        elif isinstance(event, SessionFinished):
-            self._emit_dose(event)
-        elif isinstance(event, FetchSessionRecord):
-            tg.create_task(self._fetch_record(event.session_no), name=f"{self.device.id}-fetch")
-        elif isinstance(event, AlarmChanged):
-            log.warning(
-                "device alarm %s %s",
-                alarm_name(event.code),
-                "raised" if event.active else "cleared",
-                extra={"device_id": self.device.id, "alarm_code": event.code},
-            )
-            self._publish_status()
-        elif isinstance(event, StateChanged):
-            pass  # the Status message itself triggers the status publication
-
-    def _emit_dose(self, event: SessionFinished) -> None:
-        session = event.session
-        assessment = assess(session, self.config.dose_rules)
-        dose = build_dose_event(
-            session, assessment, device=self.device, ident=self.tracker.identity, config=self.config
-        )
-        log.info(
-            "session finished",
-            extra={
-                "device_id": self.device.id,
-                "session_no": session.session_no,
-                "verdict": dose.verdict,
-                "reasons": ",".join(dose.reasons),
-                "delivered_ml": dose.volume.delivered_ml,
-                "event_id": str(dose.event_id),
-            },
-        )
-        self._sink.dose_event(self.device.id, dose)
+            utc, mono = self._clock.now(), self._clock.monotonic()
+            for obs in self.observers:
+                obs.bytes_received(self.device.id, data, utc, mono)
+            result = self.pipeline.feed(data, utc, mono)
+            for ack in result.acks:
+                fut = self._pending_acks.get((ack.acked_seq, ack.cmd))
+                if fut is not None and not fut.done():
+                    fut.set_result(ack)
+            for session_no in result.fetch:
+                tg.create_task(self._fetch_record(session_no), name=f"{self.device.id}-fetch")
 
     async def _fetch_record(self, session_no: int) -> None:
         try:
@@ -330,6 +215,9 @@ class NebulizerRunner:
         timeout = max(ACK_TIMEOUT_DEVICE_S / self._clock.scale, ACK_TIMEOUT_MIN_REAL_S)
         try:
             for _ in range(COMMAND_ATTEMPTS):
+                utc, mono = self._clock.now(), self._clock.monotonic()
+                for obs in self.observers:
+                    obs.bytes_sent(self.device.id, frame, utc, mono)
                 await link.write(frame)
                 try:
                     async with asyncio.timeout(timeout):
@@ -345,71 +233,3 @@ class NebulizerRunner:
             self._pending_acks.pop(key, None)
             if not fut.done():
                 fut.cancel()
-
-    # -- outputs ---------------------------------------------------------------
-
-    def _maybe_telemetry(self, msg: Output) -> None:
-        tcfg = self.config.telemetry
-        now = self._clock.monotonic()
-        if not tcfg.enabled or now - self._last_telemetry < tcfg.interval_s:
-            return
-        self._last_telemetry = now
-        o = self.tracker.open_session
-        status = self.tracker.status
-        self._sink.telemetry(
-            self.device.id,
-            Telemetry(
-                gateway_id=self.config.gateway.id,
-                device_id=self.device.id,
-                utc=self._clock.now(),
-                state=status.state.name if status else None,
-                session_no=o.session_no if o else None,
-                elapsed_s=round(o.last_dev - o.start_dev, 3) if o else None,
-                rate_ul_min=msg.rate_ul_min,
-                delivered_ml=round(msg.cum_ul / 1000.0, 3),
-                reservoir_ml=(
-                    None
-                    if status is None or status.reservoir_ul is None
-                    else round(status.reservoir_ul / 1000.0, 3)
-                ),
-                battery_pct=status.battery_pct if status else None,
-            ),
-        )
-
-    def _publish_status(self, *, error: str | None = None) -> None:
-        t = self.tracker
-        status = t.status
-        alarms = sorted(alarm_name(c) for c in t.active_alarms)
-        key = (
-            self.health.connected,
-            status.state if status else None,
-            status.battery_pct if status else None,
-            tuple(alarms),
-            t.identity.serial_no if t.identity else None,
-            error,
-        )
-        if key == self._last_status_key:
-            return
-        self._last_status_key = key
-        self._sink.device_status(
-            self.device.id,
-            DeviceStatus(
-                gateway_id=self.config.gateway.id,
-                device_id=self.device.id,
-                connected=self.health.connected,
-                state=status.state.name if status else None,
-                identity=device_identity(self.device, t.identity),
-                battery_pct=status.battery_pct if status else None,
-                on_mains=status.on_mains if status else None,
-                reservoir_ml=(
-                    None
-                    if status is None or status.reservoir_ul is None
-                    else round(status.reservoir_ul / 1000.0, 3)
-                ),
-                active_alarms=alarms,
-                last_seen_utc=self._clock.now()
-                if self.health.last_frame_mono is not None
-                else None,
-                error=error,
-            ),
-        )
