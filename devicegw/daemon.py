@@ -17,9 +17,10 @@ from devicegw import __version__
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
 from devicegw.links import link_factory as default_link_factory
-from devicegw.mqtt_publisher import MqttPublisher, Outgoing, encode
+from devicegw.mqtt_publisher import MqttPublisher, encode
 from devicegw.nebulizer import GatewaySink, NebulizerRunner
 from devicegw.payloads import DeviceStatus, DoseEvent, GatewayStatus, Telemetry
+from devicegw.store import Store
 from devicegw.topics import Topics
 from drivers.transport.base import ByteLink
 
@@ -35,12 +36,14 @@ class MqttSink:
         self.listeners: list[GatewaySink] = []
 
     def dose_event(self, device_id: str, event: DoseEvent) -> None:
-        self._pub.publish_dose(self._topics.dose(device_id), event)
+        self._pub.publish_dose(
+            self._topics.dose(device_id), event, device_id=device_id, event_id=str(event.event_id)
+        )
         for listener in self.listeners:
             listener.dose_event(device_id, event)
 
     def device_status(self, device_id: str, status: DeviceStatus) -> None:
-        self._pub.publish_status(self._topics.device_status(device_id), status)
+        self._pub.publish_status(self._topics.device_status(device_id), status, device_id=device_id)
         for listener in self.listeners:
             listener.device_status(device_id, status)
 
@@ -69,25 +72,25 @@ class Gateway:
         *,
         clock: Clock,
         link_factory: Callable[[DeviceSettings], Callable[[], ByteLink]] = default_link_factory,
+        store: Store | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
-        status_topic = self.topics.gateway_status()
+        self.store = store if store is not None else Store.in_dir(config.gateway.data_dir)
+        started = clock.now()
+
+        def status_payload(online: bool) -> bytes:
+            return encode(gateway_status(config, online=online, since=started if online else None))
+
         self.publisher = MqttPublisher(
             config.broker,
             client_id=config.broker.client_id
             or f"devicegw-{config.gateway.site}-{config.gateway.id}",
             clock=clock,
-            will=Outgoing(
-                status_topic, encode(gateway_status(config, online=False, since=None)), 1, True
-            ),
-            birth=Outgoing(
-                status_topic,
-                encode(gateway_status(config, online=True, since=clock.now())),
-                1,
-                True,
-            ),
+            store=self.store,
+            status_topic=self.topics.gateway_status(),
+            status_payload=status_payload,
             protocol=config.broker.protocol,
         )
         self.sink = MqttSink(self.publisher, self.topics)

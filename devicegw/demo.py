@@ -32,7 +32,7 @@ DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "simulators" / "scenari
 DEMO_TIMEOUT_S = 300.0
 
 
-def demo_config(port: int, device_port: str, time_scale: float) -> Config:
+def demo_config(port: int, device_port: str, time_scale: float, data_dir: Path) -> Config:
     return parse_config(
         {
             "gateway": {
@@ -41,6 +41,7 @@ def demo_config(port: int, device_port: str, time_scale: float) -> Config:
                 "log_format": "text",
                 "log_level": "WARNING",
                 "time_scale": time_scale,
+                "data_dir": str(data_dir),
             },
             "broker": {
                 "host": "127.0.0.1",
@@ -98,7 +99,7 @@ async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> i
             EmbeddedBroker() as broker,
             Vm1PtySimulator(scen, clock=clock, link_dir=Path(tmp), name="vm1-bed01") as sim,
         ):
-            config = demo_config(broker.port, str(sim.path), time_scale)
+            config = demo_config(broker.port, str(sim.path), time_scale, Path(tmp) / "data")
             gateway = Gateway(config, clock=clock)
             topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
             gw_task = asyncio.create_task(gateway.run(), name="gateway")

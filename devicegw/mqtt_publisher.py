@@ -1,21 +1,32 @@
 """Publishes the gateway's payloads to the broker, reconnecting by itself.
 
 aiomqtt does not reconnect, so this owns the loop: a fresh client per
-connection, capped jittered backoff, the gateway's last will set on every
-connect. Dose events are kept until the broker's PUBACK and re-sent after a
-reconnect (byte-identical; subscribers keep the first of each ``event_id``).
-Device statuses are latest-wins and re-published on reconnect. Telemetry is
-best effort: a bounded buffer that drops the oldest and counts the drops.
+connection, capped jittered backoff, MQTT 5 where the broker takes it (3.1.1
+otherwise), the gateway's last will registered on every connect.
+
+Dose events and device statuses come from the durable :class:`Outbox`: they
+were committed before this code saw them, are published in order with a
+bounded number in flight (QoS 1), and are marked sent only on the broker's
+PUBACK; after a reconnect whatever was not acknowledged is sent again, with
+``delivery.redelivery`` counting the earlier attempts. Telemetry is best
+effort: a bounded in-memory buffer that drops the oldest and counts the drops.
+
+Every message carries ``delivery = {birth_seq, seq}``: ``birth_seq`` grows on
+every connection (persisted), ``seq`` counts messages within it (the birth is
+0), so a subscriber detects gaps. The last will is the offline gateway status
+of the same ``birth_seq``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import aiomqtt
@@ -27,10 +38,14 @@ from devicegw.backoff import Backoff
 from devicegw.clock import Clock
 from devicegw.config import BrokerSettings
 from devicegw.errors import ConfigError
+from devicegw.outbox import AddResult, Outbox, OutboxRow
+from devicegw.store import Store
 
 log = logging.getLogger(__name__)
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
+TELEMETRY_EXPIRY_S = 60
+SESSION_EXPIRY_S = 3600
 
 
 def encode(payload: BaseModel) -> bytes:
@@ -38,12 +53,11 @@ def encode(payload: BaseModel) -> bytes:
     return payload.model_dump_json().encode("utf-8")
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    topic: str
-    payload: bytes
-    qos: Literal[0, 1]
-    retain: bool = False
+def stamp(payload: bytes, *, birth_seq: int, seq: int, redelivery: int = 0) -> bytes:
+    """The payload with its delivery metadata; the record's own bytes are untouched otherwise."""
+    obj = json.loads(payload)
+    obj["delivery"] = {"birth_seq": birth_seq, "seq": seq, "redelivery": redelivery}
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 @dataclass(slots=True)
@@ -51,13 +65,14 @@ class PublisherStats:
     connected: bool = False
     connects: int = 0
     connect_failures: int = 0
+    birth_seq: int = 0
     dose_events_published: int = 0
     statuses_published: int = 0
     telemetry_published: int = 0
     telemetry_dropped: int = 0
+    redeliveries: int = 0
     protocol: str = ""
     last_error: str | None = None
-    pending_dose_events: int = 0
 
 
 def build_tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -65,9 +80,7 @@ def build_tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
     if not tls.enabled:
         return None
     try:
-        ctx = ssl.create_default_context(
-            cafile=str(tls.ca_file) if tls.ca_file else None,
-        )
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
         if tls.cert_file and tls.key_file:
             ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     except (OSError, ssl.SSLError) as exc:
@@ -86,11 +99,8 @@ def build_tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-@dataclass(slots=True)
-class _Queues:
-    dose: deque[Outgoing] = field(default_factory=deque)
-    status: OrderedDict[str, Outgoing] = field(default_factory=OrderedDict)
-    telemetry: deque[Outgoing] = field(default_factory=deque)
+class _LinkDown(Exception):
+    """A publish failed because the connection broke: reconnect."""
 
 
 class MqttPublisher:
@@ -102,68 +112,110 @@ class MqttPublisher:
         *,
         client_id: str,
         clock: Clock,
-        will: Outgoing,
-        birth: Outgoing,
+        store: Store,
+        status_topic: str,
+        status_payload: Callable[[bool], bytes],
         protocol: Literal["auto", "5", "3.1.1"] = "auto",
         telemetry_buffer: int = 256,
+        max_inflight: int = 20,
     ) -> None:
         self._settings = settings
         self._client_id = client_id
         self._clock = clock
-        self._will = will
-        self._birth = birth
+        self._store = store
+        self.outbox = Outbox(store)
+        self._status_topic = status_topic
+        self._status_payload = status_payload
         self._protocol_pref = protocol
         self._use_v5 = protocol != "3.1.1"
-        self._q = _Queues()
-        self._retained: dict[str, Outgoing] = {}
+        self._telemetry: deque[tuple[str, bytes]] = deque()
         self._telemetry_max = telemetry_buffer
+        self._max_inflight = max_inflight
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
-        self.stats = PublisherStats()
+        self._seq = 0
+        self.stats = PublisherStats(birth_seq=int(store.get_meta("birth_seq", "0") or 0))
         self._tls = build_tls_context(settings)
         self._password = settings.password()
 
     # -- producer side ---------------------------------------------------------
 
-    def publish_dose(self, topic: str, payload: BaseModel) -> None:
-        """Queue a dose event; kept until the broker acknowledges it (QoS 1)."""
-        self._q.dose.append(Outgoing(topic, encode(payload), qos=1))
-        self.stats.pending_dose_events = len(self._q.dose)
+    def publish_dose(
+        self, topic: str, payload: BaseModel, *, device_id: str, event_id: str
+    ) -> AddResult:
+        """Commit a dose event to the outbox (durable on return); sent when the broker is up."""
+        result = self.outbox.add(
+            "dose",
+            topic,
+            encode(payload),
+            qos=1,
+            retain=False,
+            now=self._clock.now(),
+            device_id=device_id,
+            event_id=event_id,
+        )
+        self._wake.set()
+        return result
+
+    def publish_status(
+        self, topic: str, payload: BaseModel, *, device_id: str | None = None
+    ) -> None:
+        """Retained status; latest wins per topic, committed before it is sent."""
+        self.outbox.add(
+            "status",
+            topic,
+            encode(payload),
+            qos=1,
+            retain=True,
+            now=self._clock.now(),
+            device_id=device_id,
+        )
         self._wake.set()
 
-    def publish_status(self, topic: str, payload: BaseModel) -> None:
-        """Retained status; only the latest per topic is kept and re-sent after reconnect."""
-        self._q.status[topic] = Outgoing(topic, encode(payload), qos=1, retain=True)
-        self._retained[topic] = self._q.status[topic]
+    def publish_event(
+        self, topic: str, payload: BaseModel, *, device_id: str | None = None
+    ) -> None:
+        """Any other must-deliver event (e.g. safety alerts): durable, QoS 1, not retained."""
+        self.outbox.add(
+            "safety",
+            topic,
+            encode(payload),
+            qos=1,
+            retain=False,
+            now=self._clock.now(),
+            device_id=device_id,
+        )
         self._wake.set()
 
     def publish_telemetry(self, topic: str, payload: BaseModel) -> None:
-        if len(self._q.telemetry) >= self._telemetry_max:
-            self._q.telemetry.popleft()
+        if len(self._telemetry) >= self._telemetry_max:
+            self._telemetry.popleft()
             self.stats.telemetry_dropped += 1
-        self._q.telemetry.append(Outgoing(topic, encode(payload), qos=0))
+        self._telemetry.append((topic, encode(payload)))
         self._wake.set()
-
-    def set_birth(self, birth: Outgoing) -> None:
-        self._birth = birth
 
     @property
     def connected(self) -> asyncio.Event:
         return self._connected
 
-    @property
-    def pending_dose_events(self) -> int:
-        return len(self._q.dose)
-
     def is_drained(self) -> bool:
-        """True when every queued dose event and status has been acknowledged."""
-        return not (self._q.dose or self._q.status)
+        return self.outbox.depth() == 0
 
     # -- connection loop -------------------------------------------------------
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _next_birth(self) -> int:
+        birth = self.stats.birth_seq + 1
+        self._store.set_meta("birth_seq", str(birth))
+        self.stats.birth_seq = birth
+        return birth
+
+    def _make_client(self, birth_seq: int) -> aiomqtt.Client:
         s = self._settings
+        props = None
+        if self._use_v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+        will = stamp(self._status_payload(False), birth_seq=birth_seq, seq=0)
         return aiomqtt.Client(
             hostname=s.host,
             port=s.port,
@@ -171,11 +223,13 @@ class MqttPublisher:
             password=self._password.get_secret_value() if self._password else None,
             identifier=self._client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if self._use_v5 else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(self._will.topic, self._will.payload, qos=1, retain=True),
+            will=aiomqtt.Will(self._status_topic, will, qos=1, retain=True),
             keepalive=s.keepalive_s,
             tls_context=self._tls,
             timeout=10,
-            max_queued_outgoing_messages=1000,
+            properties=props,
+            max_inflight_messages=self._max_inflight,
+            max_queued_outgoing_messages=10_000,
         )
 
     async def run(self) -> None:
@@ -183,10 +237,10 @@ class MqttPublisher:
         backoff = Backoff(self._settings.reconnect_initial_s, self._settings.reconnect_max_s)
         first_failure = True
         while True:
-            client = self._make_client()
+            birth_seq = self._next_birth()
+            client = self._make_client(birth_seq)
             try:
                 async with client:
-                    self._client = client
                     self.stats.connected = True
                     self.stats.connects += 1
                     self.stats.protocol = "5" if self._use_v5 else "3.1.1"
@@ -199,14 +253,15 @@ class MqttPublisher:
                         extra={
                             "broker": f"{self._settings.host}:{self._settings.port}",
                             "mqtt_protocol": self.stats.protocol,
+                            "birth_seq": birth_seq,
                         },
                     )
                     try:
-                        await self._send_loop(client)
+                        await self._send_loop(client, birth_seq)
                     except asyncio.CancelledError:
-                        await self._say_goodbye(client)
+                        await self._say_goodbye(client, birth_seq)
                         raise
-            except aiomqtt.MqttError as exc:
+            except (aiomqtt.MqttError, _LinkDown) as exc:
                 # Disconnecting while being cancelled: the stop wins over a retry.
                 _raise_if_cancelling()
                 self.stats.last_error = str(exc)
@@ -214,7 +269,7 @@ class MqttPublisher:
                 if (
                     self._protocol_pref == "auto"
                     and self._use_v5
-                    and not self.stats.connected
+                    and self.stats.connects == 0
                     and _looks_like_protocol_refusal(exc)
                 ):
                     log.warning("broker refused MQTT 5; falling back to 3.1.1")
@@ -229,47 +284,82 @@ class MqttPublisher:
                 )
                 first_failure = False
             finally:
-                self._client = None
                 self.stats.connected = False
                 self._connected.clear()
             await self._clock.sleep(backoff.next_delay())
 
-    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+    async def _say_goodbye(self, client: aiomqtt.Client, birth_seq: int) -> None:
+        payload = stamp(self._status_payload(False), birth_seq=birth_seq, seq=self._take_seq())
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            await asyncio.wait_for(
-                client.publish(self._will.topic, self._will.payload, qos=1, retain=True), 2.0
-            )
+            async with asyncio.timeout(2.0):
+                await client.publish(self._status_topic, payload, qos=1, retain=True)
 
-    async def _send_loop(self, client: aiomqtt.Client) -> None:
-        await client.publish(self._birth.topic, self._birth.payload, qos=1, retain=True)
-        # A fresh connection re-announces every device's latest status.
-        for topic, out in self._retained.items():
-            self._q.status.setdefault(topic, out)
+    def _take_seq(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    async def _send_loop(self, client: aiomqtt.Client, birth_seq: int) -> None:
+        self._seq = 0
+        birth = stamp(self._status_payload(True), birth_seq=birth_seq, seq=self._take_seq())
+        await client.publish(self._status_topic, birth, qos=1, retain=True)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                await self._dispatch(client, birth_seq, tg)
+        except ExceptionGroup as group:
+            mqtt_errors, others = group.split((aiomqtt.MqttError, _LinkDown))
+            if others is not None or mqtt_errors is None:
+                raise
+            raise _LinkDown(str(mqtt_errors.exceptions[0])) from None
+
+    async def _dispatch(
+        self, client: aiomqtt.Client, birth_seq: int, tg: asyncio.TaskGroup
+    ) -> None:
+        inflight: set[asyncio.Task[None]] = set()
+        last_id = 0
         while True:
             self._wake.clear()
-            while self._q.dose:
-                out = self._q.dose[0]
-                await client.publish(out.topic, out.payload, qos=1, timeout=30)
-                self._q.dose.popleft()
-                self.stats.dose_events_published += 1
-                self.stats.pending_dose_events = len(self._q.dose)
-            while self._q.status:
-                topic, out = next(iter(self._q.status.items()))
-                await client.publish(out.topic, out.payload, qos=1, retain=True, timeout=30)
-                if self._q.status.get(topic) is out:
-                    del self._q.status[topic]
-                self.stats.statuses_published += 1
-            while self._q.telemetry and not self._q.dose:
-                out = self._q.telemetry.popleft()
+            free = self._max_inflight - len(inflight)
+            rows = self.outbox.pending(after_id=last_id, limit=free) if free > 0 else []
+            for row in rows:
+                last_id = row.id
+                payload = stamp(
+                    row.payload, birth_seq=birth_seq, seq=self._take_seq(), redelivery=row.attempts
+                )
+                if row.attempts:
+                    self.stats.redeliveries += 1
+                self.outbox.mark_attempt(row.id)
+                task = tg.create_task(self._publish_row(client, row, payload))
+                inflight.add(task)
+                task.add_done_callback(self._task_done(inflight))
+            backlog = bool(rows) or bool(inflight)
+            while self._telemetry and not backlog:
+                topic, body = self._telemetry.popleft()
                 props = None
                 if self._use_v5:
                     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                    props.MessageExpiryInterval = 60
-                await client.publish(out.topic, out.payload, qos=0, properties=props)
+                    props.MessageExpiryInterval = TELEMETRY_EXPIRY_S
+                payload = stamp(body, birth_seq=birth_seq, seq=self._take_seq())
+                await client.publish(topic, payload, qos=0, properties=props)
                 self.stats.telemetry_published += 1
             _raise_if_cancelling()
-            if not (self._q.dose or self._q.status or self._q.telemetry):
+            if not rows:
                 await self._wake.wait()
+
+    def _task_done(self, inflight: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            self._wake.set()
+
+        return done
+
+    async def _publish_row(self, client: aiomqtt.Client, row: OutboxRow, payload: bytes) -> None:
+        await client.publish(row.topic, payload, qos=row.qos, retain=row.retain, timeout=30)
+        self.outbox.mark_sent(row, self._clock.now())
+        if row.kind == "dose":
+            self.stats.dose_events_published += 1
+        elif row.kind == "status":
+            self.stats.statuses_published += 1
 
 
 def _raise_if_cancelling() -> None:
@@ -280,7 +370,7 @@ def _raise_if_cancelling() -> None:
         raise asyncio.CancelledError
 
 
-def _looks_like_protocol_refusal(exc: aiomqtt.MqttError) -> bool:
+def _looks_like_protocol_refusal(exc: Exception) -> bool:
     if isinstance(exc, aiomqtt.MqttCodeError):
         rc = exc.rc
         value = getattr(rc, "value", rc)

@@ -35,6 +35,20 @@ class _Payload(BaseModel):
     )
 
 
+class Delivery(_Payload):
+    """Delivery metadata, stamped when a message is sent; never part of a record's identity.
+
+    ``seq`` counts every message this gateway publishes within one broker
+    connection (``birth_seq``), so a subscriber can detect gaps; ``redelivery``
+    says how many times this very record was sent before without an
+    acknowledgement. Two copies of a dose event differ only here.
+    """
+
+    birth_seq: int
+    seq: int
+    redelivery: int = 0
+
+
 class GatewayRef(_Payload):
     id: str
     site: str
@@ -123,6 +137,7 @@ class DoseEvent(_Payload):
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     event_type: Literal["dose_completion"] = "dose_completion"
+    delivery: Delivery | None = None
     event_id: uuid.UUID
     gateway: GatewayRef
     subject_id: str
@@ -148,6 +163,7 @@ class DeviceStatus(_Payload):
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     event_type: Literal["device_status"] = "device_status"
+    delivery: Delivery | None = None
     gateway_id: str
     device_id: str
     connected: bool
@@ -166,6 +182,7 @@ class GatewayStatus(_Payload):
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     event_type: Literal["gateway_status"] = "gateway_status"
+    delivery: Delivery | None = None
     gateway_id: str
     site: str
     online: bool
@@ -180,6 +197,7 @@ class Telemetry(_Payload):
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     event_type: Literal["telemetry"] = "telemetry"
+    delivery: Delivery | None = None
     gateway_id: str
     device_id: str
     utc: datetime

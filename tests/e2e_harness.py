@@ -38,10 +38,12 @@ def device_entry(index: int, port: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def gateway_config(broker: MosquittoBroker, devices: list[dict[str, Any]]) -> Config:
+def gateway_config(
+    broker: MosquittoBroker, devices: list[dict[str, Any]], data_dir: Path
+) -> Config:
     return parse_config(
         {
-            "gateway": {"id": "gw-test", "site": "site-042"},
+            "gateway": {"id": "gw-test", "site": "site-042", "data_dir": str(data_dir)},
             "broker": {
                 "host": broker.host,
                 "port": broker.port,
@@ -96,7 +98,7 @@ async def running(
             device_entry(i + 1, str(sim.path), **(device_extra or {})) for i, sim in enumerate(sims)
         ]
         devices += extra_devices or []
-        config = gateway_config(broker, devices)
+        config = gateway_config(broker, devices, tmp_path / "gw-data")
         gateway = Gateway(config, clock=clock)
         collector = await stack.enter_async_context(
             collecting(broker.host, broker.port, [f"{gateway.topics.base}/#"])

@@ -35,7 +35,7 @@ def gateway(broker: MosquittoBroker, tmp_path: Path, password: str) -> Gateway:
     pw.write_text(password + "\n")
     config = parse_config(
         {
-            "gateway": {"id": "gw-auth", "site": "s1"},
+            "gateway": {"id": "gw-auth", "site": "s1", "data_dir": str(tmp_path / "data")},
             "broker": {
                 "host": broker.host,
                 "port": broker.port,

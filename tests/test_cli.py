@@ -75,7 +75,7 @@ async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_pa
         assert Path(port).is_symlink(), line  # noqa: ASYNC240
         cfg = tmp_path / "gw.toml"
         cfg.write_text(
-            f'[gateway]\nid = "gw-proc"\nsite = "s1"\n'
+            f'[gateway]\nid = "gw-proc"\nsite = "s1"\ndata_dir = "{tmp_path / "data"}"\n'
             f'[broker]\nhost = "127.0.0.1"\nport = {mosquitto.port}\n'
             f'[[devices]]\nid = "neb1"\ntype = "vm1"\nbed = "B1"\nsubject_id = "CVD-001"\n'
             f'kit_number = "K-1"\nlink = {{ kind = "serial", port = "{port}" }}\n'
