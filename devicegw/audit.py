@@ -37,12 +37,13 @@ none, and :meth:`AuditTrail.append` refuses arm-like keys outright.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -53,6 +54,8 @@ from devicegw.clock import Clock
 from devicegw.store import Store, StoreError
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from devicegw.config import Config, DeviceSettings
     from devicegw.payloads import DoseEvent
 
@@ -354,8 +357,10 @@ class AuditTrail:
         trail.record_session_finished(event)
 
     Appends are synchronous and durable when they return (the store runs
-    ``synchronous=FULL``). The connection is shared with the rest of the
-    store; an append refuses to run inside someone else's open transaction.
+    ``synchronous=FULL``). Called inside a transaction already open on the
+    store's connection, an append joins it: the record is committed (or rolled
+    back) together with whatever else that transaction writes, so a dose event
+    in the outbox and its audit record cannot disagree.
     """
 
     def __init__(self, store: Store, *, clock: Clock, gateway_id: str) -> None:
@@ -553,25 +558,33 @@ class AuditTrail:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or ``ROLLBACK``) on the store's connection."""
+    """The audit's own transaction on the store's connection.
+
+    On its own: ``BEGIN IMMEDIATE`` ... ``COMMIT``, so seq and prev_hash are read
+    and written under the write lock and the append is durable on return.
+    Inside a transaction someone else opened on the connection (e.g. the outbox
+    committing a dose event and its audit record together): a ``SAVEPOINT``, so
+    the audit records commit or roll back with that outer transaction.
+    """
 
     def __init__(self, store: Store, lock: threading.Lock) -> None:
         self._store = store
         self._lock = lock
         self._cur: sqlite3.Cursor | None = None
+        self._nested = False
+
+    def _error(self, exc: BaseException) -> AuditError:
+        return AuditError(f"cannot write the audit trail in {self._store.path}: {exc}")
 
     def __enter__(self) -> sqlite3.Cursor:
         self._lock.acquire()
-        conn = self._store.conn
-        if conn.in_transaction:
-            self._lock.release()
-            raise AuditError("cannot append to the audit trail inside another transaction")
         try:
-            self._cur = conn.cursor()
-            self._cur.execute("BEGIN IMMEDIATE")
+            self._cur = self._store.conn.cursor()
+            self._nested = self._store.conn.in_transaction
+            self._cur.execute("SAVEPOINT audit_append" if self._nested else "BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             self._lock.release()
-            raise AuditError(f"cannot write the audit trail in {self._store.path}: {exc}") from exc
+            raise self._error(exc) from exc
         except BaseException:
             self._lock.release()
             raise
@@ -579,24 +592,29 @@ class _Transaction:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         assert self._cur is not None
+        cur = self._cur
         try:
             if exc_type is None:
                 try:
-                    self._cur.execute("COMMIT")
+                    cur.execute("RELEASE audit_append" if self._nested else "COMMIT")
                 except sqlite3.Error as err:
-                    self._cur.execute("ROLLBACK")
-                    raise AuditError(
-                        f"cannot write the audit trail in {self._store.path}: {err}"
-                    ) from err
+                    self._rollback(cur)
+                    raise self._error(err) from err
             else:
-                self._cur.execute("ROLLBACK")
+                self._rollback(cur)
                 if isinstance(exc, sqlite3.Error):
-                    raise AuditError(
-                        f"cannot write the audit trail in {self._store.path}: {exc}"
-                    ) from exc
+                    raise self._error(exc) from exc
         finally:
-            self._cur.close()
+            cur.close()
             self._lock.release()
+
+    def _rollback(self, cur: sqlite3.Cursor) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            if self._nested:
+                cur.execute("ROLLBACK TO audit_append")
+                cur.execute("RELEASE audit_append")
+            else:
+                cur.execute("ROLLBACK")
 
 
 def _head(conn: sqlite3.Connection) -> AuditHead:
@@ -616,7 +634,7 @@ def open_store(path: str | Path) -> Store:
 
 def iter_records(
     store: Store, *, device_id: str | None = None, since: datetime | None = None
-) -> Iterator[AuditRecord]:
+) -> Generator[AuditRecord, None, None]:
     """Records in ``seq`` order, optionally for one device and from a UTC time on."""
     conn = store.conn
     if not _has_table(conn):
@@ -727,3 +745,59 @@ def summarize_body(record: AuditRecord, *, width: int = 100) -> str:
         parts.append(f"{key}={text}")
     line = " ".join(parts)
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO 8601 time or date for ``--since``; naive means UTC."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since: not an ISO 8601 time: {text!r}") from None
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+def records_table(records: Iterable[AuditRecord], *, width: int = 160) -> RenderableType:
+    """Records for ``devicegw audit show`` (full detail: ``--json``).
+
+    A table on a console ``width`` of 120 columns or more; below that, each
+    record is one header line with its details indented underneath, which
+    stays readable on an 80-column terminal or in a piped file.
+    """
+    from rich import box
+    from rich.console import Group
+    from rich.padding import Padding
+    from rich.table import Table
+    from rich.text import Text
+
+    def cells(r: AuditRecord) -> tuple[str, str, str, str, str, str]:
+        t = r.time
+        return (
+            str(r.seq),
+            r.utc if t is None else t.strftime("%Y-%m-%d %H:%M:%SZ"),
+            r.kind,
+            r.device_id or "",
+            r.subject_id or "",
+            "" if r.session_no is None else str(r.session_no),
+        )
+
+    if width < 120:
+        lines: list[RenderableType] = []
+        for r in records:
+            seq, utc, kind, dev, subject, session = cells(r)
+            head = f"{seq:>5}  {utc}  {kind}"
+            head += "".join(f"  {v}" for v in (dev, subject) if v)
+            head += f"  #{session}" if session else ""
+            lines.append(Text(head, style="bold"))
+            details = Text(summarize_body(r, width=400), overflow="fold")
+            lines.append(Padding(details, (0, 0, 0, 7)))
+        return Group(*lines)
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("seq", "utc", "kind", "device", "subject", "session"):
+        table.add_column(
+            name, no_wrap=True, justify="right" if name in ("seq", "session") else "left"
+        )
+    table.add_column("details", overflow="fold", ratio=1)
+    for r in records:
+        table.add_row(*cells(r), summarize_body(r, width=400))
+    return table
