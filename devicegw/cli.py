@@ -114,6 +114,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_tail(args: argparse.Namespace) -> int:
+    import os
+
+    from devicegw.tail import AckStore, Printer, TailOptions, run_edc_client, run_tail
+
+    password = None
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            print(f"devicegw: environment variable {args.password_env} is not set", file=sys.stderr)
+            return EXIT_CONFIG
+    if args.dose_events != (args.ack_store is not None):
+        print("devicegw: --dose-events and --ack-store go together", file=sys.stderr)
+        return EXIT_CONFIG
+    options = TailOptions(
+        host=args.host,
+        port=args.port,
+        topics=tuple(args.topic or ["devicegw/v1/#"]),
+        username=args.username,
+        password=password,
+        tls=args.tls,
+        ca_file=Path(args.ca_file) if args.ca_file else None,
+        count=args.count,
+        timeout=args.timeout,
+        check_sequence=not args.no_seq_check,
+        client_id=args.client_id,
+    )
+    printer = Printer(as_json=args.json)
+    if args.dose_events:
+        store = AckStore(Path(args.ack_store))
+        return run_until_signalled(run_edc_client(options, printer, store=store))
+    return run_until_signalled(run_tail(options, printer))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from devicegw.edc_export import load_events, render
+
+    text = render(
+        load_events(Path(args.input)), args.format, study=args.study, dose_form=args.dose_form
+    )
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from devicegw.schema_export import check, export
 
@@ -202,6 +249,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--time-scale", type=float, default=8.0)
     demo.add_argument("--scenario", default=None, help="scenario TOML (default: the demo session)")
     demo.set_defaults(func=cmd_demo)
+
+    tail = sub.add_parser(
+        "tail", help="print MQTT messages, checked against the contract; the reference EDC client"
+    )
+    tail.add_argument("--host", required=True)
+    tail.add_argument("--port", type=int, default=1883)
+    tail.add_argument(
+        "--topic", action="append", help="subscription (repeatable; default devicegw/v1/#)"
+    )
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument("--username", default=None)
+    tail.add_argument("--password-env", default=None, metavar="VAR", help="password from $VAR")
+    tail.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    tail.add_argument("--ca-file", default=None, help="TLS with this CA bundle")
+    tail.add_argument("--count", type=int, default=None, help="exit after N messages")
+    tail.add_argument("--timeout", type=float, default=None, help="exit after S seconds")
+    tail.add_argument(
+        "--no-seq-check", action="store_true", help="do not flag sequence gaps (filtered topics)"
+    )
+    tail.add_argument(
+        "--dose-events",
+        action="store_true",
+        help="reference EDC client: dose events, QoS 1, persistent session (needs --ack-store)",
+    )
+    tail.add_argument(
+        "--ack-store", default=None, metavar="FILE", help="JSON lines: first copy of each event"
+    )
+    tail.add_argument(
+        "--client-id", default="edc-reference", help="persistent session id (--dose-events)"
+    )
+    tail.set_defaults(func=cmd_tail)
+
+    export = sub.add_parser(
+        "export", help="stored dose events (JSON lines) as SDTM EX-style CSV or FHIR R4"
+    )
+    export.add_argument("--input", required=True, metavar="FILE.jsonl")
+    export.add_argument("--format", choices=["sdtm-ex", "fhir"], default="sdtm-ex")
+    export.add_argument("--output", default=None, metavar="FILE", help="default: stdout")
+    export.add_argument("--study", default="UNSPECIFIED", help="STUDYID (sdtm-ex)")
+    export.add_argument("--dose-form", default="SOLUTION", help="EXDOSFRM (sdtm-ex)")
+    export.set_defaults(func=cmd_export)
 
     schema = sub.add_parser("schema", help="JSON Schemas of the MQTT payloads")
     schema_sub = schema.add_subparsers(dest="schema_command", required=True)
