@@ -373,10 +373,14 @@ class AckStore:
                 event_id = event["event_id"]
             except (ValueError, TypeError, KeyError) as exc:
                 raise AckStoreError(
-                    f"{self.path}:{number}: not a stored dose event ({exc})",
+                    f"{self.path}:{number}: not a stored dose event ({exc!r})",
                     path=self.path,
                     line=number,
                 ) from exc
+            if not isinstance(event_id, str):
+                raise AckStoreError(
+                    f"{self.path}:{number}: event_id is not a string", path=self.path, line=number
+                )
             known = self._events.setdefault(event_id, event)
             if record_identity(known) != record_identity(event):
                 raise AckStoreError(
@@ -422,15 +426,21 @@ class AckStore:
 
     @staticmethod
     def _append(path: Path, line: bytes) -> None:
-        created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
-            os.write(fd, line + b"\n")
-            os.fsync(fd)  # on disk before the caller acknowledges the message
-        finally:
-            os.close(fd)
-        if created:
-            _fsync_dir(path.parent)  # and the new file's directory entry too
+            created = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                data = memoryview(line + b"\n")
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)  # on disk before the caller acknowledges the message
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(path.parent)  # and the new file's directory entry too
+        except OSError as exc:
+            # Not acknowledged: the broker keeps the message for the next run.
+            raise AckStoreError(f"{path}: cannot write: {exc.strerror}", path=path) from exc
 
 
 # -- output ------------------------------------------------------------------------
@@ -456,7 +466,7 @@ def _summary(payload: Mapping[str, Any], event_type: str | None) -> str:
     if event_type == "device_status":
         return pick("device_id", "connected", "state", "battery_pct", "active_alarms")
     if event_type == "gateway_status":
-        return pick("gateway_id", "online", "version", "birth_seq")
+        return pick("gateway_id", "site", "online", "version")
     if event_type == "telemetry":
         return pick("device_id", "state", "elapsed_s", "delivered_ml", "rate_ul_min")
     return ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -379,6 +380,33 @@ def test_ack_store_refuses_a_corrupt_file(tmp_path: Path) -> None:
     with pytest.raises(AckStoreError, match=r"doses.jsonl:1: not a stored dose event") as info:
         AckStore(path)
     assert info.value.line == 1
+
+
+def test_ack_store_write_failure_is_an_error_not_an_ack(tmp_path: Path) -> None:
+    store = AckStore(tmp_path / "missing-dir" / "doses.jsonl")
+    with pytest.raises(AckStoreError, match="cannot write"):
+        store.add(wire(dose()), topic=DOSE_TOPIC)
+    assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dose-events"], "--dose-events and --ack-store go together"),
+        (["--ack-store", "x.jsonl"], "--dose-events and --ack-store go together"),
+        (["--password-env", "DEVICEGW_TEST_UNSET_VAR"], "DEVICEGW_TEST_UNSET_VAR is not set"),
+    ],
+)
+def test_cli_tail_refuses_bad_options(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "devicegw.cli", "tail", "--host", "127.0.0.1", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
 
 
 # -- end to end: the CLI against a real Mosquitto -----------------------------------
