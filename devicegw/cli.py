@@ -57,6 +57,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from devicegw.daemon import Gateway
 
     config = _load(args.config)
+    if args.record is not None:
+        gateway_settings = config.gateway.model_copy(update={"record_dir": Path(args.record)})
+        config = config.model_copy(update={"gateway": gateway_settings})
     configure_logging(args.log_level or config.gateway.log_level, config.gateway.log_format)
     scale = args.time_scale if args.time_scale is not None else config.gateway.time_scale
     try:
@@ -92,6 +95,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.record is not None:  # virtual time, no ptys: devicegw/replay.py
+        from devicegw.replay import simulate_record_cli
+
+        configure_logging(args.log_level or "WARNING", "text")
+        return simulate_record_cli(args)
     from simulators.run import simulate_main
 
     configure_logging(args.log_level or "INFO", "text")
@@ -227,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run the clock N times faster (simulated devices only)",
     )
+    run.add_argument("--record", metavar="DIR", default=None, help="record raw link events in DIR")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a configuration file and summarise it")
@@ -241,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--link-dir", default="/tmp/devicegw-sim", help="where the stable port links go"
     )
     sim.add_argument("--time-scale", type=float, default=1.0)
+    from devicegw.replay import add_cli_commands, add_simulate_record_args
+
+    add_simulate_record_args(sim)
     sim.set_defaults(func=cmd_simulate)
 
     demo = sub.add_parser(
@@ -319,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--device", default=None, help="only this device id")
     show.add_argument("--since", default=None, metavar="ISO", help="only records from this time")
     show.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    add_cli_commands(sub)  # replay, recording show
     return p
 
 

@@ -46,6 +46,8 @@ class GatewaySettings(_Strict):
     data_dir: Path = Path("var/devicegw")
     # For simulations only: run the gateway's clock this many times faster than real time.
     time_scale: float = Field(default=1.0, gt=0, le=10_000)
+    # Record every raw link event here (docs/recording-format.md); None: no recording.
+    record_dir: Path | None = None
 
 
 class TlsSettings(_Strict):

@@ -16,10 +16,12 @@ from datetime import datetime
 from devicegw import __version__
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
+from devicegw.link_events import LinkObserver
 from devicegw.links import link_factory as default_link_factory
 from devicegw.mqtt_publisher import MqttPublisher, encode
 from devicegw.nebulizer import GatewaySink, NebulizerRunner
 from devicegw.payloads import DeviceStatus, DoseEvent, GatewayStatus, Telemetry
+from devicegw.recording import RecordingWriter
 from devicegw.store import Store
 from devicegw.topics import Topics
 from drivers.transport.base import ByteLink
@@ -94,9 +96,21 @@ class Gateway:
             protocol=config.broker.protocol,
         )
         self.sink = MqttSink(self.publisher, self.topics)
+        # The recorder is just another link listener (docs/recording-format.md).
+        self.recorder = (
+            RecordingWriter(config.gateway.record_dir, config)
+            if config.gateway.record_dir is not None
+            else None
+        )
+        observers: list[LinkObserver] = [self.recorder] if self.recorder is not None else []
         self.runners = [
             NebulizerRunner(
-                device, config, link_factory=link_factory(device), clock=clock, sink=self.sink
+                device,
+                config,
+                link_factory=link_factory(device),
+                clock=clock,
+                sink=self.sink,
+                observers=list(observers),
             )
             for device in config.devices
         ]
@@ -119,4 +133,6 @@ class Gateway:
                 for runner in self.runners:
                     tg.create_task(runner.run(), name=f"device-{runner.device.id}")
         finally:
+            if self.recorder is not None:
+                self.recorder.close()
             log.info("gateway stopped", extra={"gateway_id": self.config.gateway.id})
