@@ -52,10 +52,12 @@ class SystemClock:
 
 
 class ScaledClock:
-    """Real time sped up ``scale`` times, anchored at the moment of creation.
+    """Real time sped up ``scale`` times.
 
-    UTC time starts at the real current time (or ``start``) and then advances
-    ``scale`` times faster, so timestamps stay plausible while durations shrink.
+    UTC time is scaled from the start of the current UTC day (or ``start``):
+    ``utc = anchor + (real_utc - anchor) * scale``. Two processes sharing a
+    scale (a simulator and a gateway, or a gateway and its restarted self)
+    therefore agree on the time, while durations shrink ``scale`` times.
     """
 
     def __init__(self, scale: float, *, start: datetime | None = None) -> None:
@@ -63,7 +65,11 @@ class ScaledClock:
             raise ValueError("clock scale must be positive")
         self._scale = float(scale)
         self._real0 = time.monotonic()
-        self._utc0 = start if start is not None else datetime.now(UTC)
+        real_now = datetime.now(UTC)
+        if start is None:
+            anchor = real_now.replace(hour=0, minute=0, second=0, microsecond=0)
+            start = anchor + (real_now - anchor) * self._scale
+        self._utc0 = start
 
     @property
     def scale(self) -> float:

@@ -22,6 +22,7 @@ from devicegw.mqtt_publisher import MqttPublisher, encode
 from devicegw.nebulizer import GatewaySink, NebulizerRunner
 from devicegw.payloads import DeviceStatus, DoseEvent, GatewayStatus, Telemetry
 from devicegw.recording import RecordingWriter
+from devicegw.session_journal import SessionJournal
 from devicegw.store import Store
 from devicegw.topics import Topics
 from drivers.transport.base import ByteLink
@@ -96,6 +97,7 @@ class Gateway:
             protocol=config.broker.protocol,
         )
         self.sink = MqttSink(self.publisher, self.topics)
+        self.journal = SessionJournal(self.store)
         # The recorder is just another link listener (docs/recording-format.md).
         self.recorder = (
             RecordingWriter(config.gateway.record_dir, config)
@@ -111,6 +113,7 @@ class Gateway:
                 clock=clock,
                 sink=self.sink,
                 observers=list(observers),
+                journal=self.journal,
             )
             for device in config.devices
         ]

@@ -19,6 +19,7 @@ from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
 from devicegw.errors import DeviceTimeoutError, TransportError
 from devicegw.link_events import LinkObserver
+from devicegw.session_journal import SessionJournal
 from devicegw.session_tracker import SessionTracker
 from devicegw.vm1_pipeline import (
     DeviceHealth,
@@ -59,10 +60,11 @@ class NebulizerRunner:
         sink: GatewaySink,
         backoff: Backoff | None = None,
         observers: list[LinkObserver] | None = None,
+        journal: SessionJournal | None = None,
     ) -> None:
         self.device = device
         self.config = config
-        self.pipeline = Vm1Pipeline(device, config, sink)
+        self.pipeline = Vm1Pipeline(device, config, sink, journal=journal)
         self.observers = observers if observers is not None else []
         self._link_factory = link_factory
         self._clock = clock
@@ -192,8 +194,8 @@ class NebulizerRunner:
             )
             return
         if ack.result != AckResult.OK:
-            log.error(
-                "device no longer holds session %d (%s)",
+            log.warning(
+                "device has no record of session %d (%s): still running, or older than its log",
                 session_no,
                 ack.result.name,
                 extra={"device_id": self.device.id},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from drivers.vm1.messages import (
     Ack,
@@ -141,6 +141,22 @@ class _Open:
     last_dev: float = 0.0
     last_utc: datetime | None = None
 
+    def to_json(self) -> dict[str, object]:
+        """Everything needed to finish this session after a gateway restart."""
+        out: dict[str, object] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Open:
+        values = dict(data)
+        for name in ("start_utc", "last_utc"):
+            if values.get(name) is not None:
+                values[name] = datetime.fromisoformat(values[name])
+        return cls(**values)
+
 
 class SessionTracker:
     """State machine for one VM-1: READY -> session open -> finished session."""
@@ -158,6 +174,38 @@ class SessionTracker:
         self._link_down_utc: datetime | None = None
         # Sessions whose end was missed, kept until the device's record arrives.
         self._awaiting: dict[int, _Open] = {}
+
+    # -- restart recovery -------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object] | None:
+        """The open session and the device-time unwrapping, for the journal."""
+        if self._open is None:
+            return None
+        return {
+            "open": self._open.to_json(),
+            "wrap_offset": self._wrap_offset,
+            "last_raw_ms": self._last_raw_ms,
+        }
+
+    def restore(self, snapshot: dict[str, Any], *, down_since: datetime) -> int:
+        """Reopen a journaled session after a gateway restart; returns its session number.
+
+        The time the gateway was away counts as a link interruption, and the
+        session is flagged ``gateway_restart``: it will be finished from live
+        data if the device is still in it, or from the device's session record.
+        """
+        o = _Open.from_json(snapshot["open"])
+        o.link_interruptions += 1
+        if "gateway_restart" not in o.flags:
+            o.flags.append("gateway_restart")
+        o.out_of_session_statuses = 0
+        o.fetch_requested = False
+        self._open = o
+        self._wrap_offset = int(snapshot["wrap_offset"])
+        raw = snapshot.get("last_raw_ms")
+        self._last_raw_ms = None if raw is None else int(raw)
+        self._link_down_utc = down_since
+        return o.session_no
 
     # -- inputs ---------------------------------------------------------------
 
@@ -177,7 +225,8 @@ class SessionTracker:
 
     def link_up(self, utc: datetime) -> None:
         if self._open is not None and self._link_down_utc is not None:
-            self._open.link_down_s += (utc - self._link_down_utc).total_seconds()
+            # Never negative, even if the gateway clock was stepped back meanwhile.
+            self._open.link_down_s += max(0.0, (utc - self._link_down_utc).total_seconds())
         self._link_down_utc = None
         self._last_seq = None
 

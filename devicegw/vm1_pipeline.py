@@ -18,7 +18,8 @@ from devicegw.config import Config, DeviceSettings
 from devicegw.dose_check import assess
 from devicegw.dose_record import build_dose_event, device_identity
 from devicegw.errors import TransportError
-from devicegw.payloads import DeviceStatus, DoseEvent, Telemetry
+from devicegw.payloads import DeviceStatus, DoseEvent, Telemetry, dose_event_id
+from devicegw.session_journal import SessionJournal
 from devicegw.session_tracker import (
     AlarmChanged,
     FetchSessionRecord,
@@ -81,12 +82,34 @@ class PipelineResult:
     fetch: list[int]  # session numbers whose record must be fetched (GET_SESSION)
 
 
+JOURNAL_INTERVAL_S = 5.0
+RECONCILE_MAX = 16  # the device keeps its last 16 sessions
+
+
 class Vm1Pipeline:
-    def __init__(self, device: DeviceSettings, config: Config, sink: GatewaySink) -> None:
+    def __init__(
+        self,
+        device: DeviceSettings,
+        config: Config,
+        sink: GatewaySink,
+        *,
+        journal: SessionJournal | None = None,
+    ) -> None:
         self.device = device
         self.config = config
         self.sink = sink
+        self.journal = journal
         self.tracker = SessionTracker()
+        self._journaled: tuple[int, float] | None = None  # (session_no, mono of last save)
+        if journal is not None:
+            saved = journal.load(device.id)
+            if saved is not None:
+                state, since = saved
+                session_no = self.tracker.restore(state, down_since=since)
+                log.warning(
+                    "resuming a session left open by a gateway restart",
+                    extra={"device_id": device.id, "session_no": session_no},
+                )
         self.health = DeviceHealth()
         self._decoder = Vm1StreamDecoder()
         self._bad_seen = 0
@@ -138,11 +161,47 @@ class Vm1Pipeline:
                 acks.append(msg)
             else:
                 self._on_message(msg, utc, mono, fetch)
+        self._journal(utc, mono)
         return PipelineResult(acks, fetch)
+
+    def _journal(self, utc: datetime, mono: float) -> None:
+        """Keep the open session's state on disk, at least every JOURNAL_INTERVAL_S."""
+        o = self.tracker.open_session
+        if self.journal is None or o is None:
+            return
+        last = self._journaled
+        if last is not None and last[0] == o.session_no and mono - last[1] < JOURNAL_INTERVAL_S:
+            return
+        snapshot = self.tracker.snapshot()
+        if snapshot is not None:
+            self.journal.save(self.device.id, o.session_no, snapshot, utc)
+            self._journaled = (o.session_no, mono)
+
+    def _reconcile(self, ident: Ident, fetch: list[int]) -> None:
+        """Sessions the device logged while the gateway was not listening: fetch them."""
+        if self.journal is None:
+            return
+        mark = self.journal.watermark(ident.model, ident.serial_no)
+        last = ident.last_session_no
+        if mark is None:
+            # A device seen for the first time: its earlier sessions are not this gateway's.
+            self.journal.raise_watermark(ident.model, ident.serial_no, last)
+            return
+        open_no = self.tracker.open_session_no
+        for n in range(max(mark + 1, last - RECONCILE_MAX + 1), last + 1):
+            if n == open_no or n in fetch:
+                continue
+            if not self.journal.is_recorded(str(dose_event_id(ident.model, ident.serial_no, n))):
+                log.info(
+                    "reconciling a session from the device log",
+                    extra={"device_id": self.device.id, "session_no": n},
+                )
+                fetch.append(n)
 
     def _on_message(self, msg: DeviceMessage, utc: datetime, mono: float, fetch: list[int]) -> None:
         if isinstance(msg, Ident):
             self._check_allowed(msg)
+            self._reconcile(msg, fetch)
         for event in self.tracker.feed(Rx(msg=msg, utc=utc, mono=mono)):
             if isinstance(event, SessionStarted):
                 log.info(
@@ -182,9 +241,18 @@ class Vm1Pipeline:
     def _emit_dose(self, event: SessionFinished) -> None:
         session = event.session
         assessment = assess(session, self.config.dose_rules)
+        ident = self.tracker.identity
         dose = build_dose_event(
-            session, assessment, device=self.device, ident=self.tracker.identity, config=self.config
+            session, assessment, device=self.device, ident=ident, config=self.config
         )
+        if self.journal is not None and self.journal.is_recorded(str(dose.event_id)):
+            # Already recorded before a restart or by an earlier fetch: the first record stands.
+            log.info(
+                "session already recorded; not recorded again",
+                extra={"device_id": self.device.id, "session_no": session.session_no},
+            )
+            self.journal.clear(self.device.id, session.session_no)
+            return
         log.info(
             "session finished",
             extra={
@@ -196,7 +264,13 @@ class Vm1Pipeline:
                 "event_id": str(dose.event_id),
             },
         )
-        self.sink.dose_event(self.device.id, dose)
+        if self.journal is None:
+            self.sink.dose_event(self.device.id, dose)
+            return
+        with self.journal.finishing(self.device.id, session.session_no):
+            self.sink.dose_event(self.device.id, dose)
+            if ident is not None:
+                self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
 
     # -- outputs -------------------------------------------------------------------
 
