@@ -235,7 +235,9 @@ class Vm1BleLink:
                     await client.disconnect()
             except (BleakError, OSError, EOFError, TimeoutError) as exc:
                 log.warning("BLE link %s: disconnect failed: %r", self.description, exc)
-        self._put(_Lost("closed"))
+        while not self._queue.empty():  # unread values of a closed link are stale
+            self._queue.get_nowait()
+        self._queue.put_nowait(_Lost("closed"))
 
     # ------------------------------------------------------------------ discovery
 
