@@ -1,0 +1,294 @@
+"""Replay: live recording -> identical events, golden recordings, the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devicegw.clock import ScaledClock
+from devicegw.config import parse_config
+from devicegw.daemon import Gateway
+from devicegw.mqtt_publisher import encode
+from devicegw.payloads import DeviceStatus, DoseEvent, Telemetry
+from devicegw.recording import iter_records
+from devicegw.replay import Emitted, Player, simulate_record
+from simulators.scenario import load_scenario
+from simulators.vm1_pty import Vm1PtySimulator
+from tests.mqtt_helpers import MosquittoBroker, collecting
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "simulators" / "scenarios"
+GOLDEN = ROOT / "tests" / "data" / "recordings"
+DEVICEGW = [sys.executable, "-m", "devicegw.cli"]
+SCALE = 100.0
+
+
+def replay_lines(paths: list[Path]) -> list[bytes]:
+    out: list[Emitted] = []
+    Player(paths, emit=out.append).run()
+    return [e.encoded() for e in out]
+
+
+def without_delivery(payload: bytes) -> dict[str, Any]:
+    """The broker copy minus the per-send delivery stamp (explicitly not part of the record)."""
+    obj: dict[str, Any] = json.loads(payload)
+    obj.pop("delivery", None)
+    return obj
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*DEVICEGW, *args], capture_output=True, timeout=timeout, cwd=ROOT, check=False
+    )
+
+
+# ----------------------------------------------------------------------------- golden
+
+
+def golden_files() -> list[Path]:
+    files = sorted(GOLDEN.glob("*.dgwrec"))
+    assert len(files) >= 3
+    return files
+
+
+@pytest.mark.parametrize("path", golden_files(), ids=lambda p: p.stem)
+def test_golden_recording_replays_to_its_expected_events(path: Path) -> None:
+    assert path.stat().st_size < 300_000
+    expected = path.with_name(path.name.removesuffix(".dgwrec") + ".expected.jsonl")
+    want = expected.read_bytes().splitlines()
+    assert want, f"{expected} is empty"
+    assert replay_lines([path]) == want
+
+
+def test_golden_verdicts_are_the_scenarios() -> None:
+    verdicts = {}
+    for path in golden_files():
+        for line in path.with_name(path.stem + ".expected.jsonl").read_bytes().splitlines():
+            event = json.loads(line)
+            verdicts[event["device"]["serial_no"]] = (event["verdict"], event["end_reason"])
+    assert verdicts["VM1-000123"] == ("complete", "COMPLETE")  # complete.toml
+    assert verdicts["VM1-000187"] == ("partial", "USER_STOP")  # user_stop_half.toml
+    assert verdicts["VM1-000201"] == ("complete", "COMPLETE")  # pause_2min.toml
+
+
+def test_all_golden_files_at_once_match_each_alone() -> None:
+    together = sorted(replay_lines(golden_files()))
+    alone = sorted(line for p in golden_files() for line in replay_lines([p]))
+    assert together == alone
+
+
+def test_a_torn_recording_still_replays(tmp_path: Path) -> None:
+    src = golden_files()[0]
+    data = src.read_bytes()
+    torn = tmp_path / src.name
+    torn.write_bytes(data[: len(data) - 7])
+    player = Player([torn])
+    summary = player.run()
+    assert summary.skipped_bytes > 0
+    assert summary.problems
+
+
+def test_scenario_runner_is_deterministic(tmp_path: Path) -> None:
+    scenario = load_scenario(SCENARIOS / "user_stop_half.toml")
+    a = simulate_record([scenario], tmp_path / "a", output_rate_hz=2)
+    b = simulate_record([scenario], tmp_path / "b", output_rate_hz=2)
+    assert a[0].frames == b[0].frames > 500
+    [fa] = sorted((tmp_path / "a").iterdir())
+    [fb] = sorted((tmp_path / "b").iterdir())
+    assert fa.read_bytes() == fb.read_bytes()
+    # The device clock was set by the simulated handshake, as live.
+    [event] = [json.loads(line) for line in replay_lines([fa])]
+    assert event["times"]["device_start_utc"] is not None
+
+
+# ----------------------------------------------------------------------------- live
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.doses: list[bytes] = []
+
+    def dose_event(self, device_id: str, event: DoseEvent) -> None:
+        self.doses.append(encode(event))
+
+    def device_status(self, device_id: str, status: DeviceStatus) -> None:
+        pass
+
+    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+        pass
+
+
+@pytest.mark.e2e
+async def test_live_recording_replays_to_byte_identical_events(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Pty simulator -> daemon with recording -> Mosquitto; then replay the recording."""
+    clock = ScaledClock(SCALE)
+    rec_dir = tmp_path / "rec"
+    async with Vm1PtySimulator(
+        load_scenario(SCENARIOS / "user_stop_half.toml"),
+        clock=clock,
+        link_dir=tmp_path,
+        name="vm1-0",
+    ) as sim:
+        config = parse_config(
+            {
+                "gateway": {
+                    "id": "gw-test",
+                    "site": "site-042",
+                    "data_dir": str(tmp_path / "data"),
+                    "record_dir": str(rec_dir),
+                },
+                "broker": {"host": mosquitto.host, "port": mosquitto.port},
+                "devices": [
+                    {
+                        "id": "neb-bed01",
+                        "type": "vm1",
+                        "bed": "B01",
+                        "subject_id": "CVD-042-0001",
+                        "kit_number": "K-10001",
+                        "link": {"kind": "serial", "port": str(sim.path)},
+                    }
+                ],
+            },
+            sha256="1" * 64,
+        )
+        gateway = Gateway(config, clock=clock)
+        assert gateway.recorder is not None
+        live = ListSink()
+        gateway.sink.listeners.append(live)
+        async with collecting(
+            mosquitto.host, mosquitto.port, [f"{gateway.topics.base}/dose/#"]
+        ) as collector:
+            task = asyncio.create_task(gateway.run(), name="gateway-under-test")
+            try:
+                await collector.wait_for(lambda msgs: len(msgs) >= 1, 60)
+                await asyncio.wait_for(sim.wait_until_idle(), 30)
+                await asyncio.sleep(0.3)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            broker_copies = [m.payload for m in collector.matching("/dose/")]
+
+    files = sorted(rec_dir.glob("*.dgwrec"))
+    assert [f.name.split("-2")[0] for f in files] == ["neb-bed01"]
+    kinds = {r.kind for r in iter_records(files[0])}
+    assert kinds == {"H", "O", "R", "T", "C"}  # the daemon's close on shutdown is recorded too
+
+    assert len(live.doses) == 1
+    assert [without_delivery(b) for b in broker_copies] == [without_delivery(live.doses[0])]
+
+    # As fast as possible: byte for byte.
+    assert replay_lines(files) == live.doses
+
+    # At 100x the recorded pace: the same bytes, in about span/100 of real time.
+    paced: list[Emitted] = []
+    player = Player(files, emit=paced.append)
+    t0 = time.perf_counter()
+    summary = await player.run_async(speed=SCALE)
+    elapsed = time.perf_counter() - t0
+    assert [e.encoded() for e in paced] == live.doses
+    assert summary.span_s > 200  # ~257 s of gateway time were recorded
+    assert summary.span_s / SCALE * 0.9 <= elapsed <= summary.span_s / SCALE + 5.0
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_simulate_record_then_replay(tmp_path: Path) -> None:
+    out = tmp_path / "rec"
+    res = run_cli(
+        "simulate",
+        "--scenario",
+        str(SCENARIOS / "complete.toml"),
+        "--scenario",
+        str(SCENARIOS / "user_stop_half.toml"),
+        "--record",
+        str(out),
+        "--output-rate-hz",
+        "5",
+    )
+    assert res.returncode == 0, res.stderr
+    assert b"recorded 2 device(s)" in res.stdout
+    files = sorted(out.glob("*.dgwrec"))
+    assert [f.name for f in files] == [
+        "neb-VM1-000123-20260105.dgwrec",
+        "neb-VM1-000187-20260105.dgwrec",
+    ]
+    res = run_cli("replay", "--as-fast-as-possible", "--progress", "off", *map(str, files))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert sorted(lines) == sorted(replay_lines(files))
+    verdicts = sorted(json.loads(line)["verdict"] for line in lines)
+    assert verdicts == ["complete", "partial"]
+    summary = res.stderr.decode()
+    assert "replay summary" in summary
+    assert "x real time" in summary
+
+
+def test_cli_replay_at_a_speed_takes_about_the_paced_time(tmp_path: Path) -> None:
+    src = GOLDEN / "neb-VM1-000187-20260105.dgwrec"  # ~257 s recorded
+    t0 = time.perf_counter()
+    res = run_cli("replay", "--speed", "200", "--progress", "off", str(src))
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr
+    assert (
+        res.stdout.splitlines()
+        == src.with_name(src.stem + ".expected.jsonl").read_bytes().splitlines()
+    )
+    assert elapsed >= 257 / 200 * 0.9
+
+
+def test_cli_replay_rejects_a_non_recording(tmp_path: Path) -> None:
+    bogus = tmp_path / "x.dgwrec"
+    bogus.write_text("hello")
+    res = run_cli("replay", str(bogus))
+    assert res.returncode == 1
+    assert b"not a devicegw recording" in res.stderr
+
+
+@pytest.mark.e2e
+async def test_cli_replay_publishes_dose_events(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    files = golden_files()
+    async with collecting(mosquitto.host, mosquitto.port, ["devicegw/v1/#"]) as collector:
+        proc = await asyncio.create_subprocess_exec(
+            *DEVICEGW,
+            "replay",
+            "--quiet",
+            "--progress",
+            "off",
+            "--publish",
+            f"{mosquitto.host}:{mosquitto.port}",
+            *map(str, files),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err
+        assert f"published {len(files)} dose event(s)".encode() in err
+        await collector.wait_for(lambda msgs: len(msgs) >= len(files), 10)
+    got = {m.topic: m.payload for m in collector.matching("/dose/")}
+    want = {}
+    for f in files:
+        [line] = f.with_name(f.stem + ".expected.jsonl").read_bytes().splitlines()
+        event = json.loads(line)
+        device_id = event["device"]["device_id"]
+        want[f"devicegw/v1/site-sim/gw-sim/dose/{device_id}"] = line
+    assert got == want
+
+
+def test_golden_dir_has_no_stray_files() -> None:
+    names = {p.name for p in GOLDEN.iterdir()}
+    for p in golden_files():
+        assert p.stem + ".expected.jsonl" in names
+    assert len(names) == 2 * len(golden_files()) + 1  # + README.md
