@@ -9,11 +9,15 @@ extra listeners, e.g. the demo's live view).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
 from collections.abc import Callable
 from datetime import datetime
 
 from devicegw import __version__
+from devicegw.audit import AuditKind, AuditTrail
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
 from devicegw.link_events import LinkObserver
@@ -98,6 +102,7 @@ class Gateway:
         )
         self.sink = MqttSink(self.publisher, self.topics)
         self.journal = SessionJournal(self.store)
+        self.audit = AuditTrail(self.store, clock=clock, gateway_id=config.gateway.id)
         # The recorder is just another link listener (docs/recording-format.md).
         self.recorder = (
             RecordingWriter(config.gateway.record_dir, config)
@@ -114,6 +119,7 @@ class Gateway:
                 sink=self.sink,
                 observers=list(observers),
                 journal=self.journal,
+                audit=self.audit,
             )
             for device in config.devices
         ]
@@ -130,12 +136,23 @@ class Gateway:
                 "devices": ",".join(d.id for d in self.config.devices),
             },
         )
+        self.audit.record_assignments(self.config)
+        self.audit.append(
+            AuditKind.gateway_start,
+            body={"version": __version__, "pid": os.getpid(), "host": socket.gethostname()},
+        )
+        stop_reason = "error"
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.publisher.run(), name="mqtt-publisher")
                 for runner in self.runners:
                     tg.create_task(runner.run(), name=f"device-{runner.device.id}")
+        except asyncio.CancelledError:
+            stop_reason = "stopped"
+            raise
         finally:
             if self.recorder is not None:
                 self.recorder.close()
+            with contextlib.suppress(Exception):
+                self.audit.append(AuditKind.gateway_stop, body={"reason": stop_reason})
             log.info("gateway stopped", extra={"gateway_id": self.config.gateway.id})

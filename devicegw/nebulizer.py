@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from devicegw.audit import AuditTrail
 from devicegw.backoff import Backoff
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
@@ -61,10 +62,11 @@ class NebulizerRunner:
         backoff: Backoff | None = None,
         observers: list[LinkObserver] | None = None,
         journal: SessionJournal | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.device = device
         self.config = config
-        self.pipeline = Vm1Pipeline(device, config, sink, journal=journal)
+        self.pipeline = Vm1Pipeline(device, config, sink, journal=journal, audit=audit)
         self.observers = observers if observers is not None else []
         self._link_factory = link_factory
         self._clock = clock

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from devicegw.audit import AuditKind, AuditTrail
 from devicegw.config import Config, DeviceSettings
 from devicegw.dose_check import assess
 from devicegw.dose_record import build_dose_event, device_identity
@@ -94,11 +95,14 @@ class Vm1Pipeline:
         sink: GatewaySink,
         *,
         journal: SessionJournal | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.device = device
         self.config = config
         self.sink = sink
         self.journal = journal
+        self.audit = audit
+        self._identified: tuple[str, str, str] | None = None
         self.tracker = SessionTracker()
         self._journaled: tuple[int, float] | None = None  # (session_no, mono of last save)
         if journal is not None:
@@ -197,13 +201,40 @@ class Vm1Pipeline:
                     extra={"device_id": self.device.id, "session_no": n},
                 )
                 fetch.append(n)
+                if self.audit is not None:
+                    self.audit.append(
+                        AuditKind.reconciliation,
+                        device_id=self.device.id,
+                        subject_id=self.device.subject_id,
+                        session_no=n,
+                        body={
+                            "serial_no": ident.serial_no,
+                            "recorded_up_to": mark,
+                            "device_last_session_no": last,
+                            "why": "session logged by the device while the gateway was away",
+                        },
+                    )
 
     def _on_message(self, msg: DeviceMessage, utc: datetime, mono: float, fetch: list[int]) -> None:
         if isinstance(msg, Ident):
             self._check_allowed(msg)
+            self._audit_identity(msg)
             self._reconcile(msg, fetch)
         for event in self.tracker.feed(Rx(msg=msg, utc=utc, mono=mono)):
             if isinstance(event, SessionStarted):
+                if self.audit is not None:
+                    self.audit.append(
+                        AuditKind.session_started,
+                        device_id=self.device.id,
+                        subject_id=self.device.subject_id,
+                        session_no=event.session_no,
+                        body={
+                            "fill_ml": event.fill_ul / 1000.0,
+                            "gateway_utc": utc.isoformat(),
+                            "device_uptime_ms": msg.dev_ms,
+                            "kit_number": self.device.kit_number,
+                        },
+                    )
                 log.info(
                     "session started",
                     extra={
@@ -229,9 +260,36 @@ class Vm1Pipeline:
         elif isinstance(msg, (Ident, Status)):
             self.publish_status()
 
+    def _audit_identity(self, ident: Ident) -> None:
+        key = (ident.model, ident.serial_no, ident.firmware)
+        if self.audit is None or key == self._identified:
+            return
+        self._identified = key
+        self.audit.append(
+            AuditKind.device_identified,
+            device_id=self.device.id,
+            subject_id=self.device.subject_id,
+            body={
+                "port": self.device.link.port,
+                "model": ident.model,
+                "serial_no": ident.serial_no,
+                "firmware": ident.firmware,
+            },
+        )
+
     def _check_allowed(self, ident: Ident) -> None:
         expected = self.device.expected_serial
         if expected is not None and ident.serial_no != expected:
+            if self.audit is not None:
+                self.audit.append(
+                    AuditKind.device_refused,
+                    device_id=self.device.id,
+                    body={
+                        "port": self.device.link.port,
+                        "expected_serial": expected,
+                        "serial_no": ident.serial_no,
+                    },
+                )
             raise UnexpectedDeviceError(
                 f"port {self.device.link.port} answered with serial {ident.serial_no!r}, "
                 f"expected {expected!r}; device not used",
@@ -269,6 +327,8 @@ class Vm1Pipeline:
             return
         with self.journal.finishing(self.device.id, session.session_no):
             self.sink.dose_event(self.device.id, dose)
+            if self.audit is not None:
+                self.audit.record_session_finished(dose)
             if ident is not None:
                 self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
 

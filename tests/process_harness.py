@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -75,6 +76,12 @@ async def simulator(scenario: str, link_dir: Path, scale: float) -> AsyncIterato
         yield port
     finally:
         await stop(proc)
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*DEVICEGW, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
 
 
 def kill9(proc: asyncio.subprocess.Process) -> None:

@@ -16,6 +16,7 @@ import pytest
 from tests.mqtt_helpers import Collector, MosquittoBroker, collecting
 from tests.process_harness import (
     kill9,
+    run_cli,
     simulator,
     start_gateway,
     stop,
@@ -92,6 +93,18 @@ async def test_gateway_sigkill_mid_session(mosquitto: MosquittoBroker, tmp_path:
     assert event["verdict"] == "complete"  # still right: level drop from start fill + end
     assert event["volume"]["fill_ml"] == pytest.approx(3.0, abs=0.1)
     assert event["link"]["down_s"] > 30
+    # The audit trail survived the kill, verifies, and holds the session's record once.
+    cfg = tmp_path / "gw.toml"
+    verify = run_cli("audit", "verify", "--config", str(cfg))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    shown = run_cli("audit", "show", "--config", str(cfg), "--json")
+    records = [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("gateway_start") == 2
+    assert kinds.count("session_started") == 1
+    finished = [r for r in records if r["kind"] == "session_finished"]
+    assert len(finished) == 1
+    assert finished[0]["body"]["event_id"] == event["event_id"]
 
 
 async def test_link_down_across_a_whole_session_is_reconciled(
