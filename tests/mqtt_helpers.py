@@ -52,6 +52,8 @@ class MosquittoBroker:
     extra_conf: str = ""
     # user -> password; when given, anonymous clients are refused.
     users: dict[str, str] = field(default_factory=dict)
+    # (cafile, certfile, keyfile): the listener speaks TLS only.
+    tls: tuple[Path, Path, Path] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,6 +80,7 @@ class MosquittoBroker:
         run_as = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(
             f"{run_as}listener {self.port} 127.0.0.1\n"
+            f"{self._tls_conf()}"
             f"{auth}"
             f"persistence true\npersistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
@@ -99,6 +102,12 @@ class MosquittoBroker:
                 return
             time.sleep(0.02)
         raise RuntimeError("mosquitto did not start listening")
+
+    def _tls_conf(self) -> str:
+        if self.tls is None:
+            return ""
+        ca, cert, key = self.tls
+        return f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
