@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -221,6 +222,53 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from devicegw import health
+
+    config = _load(args.config)
+    try:
+        snap, age = health.read(config.gateway.data_dir)
+    except FileNotFoundError:
+        print(f"devicegw: no status in {config.gateway.data_dir}: the gateway has not run here")
+        return 1
+    stale = age > 3 * health.INTERVAL_S
+    if args.json:
+        print(json.dumps({**snap, "age_s": round(age, 1), "stale": stale}))
+        return 1 if stale else 0
+    console = Console()
+    b = snap["broker"]
+    state = "[red]STALE: not running?[/red]" if stale else "[green]running[/green]"
+    console.print(f"gateway {snap['gateway_id']} (site {snap['site']}, pid {snap['pid']}): {state}")
+    console.print(
+        f"broker {b['host']}:{b['port']}: "
+        + (
+            "[green]connected[/green]"
+            if b["connected"]
+            else f"[red]disconnected[/red] {b['last_error'] or ''}"
+        )
+        + f"  birth_seq {b['birth_seq']}, telemetry dropped {b['telemetry_dropped']}"
+    )
+    console.print(f"outbox depth {snap['outbox_depth']}, store {snap['store_bytes'] / 1e6:.1f} MB")
+    table = Table("device", "port", "connected", "last frame", "frames ok", "bad", "lost", "note")
+    for dev_id, d in snap["devices"].items():
+        age_s = d["last_frame_age_s"]
+        table.add_row(
+            dev_id,
+            d["port"],
+            "yes" if d["connected"] else "no",
+            "—" if age_s is None else f"{age_s:.1f} s ago",
+            str(d["frames_ok"]),
+            str(d["frames_bad"]),
+            str(d["frames_lost"]),
+            d["refused"] or d["last_error"] or "",
+        )
+    console.print(table)
+    return 1 if stale else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="devicegw", description=__doc__)
     p.add_argument("--version", action="version", version=f"devicegw {__version__}")
@@ -237,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--record", metavar="DIR", default=None, help="record raw link events in DIR")
     run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="health of the gateway running with this config")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=cmd_status)
 
     check = sub.add_parser("check-config", help="validate a configuration file and summarise it")
     check.add_argument("config")

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from datetime import datetime
 
-from devicegw import __version__
+from devicegw import __version__, health
 from devicegw.audit import AuditKind, AuditTrail
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
@@ -145,6 +145,7 @@ class Gateway:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.publisher.run(), name="mqtt-publisher")
+                tg.create_task(health.run(self), name="health")
                 for runner in self.runners:
                     tg.create_task(runner.run(), name=f"device-{runner.device.id}")
         except asyncio.CancelledError:

@@ -94,6 +94,8 @@ async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_pa
             )
             try:
                 await col.wait_for(lambda m: any("/dose/" in x.topic for x in m), 60)
+                await asyncio.sleep(2.5)  # one health refresh after the event
+                status = run_cli("status", "--config", str(cfg), "--json", timeout=20)
             finally:
                 gw.send_signal(signal.SIGTERM)
                 _, err = await asyncio.wait_for(gw.communicate(), 20)
@@ -105,6 +107,19 @@ async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_pa
                 10,
             )
         assert gw.returncode == 0
+        assert status.returncode == 0, status.stdout + status.stderr
+        health = json.loads(status.stdout)
+        assert health["stale"] is False
+        assert health["broker"]["connected"] is True
+        assert health["outbox_depth"] == 0
+        assert health["broker"]["dose_events_published"] == 1
+        dev = health["devices"]["neb1"]
+        assert dev["connected"] is True
+        assert dev["frames_ok"] > 100
+        assert dev["last_frame_age_s"] is not None
+        # Once the gateway is gone the snapshot goes stale and `status` says so.
+        stale = run_cli("status", "--config", str(cfg), timeout=20)
+        assert "gateway gw-proc" in stale.stdout
         [dose] = [m.json() for m in col.matching("/dose/")]
         assert dose["verdict"] == "partial"
         assert dose["device"]["serial_no"] == "VM1-000187"
