@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from devicegw.errors import ConfigError
+from devicegw.spo2_overlay import Spo2Rules
 
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 TopicSegment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -157,12 +158,32 @@ class DeviceSettings(_Strict):
     output_rate_hz: int | None = Field(default=None, ge=1, le=50)
 
 
+class OximeterSerialLinkSettings(_Strict):
+    kind: Literal["serial"] = "serial"
+    port: str = Field(min_length=1)
+    baudrate: int = 9600  # Nonin OEM III: 9600 8N1, no flow control
+
+
+class OximeterSettings(_Strict):
+    """A pulse oximeter on a bed; it watches the subject of the nebulizer on the same bed."""
+
+    id: TopicSegment
+    type: Literal["nonin_oem3"]
+    link: OximeterSerialLinkSettings
+    bed: TopicSegment
+    subject_id: SubjectId
+    model: str | None = None
+    serial_no: str | None = None
+
+
 class Config(_Strict):
     gateway: GatewaySettings
     broker: BrokerSettings = BrokerSettings()
     dose_rules: DoseRules = DoseRules()
+    spo2_rules: Spo2Rules = Spo2Rules()
     telemetry: TelemetrySettings = TelemetrySettings()
     devices: list[DeviceSettings] = Field(default_factory=list)
+    oximeters: list[OximeterSettings] = Field(default_factory=list)
     # sha256 of the file's bytes, for the audit trail and the birth message.
     source_sha256: str = ""
 
@@ -175,7 +196,28 @@ class Config(_Strict):
                 if tag in seen:
                     raise ValueError(f"two devices share {label} {key!r}")
                 seen[tag] = d.id
+        beds = {d.bed: d for d in self.devices}
+        oximeter_beds: set[str] = set()
+        for ox in self.oximeters:
+            for key, label in ((ox.id, "id"), (ox.link.port, "link.port")):
+                tag = f"{label}:{key}"
+                if tag in seen:
+                    raise ValueError(f"oximeter {ox.id} shares {label} {key!r} with another device")
+                seen[tag] = ox.id
+            if ox.bed in oximeter_beds:
+                raise ValueError(f"two oximeters on bed {ox.bed!r}")
+            oximeter_beds.add(ox.bed)
+            neb = beds.get(ox.bed)
+            if neb is not None and neb.subject_id != ox.subject_id:
+                raise ValueError(
+                    f"oximeter {ox.id} on bed {ox.bed} is assigned to subject {ox.subject_id}, "
+                    f"but the nebulizer on that bed to {neb.subject_id}"
+                )
         return self
+
+    def oximeter_for(self, device: DeviceSettings) -> OximeterSettings | None:
+        """The oximeter watching the subject of this nebulizer (same bed), if any."""
+        return next((ox for ox in self.oximeters if ox.bed == device.bed), None)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

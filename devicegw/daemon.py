@@ -16,14 +16,19 @@ import socket
 from collections.abc import Callable
 from datetime import datetime
 
+from pydantic import BaseModel
+
 from devicegw import __version__, health
 from devicegw.audit import AuditKind, AuditTrail
+from devicegw.bed_monitor import BedMonitor
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
 from devicegw.link_events import LinkObserver
 from devicegw.links import link_factory as default_link_factory
+from devicegw.links import oximeter_link_factory
 from devicegw.mqtt_publisher import MqttPublisher, encode
 from devicegw.nebulizer import GatewaySink, NebulizerRunner
+from devicegw.oximeter_runner import OximeterRunner
 from devicegw.payloads import DeviceStatus, DoseEvent, GatewayStatus, Telemetry
 from devicegw.recording import RecordingWriter
 from devicegw.session_journal import SessionJournal
@@ -41,6 +46,10 @@ class MqttSink:
         self._pub = publisher
         self._topics = topics
         self.listeners: list[GatewaySink] = []
+
+    def safety_event(self, device_id: str, payload: BaseModel) -> None:
+        """Safety alerts and post-dose summaries: durable, QoS 1, on the bed's safety topic."""
+        self._pub.publish_event(self._topics.safety(device_id), payload, device_id=device_id)
 
     def dose_event(self, device_id: str, event: DoseEvent) -> None:
         self._pub.publish_dose(
@@ -110,6 +119,11 @@ class Gateway:
             else None
         )
         observers: list[LinkObserver] = [self.recorder] if self.recorder is not None else []
+        self.beds: dict[str, BedMonitor] = {}
+        for device in config.devices:
+            oximeter = config.oximeter_for(device)
+            if oximeter is not None:
+                self.beds[device.bed] = BedMonitor(config, device, oximeter, self.sink)
         self.runners = [
             NebulizerRunner(
                 device,
@@ -120,9 +134,27 @@ class Gateway:
                 observers=list(observers),
                 journal=self.journal,
                 audit=self.audit,
+                bed=self.beds.get(device.bed),
             )
             for device in config.devices
         ]
+        self.oximeter_runners = [
+            OximeterRunner(
+                ox,
+                link_factory=oximeter_link_factory(ox),
+                clock=clock,
+                bed=self.beds.get(ox.bed),
+            )
+            for ox in config.oximeters
+        ]
+
+    async def _tick_beds(self) -> None:
+        """Let the SpO2 monitors see time pass (observation windows close without samples)."""
+        while True:
+            await self.clock.sleep(1.0)
+            now = self.clock.monotonic()
+            for bed in self.beds.values():
+                bed.tick(now)
 
     async def run(self) -> None:
         """Run until cancelled (SIGTERM/SIGINT cancel the main task)."""
@@ -146,6 +178,10 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.publisher.run(), name="mqtt-publisher")
                 tg.create_task(health.run(self), name="health")
+                if self.beds:
+                    tg.create_task(self._tick_beds(), name="spo2-ticker")
+                for ox_runner in self.oximeter_runners:
+                    tg.create_task(ox_runner.run(), name=f"oximeter-{ox_runner.oximeter.id}")
                 for runner in self.runners:
                     tg.create_task(runner.run(), name=f"device-{runner.device.id}")
         except asyncio.CancelledError:

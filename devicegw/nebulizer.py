@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from devicegw.audit import AuditTrail
 from devicegw.backoff import Backoff
+from devicegw.bed_monitor import BedMonitor
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
 from devicegw.errors import DeviceTimeoutError, TransportError
@@ -63,10 +64,11 @@ class NebulizerRunner:
         observers: list[LinkObserver] | None = None,
         journal: SessionJournal | None = None,
         audit: AuditTrail | None = None,
+        bed: BedMonitor | None = None,
     ) -> None:
         self.device = device
         self.config = config
-        self.pipeline = Vm1Pipeline(device, config, sink, journal=journal, audit=audit)
+        self.pipeline = Vm1Pipeline(device, config, sink, journal=journal, audit=audit, bed=bed)
         self.observers = observers if observers is not None else []
         self._link_factory = link_factory
         self._clock = clock

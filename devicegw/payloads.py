@@ -12,9 +12,11 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-SCHEMA_VERSION: Literal["1.0"] = "1.0"
+from devicegw.payload_base import SCHEMA_VERSION, Delivery, Payload
+from devicegw.spo2_payloads import Spo2Summary
+
 # Namespace for deterministic event ids (UUIDv5); never change it.
 EVENT_NAMESPACE = uuid.UUID("5d0c3a8e-2f61-4a53-9a0e-6b1f2f8c7d41")
 
@@ -28,25 +30,7 @@ def dose_event_id(model: str, serial_no: str, session_no: int) -> uuid.UUID:
     return uuid.uuid5(EVENT_NAMESPACE, f"dose/{model}/{serial_no}/{session_no}")
 
 
-class _Payload(BaseModel):
-    # Fields with defaults are always sent, so the published schemas require them.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, json_schema_serialization_defaults_required=True
-    )
-
-
-class Delivery(_Payload):
-    """Delivery metadata, stamped when a message is sent; never part of a record's identity.
-
-    ``seq`` counts every message this gateway publishes within one broker
-    connection (``birth_seq``), so a subscriber can detect gaps; ``redelivery``
-    says how many times this very record was sent before without an
-    acknowledgement. Two copies of a dose event differ only here.
-    """
-
-    birth_seq: int
-    seq: int
-    redelivery: int = 0
+_Payload = Payload
 
 
 class GatewayRef(_Payload):
@@ -156,6 +140,10 @@ class DoseEvent(_Payload):
     link: LinkQuality
     rules: DoseRulesOut
     config_sha256: str
+    spo2: Spo2Summary | None = Field(
+        default=None,
+        description="SpO2 during the session from the bed's oximeter, or why it is unavailable",
+    )
 
 
 class DeviceStatus(_Payload):

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from devicegw.payloads import DeviceStatus, DoseEvent, GatewayStatus, Telemetry
+from devicegw.spo2_payloads import PostDoseSafetySummary, SafetyAlert
 
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 ID_BASE = "https://devicegw.invalid/schemas/v1/"
@@ -25,6 +26,11 @@ MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "device_status.schema.json": (DeviceStatus, "devicegw device_status (v1)"),
     "gateway_status.schema.json": (GatewayStatus, "devicegw gateway_status (v1)"),
     "telemetry.schema.json": (Telemetry, "devicegw telemetry (v1)"),
+    "safety_alert.schema.json": (SafetyAlert, "devicegw safety_alert (v1)"),
+    "post_dose_safety_summary.schema.json": (
+        PostDoseSafetySummary,
+        "devicegw post_dose_safety_summary (v1)",
+    ),
 }
 
 

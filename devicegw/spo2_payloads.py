@@ -28,6 +28,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from devicegw.payload_base import Delivery
+
 __all__ = [
     "SCHEMA_VERSION",
     "BaselineOut",
@@ -47,7 +49,12 @@ SCHEMA_VERSION: Literal["1.0"] = "1.0"
 DesaturationKind = Literal["relative_drop", "absolute_below_90", "both"]
 BaselineSource = Literal["pre_session", "first_minute", "unavailable"]
 UnavailableReason = Literal[
-    "no_oximeter_assigned", "oximeter_disconnected", "no_samples", "no_valid_samples"
+    "no_oximeter_assigned",
+    "oximeter_disconnected",
+    "no_samples",
+    "no_valid_samples",
+    "reconciled_from_device_log",  # rebuilt from the nebulizer's log: no overlay possible
+    "gateway_restart",  # the gateway restarted during the session: the overlay was lost
 ]
 MonitoringState = Literal["monitored", "unavailable"]
 
@@ -158,6 +165,7 @@ class SafetyAlert(_Payload):
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     event_type: Literal["safety_alert"] = "safety_alert"
+    delivery: Delivery | None = None
     event_id: uuid.UUID = Field(description="unique per message; deterministic (UUIDv5)")
     alert_id: uuid.UUID = Field(description="the same for the raised and the cleared message")
     state: Literal["raised", "cleared"]
@@ -188,6 +196,7 @@ class PostDoseSafetySummary(_Payload):
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
     event_type: Literal["post_dose_safety_summary"] = "post_dose_safety_summary"
+    delivery: Delivery | None = None
     event_id: uuid.UUID = Field(description="deterministic (UUIDv5 of the correlation id)")
     correlation_id: uuid.UUID = Field(description="the dose event's event_id")
     gateway_id: str

@@ -4,6 +4,7 @@
 ``{prefix}/{site}/{gateway}/status``              gateway status, retained, last will
 ``{prefix}/{site}/{gateway}/device/{device}/status``  device status, retained, QoS 1
 ``{prefix}/{site}/{gateway}/telemetry/{device}``  live telemetry, QoS 0
+``{prefix}/{site}/{gateway}/safety/{device}``     SpO2 safety alerts and post-dose summaries, QoS 1
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class Topics:
 
     def device_status(self, device_id: str) -> str:
         return f"{self.base}/device/{device_id}/status"
+
+    def safety(self, device_id: str) -> str:
+        """Safety alerts and post-dose safety summaries of the nebulizer's subject."""
+        return f"{self.base}/safety/{device_id}"
 
     def telemetry(self, device_id: str) -> str:
         return f"{self.base}/telemetry/{device_id}"

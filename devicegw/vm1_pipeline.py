@@ -10,11 +10,13 @@ ACKs are returned to the caller, who owns the link.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from devicegw.audit import AuditKind, AuditTrail
+from devicegw.bed_monitor import BedMonitor
 from devicegw.config import Config, DeviceSettings
 from devicegw.dose_check import assess
 from devicegw.dose_record import build_dose_event, device_identity
@@ -24,11 +26,14 @@ from devicegw.session_journal import SessionJournal
 from devicegw.session_tracker import (
     AlarmChanged,
     FetchSessionRecord,
+    FinishedSession,
     Rx,
     SessionFinished,
     SessionStarted,
     SessionTracker,
 )
+from devicegw.spo2_overlay import unavailable_summary
+from devicegw.spo2_payloads import Spo2Summary, UnavailableReason
 from drivers.vm1.messages import (
     Ack,
     DeviceMessage,
@@ -96,8 +101,10 @@ class Vm1Pipeline:
         *,
         journal: SessionJournal | None = None,
         audit: AuditTrail | None = None,
+        bed: BedMonitor | None = None,
     ) -> None:
         self.device = device
+        self.bed = bed
         self.config = config
         self.sink = sink
         self.journal = journal
@@ -222,6 +229,7 @@ class Vm1Pipeline:
             self._reconcile(msg, fetch)
         for event in self.tracker.feed(Rx(msg=msg, utc=utc, mono=mono)):
             if isinstance(event, SessionStarted):
+                self._spo2_session_started(event.session_no, utc, mono)
                 if self.audit is not None:
                     self.audit.append(
                         AuditKind.session_started,
@@ -244,7 +252,7 @@ class Vm1Pipeline:
                     },
                 )
             elif isinstance(event, SessionFinished):
-                self._emit_dose(event)
+                self._emit_dose(event, mono)
             elif isinstance(event, FetchSessionRecord):
                 fetch.append(event.session_no)
             elif isinstance(event, AlarmChanged):
@@ -296,13 +304,14 @@ class Vm1Pipeline:
                 device_id=self.device.id,
             )
 
-    def _emit_dose(self, event: SessionFinished) -> None:
+    def _emit_dose(self, event: SessionFinished, mono: float) -> None:
         session = event.session
         assessment = assess(session, self.config.dose_rules)
         ident = self.tracker.identity
         dose = build_dose_event(
             session, assessment, device=self.device, ident=ident, config=self.config
         )
+        dose = dose.model_copy(update={"spo2": self._spo2_summary(session, dose.event_id, mono)})
         if self.journal is not None and self.journal.is_recorded(str(dose.event_id)):
             # Already recorded before a restart or by an earlier fetch: the first record stands.
             log.info(
@@ -331,6 +340,29 @@ class Vm1Pipeline:
                 self.audit.record_session_finished(dose)
             if ident is not None:
                 self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+
+    def _spo2_summary(
+        self, session: FinishedSession, event_id: uuid.UUID, mono: float
+    ) -> Spo2Summary:
+        """What the bed's oximeter saw during the session, or why nothing can be said."""
+        rules = self.config.spo2_rules
+        if session.data_source == "device_log":
+            return unavailable_summary(event_id, "reconciled_from_device_log", rules)
+        if self.bed is None:
+            return unavailable_summary(event_id, "no_oximeter_assigned", rules)
+        summary = self.bed.session_ended(mono, event_id)
+        if summary is None:
+            reason: UnavailableReason = (
+                "gateway_restart" if "gateway_restart" in session.flags else "no_samples"
+            )
+            return unavailable_summary(event_id, reason, rules)
+        return summary
+
+    def _spo2_session_started(self, session_no: int, utc: datetime, mono: float) -> None:
+        ident = self.tracker.identity
+        if self.bed is None or ident is None:
+            return
+        self.bed.session_started(mono, dose_event_id(ident.model, ident.serial_no, session_no), utc)
 
     # -- outputs -------------------------------------------------------------------
 

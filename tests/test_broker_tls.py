@@ -6,8 +6,8 @@ The test CA and certificates come from trustme (a real CA, made per test run).
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import ssl
 from collections.abc import Iterator
 from pathlib import Path

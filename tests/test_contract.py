@@ -87,6 +87,7 @@ def topic_patterns() -> dict[str, str]:
         "gateway_status": t.gateway_status(),
         "device_status": t.device_status("{device}"),
         "telemetry": t.telemetry("{device}"),
+        "safety": t.safety("{device}"),
     }
 
 
@@ -137,6 +138,7 @@ def test_internal_refs_resolve_and_operations_have_mqtt_bindings() -> None:
         "gateway_status": (1, True),
         "device_status": (1, True),
         "telemetry": (0, False),
+        "safety": (1, False),
     }
     by_address = {v: k for k, v in topic_patterns().items()}
     for name, op in doc["operations"].items():
