@@ -92,6 +92,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"  device {d.id}: {d.type} on {d.link.port}, bed {d.bed}, "
             f"subject {d.subject_id}, kit {d.kit_number}"
         )
+    for ox in config.oximeters:
+        print(f"  oximeter {ox.id}: {ox.type} on {ox.link.port}, bed {ox.bed}")
     return 0
 
 
@@ -266,6 +268,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             d["refused"] or d["last_error"] or "",
         )
     console.print(table)
+    if snap.get("oximeters"):
+        ox_table = Table("oximeter", "bed", "connected", "last sample", "samples", "gated", "note")
+        for ox_id, o in snap["oximeters"].items():
+            age_o = o["last_sample_age_s"]
+            ox_table.add_row(
+                ox_id,
+                o["bed"],
+                "yes" if o["connected"] else "no",
+                "—" if age_o is None else f"{age_o:.1f} s ago",
+                str(o["samples"]),
+                str(o["samples_gated"]),
+                o["last_error"] or "",
+            )
+        console.print(ox_table)
     return 1 if stale else 0
 
 

@@ -42,6 +42,21 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
             "last_error": h.last_error,
             "open_session": runner.tracker.open_session_no,
         }
+    oximeters = {}
+    for ox in gw.oximeter_runners:
+        oh = ox.health
+        oximeters[ox.oximeter.id] = {
+            "port": ox.oximeter.link.port,
+            "bed": ox.oximeter.bed,
+            "connected": oh.connected,
+            "last_sample_age_s": (
+                None if oh.last_sample_mono is None else round(now_mono - oh.last_sample_mono, 3)
+            ),
+            "samples": oh.samples,
+            "samples_gated": oh.samples_gated,
+            "checksum_errors": oh.checksum_errors,
+            "last_error": oh.last_error,
+        }
     return {
         "gateway_id": gw.config.gateway.id,
         "site": gw.config.gateway.site,
@@ -55,6 +70,7 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
         "outbox_depth": gw.publisher.outbox.depth(),
         "store_bytes": gw.store.size_bytes(),
         "devices": devices,
+        "oximeters": oximeters,
     }
 
 
