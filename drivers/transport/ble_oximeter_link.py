@@ -44,8 +44,11 @@ packets/s; the consumer gets **at most one sample per ``window_s``** (default
 
 - a window starts at the receive time of its first packet; the first packet
   received ``window_s`` or more later closes it (the sample is delivered then)
-  and starts the next window, so delivered samples are at least ``window_s``
-  apart and a window's sample is late by at most one packet interval;
+  and starts the next window. Windows therefore start at least ``window_s``
+  apart and each spans less than ``window_s``: one sample per window, delivered
+  at most one packet interval after the window's last packet. (A sample's
+  ``t_s`` is its last packet's receive time, so two consecutive ``t_s`` can be
+  a little less than ``window_s`` apart; ``window_start_s`` never are.)
 - SpO2 and pulse are the medians of the window's *valid* packets (both values
   present, no gating flag); if no packet is valid, the medians of the values
   that are present (the sample is then flagged or incomplete, hence not
