@@ -341,7 +341,7 @@ def _assignment_body(device: DeviceSettings) -> dict[str, object]:
         "bed": device.bed,
         "subject_id": device.subject_id,
         "kit_number": device.kit_number,
-        "port": device.link.port,
+        "port": device.link.port_name,
     }
 
 

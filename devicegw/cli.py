@@ -89,7 +89,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     for d in config.devices:
         print(
-            f"  device {d.id}: {d.type} on {d.link.port}, bed {d.bed}, "
+            f"  device {d.id}: {d.type} on {d.link.port_name}, bed {d.bed}, "
             f"subject {d.subject_id}, kit {d.kit_number}"
         )
     for ox in config.oximeters:

@@ -145,11 +145,39 @@ class SerialLinkSettings(_Strict):
     port: str = Field(min_length=1)
     baudrate: int = 115200
 
+    @property
+    def port_name(self) -> str:
+        """Where the device is reached, for messages, audit records and uniqueness checks."""
+        return self.port
+
+
+class BleLinkSettings(_Strict):
+    """A VM-1 over Bluetooth LE (ICD section 4), found by address or advertised name.
+
+    The address / name given is also the allow-list: no other device is used.
+    """
+
+    kind: Literal["ble"]
+    address: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+    name: str | None = Field(default=None, min_length=1)
+    adapter: str | None = Field(default=None, pattern=r"^hci[0-9]+$")
+    scan_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _identified(self) -> Self:
+        if self.address is None and self.name is None:
+            raise ValueError("a BLE link needs an address or an advertised name")
+        return self
+
+    @property
+    def port_name(self) -> str:
+        return f"ble:{self.address or self.name}"
+
 
 class DeviceSettings(_Strict):
     id: TopicSegment
     type: Literal["vm1"]
-    link: SerialLinkSettings
+    link: Annotated[SerialLinkSettings | BleLinkSettings, Field(discriminator="kind")]
     bed: TopicSegment
     subject_id: SubjectId
     kit_number: KitNumber
@@ -191,7 +219,7 @@ class Config(_Strict):
     def _unique(self) -> Self:
         seen: dict[str, str] = {}
         for d in self.devices:
-            for key, label in ((d.id, "id"), (d.link.port, "link.port"), (d.bed, "bed")):
+            for key, label in ((d.id, "id"), (d.link.port_name, "link.port"), (d.bed, "bed")):
                 tag = f"{label}:{key}"
                 if tag in seen:
                     raise ValueError(f"two devices share {label} {key!r}")

@@ -29,7 +29,7 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
     for runner in gw.runners:
         h = runner.health
         devices[runner.device.id] = {
-            "port": runner.device.link.port,
+            "port": runner.device.link.port_name,
             "connected": h.connected,
             "connects": h.connects,
             "last_frame_age_s": (

@@ -278,7 +278,7 @@ class Vm1Pipeline:
             device_id=self.device.id,
             subject_id=self.device.subject_id,
             body={
-                "port": self.device.link.port,
+                "port": self.device.link.port_name,
                 "model": ident.model,
                 "serial_no": ident.serial_no,
                 "firmware": ident.firmware,
@@ -293,13 +293,13 @@ class Vm1Pipeline:
                     AuditKind.device_refused,
                     device_id=self.device.id,
                     body={
-                        "port": self.device.link.port,
+                        "port": self.device.link.port_name,
                         "expected_serial": expected,
                         "serial_no": ident.serial_no,
                     },
                 )
             raise UnexpectedDeviceError(
-                f"port {self.device.link.port} answered with serial {ident.serial_no!r}, "
+                f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
                 f"expected {expected!r}; device not used",
                 device_id=self.device.id,
             )

@@ -100,3 +100,37 @@ def test_insecure_tls_only_for_loopback(tmp_path: Path) -> None:
     text += "insecure_skip_verify = true\n"
     with pytest.raises(ConfigError, match="loopback"):
         load_config(write(tmp_path, text))
+
+
+def test_ble_link_needs_an_address_or_name(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'link = { kind = "serial", port = "/dev/ttyUSB0" }', 'link = { kind = "ble" }'
+    )
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.link"):
+        load_config(write(tmp_path, text))
+
+
+def test_ble_link_builds_a_framed_ble_transport(tmp_path: Path) -> None:
+    from devicegw.links import link_factory
+    from drivers.transport.ble_link import FramedPayloadLink
+
+    text = GOOD.replace(
+        'link = { kind = "serial", port = "/dev/ttyUSB0" }',
+        'link = { kind = "ble", name = "VM-1 VM1-000123", adapter = "hci1" }',
+    )
+    cfg = load_config(write(tmp_path, text))
+    link = link_factory(cfg.devices[0])()
+    assert isinstance(link, FramedPayloadLink)
+    assert "VM-1 VM1-000123" in cfg.devices[0].link.port_name
+
+
+def test_oximeter_must_watch_the_subject_of_its_bed(tmp_path: Path) -> None:
+    ox = (
+        '\n[[oximeters]]\nid = "ox1"\ntype = "nonin_oem3"\nbed = "B01"\n'
+        'subject_id = "CVD-042-0099"\nlink = { port = "/dev/ttyUSB9" }\n'
+    )
+    with pytest.raises(ConfigError, match="CVD-042-0017"):
+        load_config(write(tmp_path, GOOD + ox))
+    cfg = load_config(write(tmp_path, GOOD + ox.replace("CVD-042-0099", "CVD-042-0017")))
+    assert cfg.oximeter_for(cfg.devices[0]) is not None
+    assert cfg.oximeters[0].link.baudrate == 9600
