@@ -300,6 +300,9 @@ class MqttPublisher:
         return seq
 
     async def _send_loop(self, client: aiomqtt.Client, birth_seq: int) -> None:
+        pruned = self.outbox.prune()  # bound the disk: old sent records beyond retention
+        if pruned:
+            log.info("pruned sent records from the outbox", extra={"rows": pruned})
         self._seq = 0
         birth = stamp(self._status_payload(True), birth_seq=birth_seq, seq=self._take_seq())
         await client.publish(self._status_topic, birth, qos=1, retain=True)
