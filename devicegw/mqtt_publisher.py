@@ -38,7 +38,7 @@ from devicegw.backoff import Backoff
 from devicegw.clock import Clock
 from devicegw.config import BrokerSettings
 from devicegw.errors import ConfigError
-from devicegw.outbox import AddResult, Outbox, OutboxRow
+from devicegw.outbox import AddResult, Kind, Outbox, OutboxRow
 from devicegw.store import Store
 
 log = logging.getLogger(__name__)
@@ -140,16 +140,23 @@ class MqttPublisher:
 
     # -- producer side ---------------------------------------------------------
 
-    def publish_dose(
-        self, topic: str, payload: BaseModel, *, device_id: str, event_id: str
+    def _commit(
+        self,
+        kind: Kind,
+        topic: str,
+        payload: BaseModel,
+        *,
+        retain: bool,
+        device_id: str | None,
+        event_id: str | None = None,
     ) -> AddResult:
-        """Commit a dose event to the outbox (durable on return); sent when the broker is up."""
+        """Commit to the outbox (durable on return) and wake the sender."""
         result = self.outbox.add(
-            "dose",
+            kind,
             topic,
             encode(payload),
             qos=1,
-            retain=False,
+            retain=retain,
             now=self._clock.now(),
             device_id=device_id,
             event_id=event_id,
@@ -157,35 +164,25 @@ class MqttPublisher:
         self._wake.set()
         return result
 
+    def publish_dose(
+        self, topic: str, payload: BaseModel, *, device_id: str, event_id: str
+    ) -> AddResult:
+        """A dose event: unique by ``event_id``, sent when the broker is up."""
+        return self._commit(
+            "dose", topic, payload, retain=False, device_id=device_id, event_id=event_id
+        )
+
     def publish_status(
         self, topic: str, payload: BaseModel, *, device_id: str | None = None
     ) -> None:
-        """Retained status; latest wins per topic, committed before it is sent."""
-        self.outbox.add(
-            "status",
-            topic,
-            encode(payload),
-            qos=1,
-            retain=True,
-            now=self._clock.now(),
-            device_id=device_id,
-        )
-        self._wake.set()
+        """Retained status; latest wins per topic."""
+        self._commit("status", topic, payload, retain=True, device_id=device_id)
 
     def publish_event(
         self, topic: str, payload: BaseModel, *, device_id: str | None = None
     ) -> None:
-        """Any other must-deliver event (e.g. safety alerts): durable, QoS 1, not retained."""
-        self.outbox.add(
-            "safety",
-            topic,
-            encode(payload),
-            qos=1,
-            retain=False,
-            now=self._clock.now(),
-            device_id=device_id,
-        )
-        self._wake.set()
+        """Any other must-deliver event (e.g. safety alerts): QoS 1, not retained."""
+        self._commit("safety", topic, payload, retain=False, device_id=device_id)
 
     def publish_telemetry(self, topic: str, payload: BaseModel) -> None:
         if len(self._telemetry) >= self._telemetry_max:
