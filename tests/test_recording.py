@@ -45,7 +45,7 @@ def config() -> Config:
                     "bed": "B01",
                     "subject_id": "CVD-042-0001",
                     "kit_number": "K-10001",
-                    "link": {"port": "/dev/ttyUSB0"},
+                    "link": {"kind": "serial", "port": "/dev/ttyUSB0"},
                 }
             ],
         },
