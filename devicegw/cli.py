@@ -103,6 +103,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         configure_logging(args.log_level or "WARNING", "text")
         return simulate_record_cli(args)
+    if args.ble:  # BLE peripherals in a private virtual Bluetooth world: simulators/ble_sandbox.py
+        from simulators.ble_sandbox import simulate_ble_main
+
+        configure_logging(args.log_level or "INFO", "text")
+        return run_until_signalled(
+            simulate_ble_main([Path(p) for p in args.scenario], clock=_clock(args.time_scale))
+        )
     from simulators.run import simulate_main
 
     configure_logging(args.log_level or "INFO", "text")
@@ -319,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--link-dir", default="/tmp/devicegw-sim", help="where the stable port links go"
     )
     sim.add_argument("--time-scale", type=float, default=1.0)
+    sim.add_argument(
+        "--ble",
+        action="store_true",
+        help="no ptys: BLE peripherals on a private bus with bluezoo (needs dbus-daemon, bluezoo)",
+    )
     from devicegw.replay import add_cli_commands, add_simulate_record_args
 
     add_simulate_record_args(sim)

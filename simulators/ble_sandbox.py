@@ -68,6 +68,7 @@ __all__ = [
     "BleSandboxUnavailable",
     "bluezoo_available",
     "dbus_daemon_binary",
+    "peripheral_adapters",
     "run_ble_scenarios",
     "run_bluezoo",
     "simulate_ble_main",
@@ -325,15 +326,27 @@ async def _exited(proc: subprocess.Popen[bytes], within_s: float) -> bool:
 # ------------------------------------------------------------------- devicegw simulate --ble
 
 
+def peripheral_adapters(count: int) -> list[str]:
+    """Adapters for ``count`` peripherals: hci0, then hci2, hci3, … (hci1 is the gateway's).
+
+    One peripheral per adapter, as one device is one radio: bluezoo reports only
+    an adapter's first advertisement to scanners, and two GATT applications on
+    one adapter would appear as one device with two VM-1 services.
+    """
+    return [PERIPHERAL_ADAPTER, *(f"hci{i}" for i in range(2, count + 1))][:count]
+
+
 @asynccontextmanager
 async def run_ble_scenarios(
-    paths: Sequence[str | Path], clock: Clock, *, adapters: int = 2
+    paths: Sequence[str | Path], clock: Clock
 ) -> AsyncIterator[tuple[BleSandbox, list[Any]]]:
     """Validate every scenario, start the sandbox, register one peripheral per scenario.
 
-    The peripherals all advertise on :data:`PERIPHERAL_ADAPTER` and share
-    ``clock``; two scenarios with the same serial number are a
-    :class:`ScenarioError`. Yields the sandbox and the started simulators.
+    The first peripheral advertises on :data:`PERIPHERAL_ADAPTER` (``hci0``),
+    further ones on ``hci2``, ``hci3``, … (:func:`peripheral_adapters`); the
+    gateway scans on :data:`GATEWAY_ADAPTER`. All share ``clock``; two
+    scenarios with the same serial number are a :class:`ScenarioError`.
+    Yields the sandbox and the started simulators.
     """
     from simulators.scenario import load_scenario
     from simulators.vm1_ble import Vm1BleSimulator
@@ -349,15 +362,21 @@ async def run_ble_scenarios(
                 "each simulated device needs its own serial number"
             )
         seen[serial] = path
+    if len(paths) >= len(ADAPTER_ADDRESSES):
+        raise ScenarioError(
+            f"{len(paths)} scenarios: the BLE sandbox has room for at most "
+            f"{len(ADAPTER_ADDRESSES) - 1} peripherals (one adapter each)"
+        )
     # Oximeter BLE peripherals (simulators/oximeter_ble.py: PLX, BerryMed) go here too:
-    # load their scenarios above, start them below on PERIPHERAL_ADAPTER (or a further
-    # adapter, with `adapters` raised), and print them in simulate_ble_main.
+    # load their scenarios above, give each its own adapter from peripheral_adapters(),
+    # start them below, and print them in simulate_ble_main.
+    adapters = peripheral_adapters(len(scenarios))
     async with AsyncExitStack() as stack:
-        sandbox = await stack.enter_async_context(BleSandbox(adapters=adapters))
+        sandbox = await stack.enter_async_context(BleSandbox(adapters=len(adapters) + 1))
         sims: list[Any] = []
-        for scenario in scenarios:
+        for scenario, adapter in zip(scenarios, adapters, strict=True):
             sim = Vm1BleSimulator(
-                scenario, clock=clock, adapter=PERIPHERAL_ADAPTER, bus_address=sandbox.bus_address
+                scenario, clock=clock, adapter=adapter, bus_address=sandbox.bus_address
             )
             sims.append(await stack.enter_async_context(sim))
         yield sandbox, sims
