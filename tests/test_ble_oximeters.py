@@ -5,8 +5,9 @@ oximeter, each simulated from the physiology model and registered as a real
 GATT application + advertisement on its own bluezoo adapter (bluezoo reports
 one advertisement per adapter): PLX on ``hci0``, BerryMed on ``hci2`` (added
 at run time through bluezoo's ``org.bluezoo.Manager1.AddAdapter``); the
-gateway's links scan and connect on ``hci1``. The fixture and its three
-BlueZ-fidelity patches are ``tests/ble_fixtures.py`` (``docs/ble-testing.md``).
+gateway's links scan and connect on ``hci1``. The ``bluez`` fixture is
+``tests/ble_fixtures.py`` (the sandbox with its three BlueZ-fidelity patches is
+``simulators/ble_sandbox.py``; see ``docs/ble-testing.md``).
 A missing dbus-daemon or bluezoo skips these tests locally and fails them
 under CI=true.
 """
@@ -40,6 +41,7 @@ from drivers.transport.ble_oximeter_link import (
 from simulators.oximeter_ble import BerryMedBleSimulator, PlxBleSimulator
 from simulators.oximeter_scenario import OximeterScenario, parse_oximeter_scenario
 from tests.ble_fixtures import (
+    ADAPTER_ADDRESSES,
     GATEWAY_ADAPTER,
     PERIPHERAL_ADAPTER,
     BluezooEnv,
@@ -50,7 +52,7 @@ pytestmark = pytest.mark.timeout(60)
 
 SCALE = 5  # 1 s of device time = 200 ms
 BERRYMED_ADAPTER = "hci2"
-BERRYMED_ADDRESS = "00:00:5E:00:53:03"
+BERRYMED_ADDRESS = ADAPTER_ADDRESSES[2]  # the sandbox's address for hci2
 PLX_NAME = "Nonin3230 PLX-0001"
 MOTION = (20.0, 30.0)  # device seconds: motion artefact on both oximeters
 BASELINE = {"plx": 96.0, "berrymed": 94.0}
