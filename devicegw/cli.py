@@ -125,7 +125,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from devicegw.demo import run_demo
 
-    configure_logging(args.log_level or "WARNING", "text")
+    # The live view shows what matters; only errors go to the log.
+    configure_logging(args.log_level or "ERROR", "text")
     try:
         return asyncio.run(run_demo(time_scale=args.time_scale, scenario=args.scenario))
     except KeyboardInterrupt:

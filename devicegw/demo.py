@@ -29,10 +29,32 @@ from devicegw.embedded_broker import EmbeddedBroker
 from devicegw.topics import Topics
 
 DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "simulators" / "scenarios" / "demo.toml"
+DEMO_OXIMETER = DEMO_SCENARIO.parent / "demo" / "oximeter.toml"
 DEMO_TIMEOUT_S = 300.0
 
 
-def demo_config(port: int, device_port: str, time_scale: float, data_dir: Path) -> Config:
+def demo_config(
+    port: int,
+    device_port: str,
+    time_scale: float,
+    data_dir: Path,
+    oximeter_port: str | None = None,
+) -> Config:
+    oximeters = (
+        [
+            {
+                "id": "ox-bed01",
+                "type": "nonin_oem3",
+                "bed": "B01",
+                "subject_id": "DEMO-0001",
+                "model": "OEM III",
+                "serial_no": "NONIN-DEMO",
+                "link": {"kind": "serial", "port": oximeter_port},
+            }
+        ]
+        if oximeter_port
+        else []
+    )
     return parse_config(
         {
             "gateway": {
@@ -60,6 +82,8 @@ def demo_config(port: int, device_port: str, time_scale: float, data_dir: Path) 
                     "link": {"kind": "serial", "port": device_port},
                 }
             ],
+            "oximeters": oximeters,
+            "spo2_rules": {"baseline_window_s": 60, "observation_window_s": 120},
         },
         sha256="demo",
     )
@@ -84,10 +108,13 @@ def _view(state: dict[str, Any], scale: float, broker: str, port: str) -> Panel:
     t.add_row("rate", "—" if rate is None else f"{rate} µL/min")
     reservoir = state.get("reservoir_ml")
     t.add_row("reservoir", "—" if reservoir is None else f"{reservoir:5.2f} mL")
+    t.add_row("SpO2 alert", state.get("spo2_alert", "none"))
     return Panel(t, title="devicegw demo — live session (MQTT telemetry)", border_style="cyan")
 
 
 async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> int:
+    from simulators.oximeter_pty import NoninPtySimulator
+    from simulators.oximeter_scenario import load_oximeter_scenario
     from simulators.scenario import load_scenario
     from simulators.vm1_pty import Vm1PtySimulator
 
@@ -95,11 +122,25 @@ async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> i
     clock = ScaledClock(time_scale)
     scen = load_scenario(scenario or DEMO_SCENARIO)
     with tempfile.TemporaryDirectory(prefix="devicegw-demo-") as tmp:
-        async with (
-            EmbeddedBroker() as broker,
-            Vm1PtySimulator(scen, clock=clock, link_dir=Path(tmp), name="vm1-bed01") as sim,
-        ):
-            config = demo_config(broker.port, str(sim.path), time_scale, Path(tmp) / "data")
+        async with contextlib.AsyncExitStack() as stack:
+            broker = await stack.enter_async_context(EmbeddedBroker())
+            sim = await stack.enter_async_context(
+                Vm1PtySimulator(scen, clock=clock, link_dir=Path(tmp), name="vm1-bed01")
+            )
+            ox_port = None
+            if scenario is None:  # the demo bed also has a pulse oximeter
+                ox = await stack.enter_async_context(
+                    NoninPtySimulator(
+                        load_oximeter_scenario(DEMO_OXIMETER),
+                        clock=clock,
+                        link_dir=Path(tmp),
+                        name="nonin-bed01",
+                    )
+                )
+                ox_port = str(ox.path)
+            config = demo_config(
+                broker.port, str(sim.path), time_scale, Path(tmp) / "data", ox_port
+            )
             gateway = Gateway(config, clock=clock)
             topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
             gw_task = asyncio.create_task(gateway.run(), name="gateway")
@@ -124,6 +165,15 @@ async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> i
         f"delivered {event['volume']['delivered_ml']} mL of {event['volume']['prescribed_ml']} mL  "
         f"reasons: {event['reasons'] or 'none'}"
     )
+    spo2 = event.get("spo2") or {}
+    if spo2.get("spo2_monitoring") == "monitored":
+        stats = spo2["session"]
+        console.print(
+            f"[bold]SpO2[/bold]: baseline {spo2['baseline']['spo2']} %, "
+            f"nadir {stats['nadir_spo2']} %, "
+            f"{len(stats['desaturations'])} desaturation(s), {spo2['alerts_raised']} alert(s), "
+            f"coverage {stats['coverage_pct']} %"
+        )
     return 0
 
 
@@ -152,6 +202,11 @@ async def _watch(
                             state["state"] = body["state"]
                             if body.get("reservoir_ml") is not None:
                                 state["reservoir_ml"] = body["reservoir_ml"]
+                        elif kind == "safety_alert":
+                            state["spo2_alert"] = (
+                                f"{body['state'].upper()} at {body['offset_s']:.0f} s into the "
+                                f"session (SpO2 {body['spo2']}, baseline {body['baseline_spo2']})"
+                            )
                         elif kind == "dose_completion":
                             live.update(_view(state, scale, f"{broker.host}:{broker.port}", port))
                             return dict(body)

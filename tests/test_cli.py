@@ -136,3 +136,5 @@ def test_demo_shows_session_and_event() -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     assert "dose-completion event" in res.stdout
     assert "verdict: complete" in res.stdout
+    assert "SpO2 alert" in res.stdout  # the demo bed has an oximeter with a scripted dip
+    assert "1 alert(s)" in res.stdout
