@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -29,6 +29,13 @@ from devicegw.spo2_payloads import OximeterRef, Spo2Summary
 from drivers.oximeter.sample import OximeterSample
 
 log = logging.getLogger(__name__)
+
+
+PROTOCOLS: dict[str, Literal["nonin", "berrymed", "plx"]] = {
+    "nonin_oem3": "nonin",
+    "plx": "plx",
+    "berrymed": "berrymed",
+}
 
 
 class SafetySink(Protocol):
@@ -55,7 +62,7 @@ class BedMonitor:
                 device_id=device.id,
                 oximeter=OximeterRef(
                     device_id=oximeter.id,
-                    protocol="nonin",
+                    protocol=PROTOCOLS[oximeter.type],
                     model=oximeter.model,
                     serial_no=oximeter.serial_no,
                 ),

@@ -93,7 +93,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"subject {d.subject_id}, kit {d.kit_number}"
         )
     for ox in config.oximeters:
-        print(f"  oximeter {ox.id}: {ox.type} on {ox.link.port}, bed {ox.bed}")
+        print(f"  oximeter {ox.id}: {ox.type} on {ox.link.port_name}, bed {ox.bed}")
     return 0
 
 

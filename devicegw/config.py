@@ -18,9 +18,11 @@ from typing import Annotated, Literal, Self
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
     StringConstraints,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -151,6 +153,12 @@ class SerialLinkSettings(_Strict):
         return self.port
 
 
+def _link_kind(value: object) -> str:
+    """A link is serial unless it says otherwise (``kind`` may be left out for serial)."""
+    kind = value.get("kind", "serial") if isinstance(value, dict) else getattr(value, "kind", None)
+    return str(kind)
+
+
 class BleLinkSettings(_Strict):
     """A VM-1 over Bluetooth LE (ICD section 4), found by address or advertised name.
 
@@ -177,7 +185,10 @@ class BleLinkSettings(_Strict):
 class DeviceSettings(_Strict):
     id: TopicSegment
     type: Literal["vm1"]
-    link: Annotated[SerialLinkSettings | BleLinkSettings, Field(discriminator="kind")]
+    link: Annotated[
+        Annotated[SerialLinkSettings, Tag("serial")] | Annotated[BleLinkSettings, Tag("ble")],
+        Discriminator(_link_kind),
+    ]
     bed: TopicSegment
     subject_id: SubjectId
     kit_number: KitNumber
@@ -191,17 +202,35 @@ class OximeterSerialLinkSettings(_Strict):
     port: str = Field(min_length=1)
     baudrate: int = 9600  # Nonin OEM III: 9600 8N1, no flow control
 
+    @property
+    def port_name(self) -> str:
+        return self.port
+
 
 class OximeterSettings(_Strict):
     """A pulse oximeter on a bed; it watches the subject of the nebulizer on the same bed."""
 
     id: TopicSegment
-    type: Literal["nonin_oem3"]
-    link: OximeterSerialLinkSettings
+    # nonin_oem3: serial; plx (Bluetooth SIG Pulse Oximeter Service) and berrymed: BLE.
+    type: Literal["nonin_oem3", "plx", "berrymed"]
+    link: Annotated[
+        Annotated[OximeterSerialLinkSettings, Tag("serial")]
+        | Annotated[BleLinkSettings, Tag("ble")],
+        Discriminator(_link_kind),
+    ]
     bed: TopicSegment
     subject_id: SubjectId
     model: str | None = None
     serial_no: str | None = None
+
+    @model_validator(mode="after")
+    def _link_fits_type(self) -> Self:
+        wants = "serial" if self.type == "nonin_oem3" else "ble"
+        if self.link.kind != wants:
+            raise ValueError(
+                f"a {self.type} oximeter is reached over {wants}, not {self.link.kind}"
+            )
+        return self
 
 
 class Config(_Strict):
@@ -227,7 +256,7 @@ class Config(_Strict):
         beds = {d.bed: d for d in self.devices}
         oximeter_beds: set[str] = set()
         for ox in self.oximeters:
-            for key, label in ((ox.id, "id"), (ox.link.port, "link.port")):
+            for key, label in ((ox.id, "id"), (ox.link.port_name, "link.port")):
                 tag = f"{label}:{key}"
                 if tag in seen:
                     raise ValueError(f"oximeter {ox.id} shares {label} {key!r} with another device")

@@ -25,7 +25,7 @@ from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
 from devicegw.link_events import LinkObserver
 from devicegw.links import link_factory as default_link_factory
-from devicegw.links import oximeter_link_factory
+from devicegw.links import oximeter_source_factory
 from devicegw.mqtt_publisher import MqttPublisher, encode
 from devicegw.nebulizer import GatewaySink, NebulizerRunner
 from devicegw.oximeter_runner import OximeterRunner
@@ -141,7 +141,7 @@ class Gateway:
         self.oximeter_runners = [
             OximeterRunner(
                 ox,
-                link_factory=oximeter_link_factory(ox),
+                source_factory=oximeter_source_factory(ox, clock),
                 clock=clock,
                 bed=self.beds.get(ox.bed),
             )

@@ -46,7 +46,7 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
     for ox in gw.oximeter_runners:
         oh = ox.health
         oximeters[ox.oximeter.id] = {
-            "port": ox.oximeter.link.port,
+            "port": ox.oximeter.link.port_name,
             "bed": ox.oximeter.bed,
             "connected": oh.connected,
             "last_sample_age_s": (

@@ -1,7 +1,8 @@
-"""One serial pulse oximeter (Nonin OEM III, data format #2), live, feeding its bed's monitor.
+"""One pulse oximeter, live, feeding its bed's SpO2 monitor.
 
-The link is reopened by itself with capped, jittered backoff; every decoded
-packet becomes one :class:`OximeterSample` stamped with the gateway's clock.
+Serial (Nonin OEM III, data format #2) and BLE (PLX, BerryMed) oximeters are
+all a :class:`SampleSource`: open it, read timestamped samples, close it. The
+link is reopened by itself with capped, jittered backoff.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from devicegw.backoff import Backoff
 from devicegw.bed_monitor import BedMonitor
@@ -17,9 +19,53 @@ from devicegw.clock import Clock
 from devicegw.config import OximeterSettings
 from devicegw.errors import TransportError
 from drivers.oximeter.nonin import NoninDecoder, to_sample
+from drivers.oximeter.sample import OximeterSample
 from drivers.transport.base import ByteLink
 
 log = logging.getLogger(__name__)
+
+
+class SampleSource(Protocol):
+    @property
+    def description(self) -> str: ...
+
+    async def open(self) -> None: ...
+
+    async def read_samples(self) -> list[tuple[float, OximeterSample]]:
+        """At least one (gateway monotonic time, sample); TransportError when the link is gone."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NoninSerialSource:
+    """Nonin OEM III bytes -> one sample per packet (3 per second)."""
+
+    def __init__(self, link: ByteLink, clock: Clock, source: str) -> None:
+        self._link = link
+        self._clock = clock
+        self._source = source
+        self._decoder = NoninDecoder()
+        self.checksum_errors = 0
+
+    @property
+    def description(self) -> str:
+        return self._link.description
+
+    async def open(self) -> None:
+        self._decoder = NoninDecoder()
+        await self._link.open()
+
+    async def read_samples(self) -> list[tuple[float, OximeterSample]]:
+        while True:
+            packets = self._decoder.feed(await self._link.read())
+            self.checksum_errors = self._decoder.stats.checksum_errors
+            if packets:
+                now = self._clock.monotonic()
+                return [(now, to_sample(p, source=self._source)) for p in packets]
+
+    async def close(self) -> None:
+        await self._link.close()
 
 
 @dataclass(slots=True)
@@ -38,7 +84,7 @@ class OximeterRunner:
         self,
         oximeter: OximeterSettings,
         *,
-        link_factory: Callable[[], ByteLink],
+        source_factory: Callable[[], SampleSource],
         clock: Clock,
         bed: BedMonitor | None,
         backoff: Backoff | None = None,
@@ -46,16 +92,16 @@ class OximeterRunner:
         self.oximeter = oximeter
         self.bed = bed
         self.health = OximeterHealth()
-        self._link_factory = link_factory
+        self._source_factory = source_factory
         self._clock = clock
         self._backoff = backoff or Backoff(0.5, 30.0)
 
     async def run(self) -> None:
         first_failure = True
         while True:
-            link = self._link_factory()
+            source = self._source_factory()
             try:
-                await link.open()
+                await source.open()
             except TransportError as exc:
                 self.health.last_error = str(exc)
                 level = logging.WARNING if first_failure else logging.DEBUG
@@ -66,6 +112,8 @@ class OximeterRunner:
                     extra={"device_id": self.oximeter.id},
                 )
                 first_failure = False
+                with contextlib.suppress(TransportError):
+                    await source.close()
                 await self._clock.sleep(self._backoff.next_delay())
                 continue
             first_failure = True
@@ -74,7 +122,7 @@ class OximeterRunner:
             if self.bed is not None:
                 self.bed.oximeter_up(self._clock.monotonic())
             try:
-                await self._read(link)
+                await self._read(source)
             except TransportError as exc:
                 self.health.last_error = str(exc)
                 log.warning("oximeter link lost: %s", exc, extra={"device_id": self.oximeter.id})
@@ -83,20 +131,16 @@ class OximeterRunner:
                 if self.bed is not None:
                     self.bed.oximeter_down(self._clock.monotonic())
                 with contextlib.suppress(TransportError):
-                    await link.close()
+                    await source.close()
             await self._clock.sleep(self._backoff.next_delay())
 
-    async def _read(self, link: ByteLink) -> None:
-        decoder = NoninDecoder()
+    async def _read(self, source: SampleSource) -> None:
         while True:
-            data = await link.read()
-            packets = decoder.feed(data)
-            self.health.checksum_errors = decoder.stats.checksum_errors
-            if packets:
-                self._backoff.reset()
-            for packet in packets:
-                sample = to_sample(packet, source=self.oximeter.id)
-                mono = self._clock.monotonic()
+            samples = await source.read_samples()
+            self._backoff.reset()
+            if isinstance(source, NoninSerialSource):
+                self.health.checksum_errors = source.checksum_errors
+            for mono, sample in samples:
                 self.health.samples += 1
                 self.health.last_sample_mono = mono
                 if not sample.valid:

@@ -134,3 +134,32 @@ def test_oximeter_must_watch_the_subject_of_its_bed(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, GOOD + ox.replace("CVD-042-0099", "CVD-042-0017")))
     assert cfg.oximeter_for(cfg.devices[0]) is not None
     assert cfg.oximeters[0].link.baudrate == 9600
+
+
+def test_ble_oximeters_in_the_config(tmp_path: Path) -> None:
+    from devicegw.clock import ManualClock
+    from devicegw.links import BleSampleSource, oximeter_source_factory
+    from devicegw.oximeter_runner import NoninSerialSource
+
+    plx = (
+        '\n[[oximeters]]\nid = "ox1"\ntype = "plx"\nbed = "B01"\nsubject_id = "CVD-042-0017"\n'
+        'link = { kind = "ble", name = "PLX 0017", adapter = "hci1" }\n'
+    )
+    cfg = load_config(write(tmp_path, GOOD + plx))
+    source = oximeter_source_factory(cfg.oximeters[0], ManualClock())()
+    assert isinstance(source, BleSampleSource)
+    with pytest.raises(ConfigError, match="reached over ble"):
+        load_config(
+            write(
+                tmp_path,
+                GOOD
+                + plx.replace(
+                    'kind = "ble", name = "PLX 0017", adapter = "hci1"', 'port = "/dev/x"'
+                ),
+            )
+        )
+    nonin = plx.replace('"plx"', '"nonin_oem3"').replace(
+        'kind = "ble", name = "PLX 0017", adapter = "hci1"', 'port = "/dev/ttyUSB3"'
+    )
+    cfg = load_config(write(tmp_path, GOOD + nonin))
+    assert isinstance(oximeter_source_factory(cfg.oximeters[0], ManualClock())(), NoninSerialSource)
