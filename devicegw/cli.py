@@ -108,8 +108,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         configure_logging(args.log_level or "INFO", "text")
         return run_until_signalled(
-            simulate_ble_main([Path(p) for p in args.scenario], clock=_clock(args.time_scale))
+            simulate_ble_main(
+                [Path(p) for p in args.scenario],
+                oximeter_paths=[Path(p) for p in args.oximeter or []],
+                clock=_clock(args.time_scale),
+            )
         )
+    if args.oximeter:
+        print("devicegw simulate: --oximeter needs --ble (BLE oximeters)", file=sys.stderr)
+        return EXIT_CONFIG
     from simulators.run import simulate_main
 
     configure_logging(args.log_level or "INFO", "text")
@@ -331,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ble",
         action="store_true",
         help="no ptys: BLE peripherals on a private bus with bluezoo (needs dbus-daemon, bluezoo)",
+    )
+    sim.add_argument(
+        "--oximeter",
+        action="append",
+        metavar="FILE",
+        help="with --ble: a PLX or BerryMed oximeter scenario TOML, sharing the clock (repeatable)",
     )
     from devicegw.replay import add_cli_commands, add_simulate_record_args
 

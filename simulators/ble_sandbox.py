@@ -338,76 +338,137 @@ def peripheral_adapters(count: int) -> list[str]:
 
 @asynccontextmanager
 async def run_ble_scenarios(
-    paths: Sequence[str | Path], clock: Clock
+    paths: Sequence[str | Path], clock: Clock, oximeter_paths: Sequence[str | Path] = ()
 ) -> AsyncIterator[tuple[BleSandbox, list[Any]]]:
     """Validate every scenario, start the sandbox, register one peripheral per scenario.
 
-    The first peripheral advertises on :data:`PERIPHERAL_ADAPTER` (``hci0``),
-    further ones on ``hci2``, ``hci3``, … (:func:`peripheral_adapters`); the
-    gateway scans on :data:`GATEWAY_ADAPTER`. All share ``clock``; two
-    scenarios with the same serial number are a :class:`ScenarioError`.
-    Yields the sandbox and the started simulators.
+    ``paths`` are VM-1 scenarios, ``oximeter_paths`` oximeter scenarios (PLX or
+    BerryMed; a Nonin is a serial device and a :class:`ScenarioError`). The
+    VM-1s come first: the first peripheral advertises on
+    :data:`PERIPHERAL_ADAPTER` (``hci0``), further ones on ``hci2``, ``hci3``,
+    … (:func:`peripheral_adapters`); the gateway scans on
+    :data:`GATEWAY_ADAPTER`. Two scenarios of one kind with the same serial
+    number are a :class:`ScenarioError`. All simulators share ``clock`` and
+    power on together (their starts run concurrently, each taking its time
+    base from ``clock`` before its first await), so an oximeter scenario's
+    physiology lines up with the VM-1 scenario it is written against. Yields
+    the sandbox and the started simulators (VM-1s, then oximeters).
     """
+    from simulators.oximeter_ble import BerryMedBleSimulator, PlxBleSimulator
+    from simulators.oximeter_scenario import load_oximeter_scenario
     from simulators.scenario import load_scenario
     from simulators.vm1_ble import Vm1BleSimulator
 
     # Every scenario is read (and refused) before anything starts.
     scenarios = [load_scenario(p) for p in paths]
+    oximeters = [load_oximeter_scenario(p) for p in oximeter_paths]
     seen: dict[str, str | Path] = {}
-    for path, scenario in zip(paths, scenarios, strict=True):
-        serial = scenario.device.serial_no
+    serials = [("device", p, s.device.serial_no) for p, s in zip(paths, scenarios, strict=True)]
+    serials += [
+        ("oximeter", p, s.oximeter.serial_no)
+        for p, s in zip(oximeter_paths, oximeters, strict=True)
+    ]
+    for table, path, serial in serials:
         if serial in seen:
             raise ScenarioError(
-                f"{path}: device.serial_no {serial!r} is also used by {seen[serial]}; "
+                f"{path}: {table}.serial_no {serial!r} is also used by {seen[serial]}; "
                 "each simulated device needs its own serial number"
             )
         seen[serial] = path
-    if len(paths) >= len(ADAPTER_ADDRESSES):
+    for path, oximeter in zip(oximeter_paths, oximeters, strict=True):
+        if oximeter.oximeter.protocol not in ("plx", "berrymed"):
+            raise ScenarioError(
+                f"{path}: oximeter.protocol is {oximeter.oximeter.protocol!r}, a serial "
+                'oximeter; --ble simulates BLE oximeters only (protocol "plx" or "berrymed")'
+            )
+    count = len(scenarios) + len(oximeters)
+    if count >= len(ADAPTER_ADDRESSES):
         raise ScenarioError(
-            f"{len(paths)} scenarios: the BLE sandbox has room for at most "
+            f"{count} scenarios: the BLE sandbox has room for at most "
             f"{len(ADAPTER_ADDRESSES) - 1} peripherals (one adapter each)"
         )
-    # Oximeter BLE peripherals (simulators/oximeter_ble.py: PLX, BerryMed) go here too:
-    # load their scenarios above, give each its own adapter from peripheral_adapters(),
-    # start them below, and print them in simulate_ble_main.
-    adapters = peripheral_adapters(len(scenarios))
+    adapters = peripheral_adapters(count)
     async with AsyncExitStack() as stack:
         sandbox = await stack.enter_async_context(BleSandbox(adapters=len(adapters) + 1))
         sims: list[Any] = []
-        for scenario, adapter in zip(scenarios, adapters, strict=True):
-            sim = Vm1BleSimulator(
-                scenario, clock=clock, adapter=adapter, bus_address=sandbox.bus_address
+        for scenario, adapter in zip(scenarios, adapters[: len(scenarios)], strict=True):
+            sims.append(
+                Vm1BleSimulator(
+                    scenario, clock=clock, adapter=adapter, bus_address=sandbox.bus_address
+                )
             )
-            sims.append(await stack.enter_async_context(sim))
+        for oximeter, adapter in zip(oximeters, adapters[len(scenarios) :], strict=True):
+            cls = PlxBleSimulator if oximeter.oximeter.protocol == "plx" else BerryMedBleSimulator
+            sims.append(
+                cls(oximeter, clock=clock, adapter=adapter, bus_address=sandbox.bus_address)
+            )
+        for sim in sims:  # close() is safe on a simulator that never started
+            stack.push_async_callback(sim.close)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for sim in sims:
+                    group.create_task(sim.start())
+        except BaseExceptionGroup as failed:  # the first failure, as a sequential start would
+            raise failed.exceptions[0] from None
         yield sandbox, sims
 
 
+def _oximeter_protocol(sim: Any) -> str | None:
+    """``plx`` / ``berrymed`` for an oximeter simulator, None for a VM-1."""
+    oximeter = getattr(sim.scenario, "oximeter", None)
+    return None if oximeter is None else str(oximeter.protocol)
+
+
+def _device_line(sandbox: BleSandbox, sim: Any) -> str:
+    where = f"on {sim.adapter} ({sandbox.adapter_address(sim.adapter)})"
+    protocol = _oximeter_protocol(sim)
+    if protocol is None:
+        serial = sim.scenario.device.serial_no
+        return f'{serial}  "{sim.local_name}"  {where}  ({sim.scenario.name})\n'
+    scenario = sim.scenario
+    return (
+        f'{scenario.oximeter.serial_no}  "{sim.local_name}"  {where}  ({scenario.name})'
+        f'  oximeter type "{protocol}", bed {scenario.bed}, subject {scenario.subject_id}\n'
+    )
+
+
+def _link_line(sandbox: BleSandbox, sim: Any) -> str:
+    """The gateway's ``link`` for this peripheral: by advertised name, or by address for
+    BerryMed (every BerryMed advertises the same name)."""
+    if _oximeter_protocol(sim) == "berrymed":
+        found_by = f'address = "{sandbox.adapter_address(sim.adapter)}"'
+    else:
+        found_by = f'name = "{sim.local_name}"'
+    return f'link = {{ kind = "ble", {found_by}, adapter = "{GATEWAY_ADAPTER}" }}\n'
+
+
 async def simulate_ble_main(
-    paths: Sequence[str | Path], *, clock: Clock, out: TextIO | None = None
+    paths: Sequence[str | Path],
+    *,
+    clock: Clock,
+    oximeter_paths: Sequence[str | Path] = (),
+    out: TextIO | None = None,
 ) -> int:
     """``devicegw simulate --ble``: run the scenarios as BLE peripherals until cancelled.
 
     Prints one line per device (``<serial>  "<advertised name>"  on <adapter>
-    (<address>)  (<scenario>)``), then the ``DBUS_SYSTEM_BUS_ADDRESS`` export
-    line and one config line per device for the gateway (which scans on
-    :data:`GATEWAY_ADAPTER`). A missing dbus-daemon or bluezoo, or a bad
-    scenario, prints one error line to stderr and returns 2.
+    (<address>)  (<scenario>)``; an oximeter's line goes on with its config
+    ``type``, bed and subject), then the ``DBUS_SYSTEM_BUS_ADDRESS`` export
+    line and one config line per device, in the same order, for the gateway
+    (which scans on :data:`GATEWAY_ADAPTER`): the ``link`` of its
+    ``[[devices]]`` or ``[[oximeters]]`` entry. A missing dbus-daemon or
+    bluezoo, or a bad scenario (a Nonin oximeter among them), prints one error
+    line to stderr and returns 2.
     """
     out = out if out is not None else sys.stdout
     try:
-        async with run_ble_scenarios(paths, clock) as (sandbox, sims):
+        async with run_ble_scenarios(paths, clock, oximeter_paths) as (sandbox, sims):
             for sim in sims:
-                out.write(
-                    f'{sim.scenario.device.serial_no}  "{sim.local_name}"  on {sim.adapter}'
-                    f" ({sandbox.adapter_address(sim.adapter)})  ({sim.scenario.name})\n"
-                )
+                out.write(_device_line(sandbox, sim))
             out.write(f"export DBUS_SYSTEM_BUS_ADDRESS={sandbox.bus_address}\n")
             out.write(f"# gateway config, per device (the gateway scans on {GATEWAY_ADAPTER}):\n")
             for sim in sims:
-                out.write(
-                    f'link = {{ kind = "ble", name = "{sim.local_name}", '
-                    f'adapter = "{GATEWAY_ADAPTER}" }}\n'
-                )
+                out.write(_link_line(sandbox, sim))
             out.flush()
             await asyncio.Event().wait()
     except (BleSandboxUnavailable, ScenarioError, TransportError) as exc:
