@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from devicegw.audit import AuditTrail
-from devicegw.backoff import Backoff
+from devicegw.backoff import Backoff, open_until_up
 from devicegw.bed_monitor import BedMonitor
 from devicegw.clock import Clock
 from devicegw.config import Config, DeviceSettings
@@ -89,23 +89,16 @@ class NebulizerRunner:
 
     async def run(self) -> None:
         """Keep the device connected until cancelled."""
-        first_failure = True
         while True:
-            link = self._link_factory()
-            try:
-                await link.open()
-            except TransportError as exc:
-                self.health.last_error = str(exc)
-                level = logging.WARNING if first_failure else logging.DEBUG
-                log.log(
-                    level, "cannot open device link: %s", exc, extra={"device_id": self.device.id}
-                )
-                if first_failure:
-                    self.pipeline.publish_status(error=str(exc))
-                first_failure = False
-                await self._clock.sleep(self._backoff.next_delay())
-                continue
-            first_failure = True
+            link = await open_until_up(
+                self._link_factory,
+                clock=self._clock,
+                backoff=self._backoff,
+                log=log,
+                what="device link",
+                device_id=self.device.id,
+                on_failure=self._open_failed,
+            )
             reason = "closed"
             try:
                 await self._session_on(link)
@@ -129,6 +122,11 @@ class NebulizerRunner:
             finally:
                 await self._on_link_closed(link, reason)
             await self._clock.sleep(self._backoff.next_delay())
+
+    def _open_failed(self, exc: TransportError, first: bool) -> None:
+        self.health.last_error = str(exc)
+        if first:
+            self.pipeline.publish_status(error=str(exc))
 
     async def _session_on(self, link: ByteLink) -> None:
         self._link = link

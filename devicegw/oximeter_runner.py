@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from devicegw.backoff import Backoff
+from devicegw.backoff import Backoff, open_until_up
 from devicegw.bed_monitor import BedMonitor
 from devicegw.clock import Clock
 from devicegw.config import OximeterSettings
@@ -97,26 +97,16 @@ class OximeterRunner:
         self._backoff = backoff or Backoff(0.5, 30.0)
 
     async def run(self) -> None:
-        first_failure = True
         while True:
-            source = self._source_factory()
-            try:
-                await source.open()
-            except TransportError as exc:
-                self.health.last_error = str(exc)
-                level = logging.WARNING if first_failure else logging.DEBUG
-                log.log(
-                    level,
-                    "cannot open oximeter link: %s",
-                    exc,
-                    extra={"device_id": self.oximeter.id},
-                )
-                first_failure = False
-                with contextlib.suppress(TransportError):
-                    await source.close()
-                await self._clock.sleep(self._backoff.next_delay())
-                continue
-            first_failure = True
+            source = await open_until_up(
+                self._source_factory,
+                clock=self._clock,
+                backoff=self._backoff,
+                log=log,
+                what="oximeter link",
+                device_id=self.oximeter.id,
+                on_failure=self._open_failed,
+            )
             self.health.connected = True
             self.health.connects += 1
             if self.bed is not None:
@@ -133,6 +123,9 @@ class OximeterRunner:
                 with contextlib.suppress(TransportError):
                     await source.close()
             await self._clock.sleep(self._backoff.next_delay())
+
+    def _open_failed(self, exc: TransportError, first: bool) -> None:
+        self.health.last_error = str(exc)
 
     async def _read(self, source: SampleSource) -> None:
         while True:
