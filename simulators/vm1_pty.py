@@ -39,24 +39,18 @@ is ``clock.monotonic()`` minus its value at :meth:`Vm1PtySimulator.start`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import fcntl
 import heapq
 import logging
 import math
 import os
 import random
-import struct
 import termios
-import tty
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from devicegw.clock import Clock
-from devicegw.errors import ProtocolError, TransportError
+from devicegw.errors import ProtocolError
 from drivers.vm1.codec import decode_payload, encode_payload
 from drivers.vm1.framing import Deframer, DeframerStats, encode_frame
 from drivers.vm1.messages import (
@@ -73,18 +67,17 @@ from drivers.vm1.messages import (
     Start,
     Stop,
 )
+from simulators.lifecycle import MIN_REAL_SLEEP_S
+from simulators.pty_link import Pty, PtySimulator, point_symlink, remove_symlink, write_master
 from simulators.scenario import Scenario
 from simulators.vm1_model import Vm1Model
 
-__all__ = ["SimCounters", "Vm1PtySimulator", "default_link_name"]
+__all__ = ["MIN_REAL_SLEEP_S", "SimCounters", "Vm1PtySimulator", "default_link_name"]
 
 log = logging.getLogger(__name__)
 
 #: Real seconds the simulator waits after the last input flush before its port-open IDENT.
 PORT_OPEN_IDENT_DELAY_S = 0.02
-#: Shortest real-time sleep of the run loop: at high clock scales messages go out in batches
-#: (each with its exact dev_ms) instead of waking the event loop thousands of times a second.
-MIN_REAL_SLEEP_S = 0.002
 _READ_CHUNK = 4096
 _HOST_COMMANDS = (GetInfo, SetClock, Start, Stop, Ping, SetRate, GetSession)
 _COMMAND_TYPE_BYTES = frozenset(
@@ -126,34 +119,13 @@ class SimCounters:
     ptys_created: int = 0
 
 
-class _Pty:
-    """One pseudo-terminal pair: raw slave kept open by us, non-blocking master in packet mode."""
-
-    def __init__(self) -> None:
-        master, slave = os.openpty()
-        try:
-            tty.setraw(slave)  # at once: no echo of our own frames, no CR/LF mangling
-            fcntl.ioctl(master, termios.TIOCPKT, struct.pack("i", 1))
-            os.set_blocking(master, False)
-            self.name = os.ttyname(slave)
-        except BaseException:
-            os.close(master)
-            os.close(slave)
-            raise
-        self.master = master
-        self.slave = slave
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-class Vm1PtySimulator:
+class Vm1PtySimulator(PtySimulator):
     """A :class:`Vm1Model` running a :class:`Scenario`, reachable at :attr:`path`.
 
     Use as ``async with Vm1PtySimulator(scenario, clock=clock, link_dir=d) as sim:``.
     """
+
+    task_prefix = "vm1-sim"
 
     def __init__(
         self,
@@ -164,6 +136,7 @@ class Vm1PtySimulator:
         name: str | None = None,
         model: Vm1Model | None = None,
     ) -> None:
+        super().__init__(clock=clock, link_dir=link_dir, name=name or default_link_name(scenario))
         self.scenario = scenario
         self.model = model if model is not None else Vm1Model.from_scenario(scenario)
         self.counters = SimCounters()
@@ -171,14 +144,8 @@ class Vm1PtySimulator:
         self.rx_stats = DeframerStats()
         #: Set once every scripted session and link event has happened and the link is up.
         self.idle = asyncio.Event()
-        self._clock = clock
-        self._link_dir = Path(link_dir)
-        self._name = name or default_link_name(scenario)
         self._rng = random.Random(f"vm1/{scenario.device.seed}/link")
         self._deframer = Deframer(self.rx_stats)
-        self._pty: _Pty | None = None
-        self._t0 = 0.0
-        self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Future[None] | None = None
         self._ident_handle: asyncio.TimerHandle | None = None
@@ -188,7 +155,6 @@ class Vm1PtySimulator:
         self._drop_token = 0
         self._bitflips_pending = 0
         self._link_up_event = asyncio.Event()
-        self._closed = False
         self._failure: BaseException | None = None
         for drop in scenario.link_drops:
             self._add_link_event(drop.at_s, "drop", drop.duration_s, scripted=True)
@@ -198,59 +164,8 @@ class Vm1PtySimulator:
     # ------------------------------------------------------------------ public API
 
     @property
-    def path(self) -> Path:
-        """The stable port path (a symlink to the current ``/dev/pts/N``; absent while down)."""
-        return self._link_dir / self._name
-
-    @property
-    def pts_path(self) -> str | None:
-        """The current pty slave, or None while the link is down."""
-        return None if self._pty is None else self._pty.name
-
-    @property
     def link_up(self) -> bool:
         return self._pty is not None
-
-    def device_time(self) -> float:
-        """Seconds since power-on (simulator start) on the injected clock."""
-        return self._clock.monotonic() - self._t0
-
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("simulator already started")
-        self._loop = asyncio.get_running_loop()
-        self._link_dir.mkdir(parents=True, exist_ok=True)
-        self._t0 = self._clock.monotonic()
-        self._open_link()
-        # Power-up IDENT (nobody may be listening yet; the pty buffers or drops it).
-        self._transmit([self.model.ident_message(0.0)])
-        self._task = asyncio.create_task(self._run(), name=f"vm1-sim {self._name}")
-
-    async def close(self) -> None:
-        """Stop the device, close the pty and remove the symlink. Re-raises a crash of the loop."""
-        if self._closed:
-            return
-        self._closed = True
-        task, self._task = self._task, None
-        try:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        finally:
-            self._close_link(unlink=True)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def wait_until_idle(self) -> None:
         """Wait until every scripted session ended and every link event happened.
@@ -292,9 +207,15 @@ class Vm1PtySimulator:
 
     # ------------------------------------------------------------------ run loop
 
+    def _power_on(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._open_link()
+        # Power-up IDENT (nobody may be listening yet; the pty buffers or drops it).
+        self._transmit([self.model.ident_message(0.0)])
+
     async def _run(self) -> None:
         clock = self._clock
-        min_sleep = MIN_REAL_SLEEP_S * clock.scale if math.isfinite(clock.scale) else 0.0
+        min_sleep = self._min_sleep()
         loop = asyncio.get_running_loop()
         while True:
             if self._failure is not None:
@@ -375,12 +296,12 @@ class Vm1PtySimulator:
             self._bitflips_pending += int(arg)
 
     def _open_link(self) -> None:
-        pty = _Pty()
+        pty = Pty()
         self._pty = pty
         self.counters.ptys_created += 1
         self._deframer.reset()
         try:
-            self._point_symlink(pty.name)
+            point_symlink(self.path, pty.name, self)
             assert self._loop is not None
             self._loop.add_reader(pty.master, self._on_readable)
         except BaseException:
@@ -397,26 +318,10 @@ class Vm1PtySimulator:
         if pty is None:
             return
         if unlink:
-            self._remove_symlink(pty.name)
+            remove_symlink(self.path, pty.name)
         if self._loop is not None:
             self._loop.remove_reader(pty.master)
         pty.close()
-
-    def _point_symlink(self, target: str) -> None:
-        link = self.path
-        if os.path.lexists(link) and not link.is_symlink():
-            raise TransportError(f"{link} exists and is not a symlink; refusing to replace it")
-        tmp = link.with_name(f".{link.name}.{os.getpid()}.{id(self)}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
-
-    def _remove_symlink(self, target: str) -> None:
-        link = self.path
-        with contextlib.suppress(OSError):
-            if os.readlink(link) == target:
-                link.unlink()
 
     # ------------------------------------------------------------------ device -> host
 
@@ -439,14 +344,7 @@ class Vm1PtySimulator:
     def _write(self, frames: list[bytes]) -> None:
         assert self._pty is not None
         data = b"".join(frames)
-        try:
-            written = os.write(self._pty.master, data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                raise
-            written = 0
+        written = write_master(self._pty, data)
         c = self.counters
         c.bytes_sent += written
         c.bytes_dropped += len(data) - written
