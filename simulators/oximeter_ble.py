@@ -1,6 +1,6 @@
 """Simulated BLE pulse oximeters (PLX and BerryMed) through the standard BlueZ D-Bus API.
 
-Like :mod:`simulators.vm1_ble` (whose GATT object classes are reused here):
+Like :mod:`simulators.vm1_ble` (both are :class:`~simulators.ble_peripheral.BlePeripheral`):
 each simulator connects to the system bus with dbus-fast (``DBUS_SYSTEM_BUS_ADDRESS``
 is honoured), exports a GATT application and an LE advertisement and registers
 both on one adapter (``org.bluez.GattManager1.RegisterApplication``,
@@ -47,20 +47,12 @@ running, values meanwhile are lost); :meth:`come_back` registers both again.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import math
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
-
-from dbus_fast import BusType, DBusError, Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-from dbus_fast.service import ServiceInterface
+from typing import Self
 
 from devicegw.clock import Clock
-from devicegw.errors import ScenarioError, TransportError
+from devicegw.errors import ScenarioError
 from drivers.oximeter import plx
 from drivers.oximeter.berrymed import BERRYMED_NOTIFY_CHAR_UUID, BERRYMED_SERVICE_UUID
 from drivers.oximeter.plx import (
@@ -80,18 +72,15 @@ from drivers.transport.ble_link import (
     MODEL_NUMBER_UUID,
     SERIAL_NUMBER_UUID,
 )
+from simulators.ble_peripheral import (
+    Advertisement,
+    BlePeripheral,
+    GattCharacteristic,
+    GattService,
+)
 from simulators.oximeter_scenario import OximeterScenario
 from simulators.oximeter_sim import BerryMedSim, PlxSim
 from simulators.physiology import PhysioModel
-from simulators.vm1_ble import (
-    _ADAPTER_IFACE,
-    _BLUEZ,
-    _DEVICE_IFACE,
-    MIN_REAL_SLEEP_S,
-    _Advertisement,
-    _Characteristic,
-    _Service,
-)
 
 __all__ = [
     "MANUFACTURER",
@@ -99,8 +88,6 @@ __all__ = [
     "OximeterBleCounters",
     "PlxBleSimulator",
 ]
-
-log = logging.getLogger(__name__)
 
 MANUFACTURER = "devicegw oximeter simulator"
 #: Device time between two rounds of the BerryMed run loop (25 bytes of stream per round).
@@ -135,11 +122,12 @@ class OximeterBleCounters:
 # --------------------------------------------------------------------------- common part
 
 
-class _OximeterPeripheral:
-    """GATT application + advertisement on one adapter, a run loop on the clock."""
+class _OximeterPeripheral(BlePeripheral):
+    """A physiology model sent on the clock; what the PLX and BerryMed simulators share."""
 
     kind = "oximeter"
     protocol = ""
+    counters: OximeterBleCounters
 
     def __init__(
         self,
@@ -157,76 +145,27 @@ class _OximeterPeripheral:
                 f"{scenario.name}: oximeter.protocol is {scenario.oximeter.protocol!r}; "
                 f"this simulator speaks {self.protocol!r}"
             )
+        super().__init__(
+            clock=clock,
+            adapter=adapter,
+            bus_address=bus_address,
+            local_name=local_name,
+            app_name=f"{self.protocol}sim",
+            serial_no=scenario.oximeter.serial_no,
+        )
         self.scenario = scenario
         self.model = model if model is not None else PhysioModel(scenario)
         self.counters = OximeterBleCounters()
-        self.adapter = adapter
-        self.local_name = local_name
-        self._clock = clock
-        self._bus_address = bus_address
-        self._adapter_path = f"/org/bluez/{adapter}"
-        serial = "".join(c if c.isalnum() else "_" for c in scenario.oximeter.serial_no)
-        self._root = f"/org/devicegw/{self.protocol}sim/{serial}"
-        self._adv_path = f"{self._root}/advertisement0"
-        self._bus: MessageBus | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._t0 = 0.0
         self._sent_until = 0.0
-        self._present = False
         self._battery_level: int | None = None
         # Subclasses add their service first, then call _build_common_gatt().
-        self._chars: list[_Characteristic] = []
-        self._exports: list[tuple[str, ServiceInterface]] = []
         self._service_uuid = service_uuid
-        self.battery = _Characteristic(
+        self.battery = GattCharacteristic(
             BATTERY_LEVEL_UUID, f"{self._root}/service9", ["read", "notify"]
         )
 
-    # ------------------------------------------------------------------ public API
-
-    @property
-    def present(self) -> bool:
-        """Advertising and connectable (False while :meth:`go_away` is in effect)."""
-        return self._present
-
-    def device_time(self) -> float:
-        """Seconds since :meth:`start` on the injected clock (scenario time)."""
-        return self._clock.monotonic() - self._t0
-
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("simulator already started")
-        self._t0 = self._clock.monotonic()
-        self._sent_until = 0.0
-        try:
-            if self._bus_address is not None:
-                bus = MessageBus(bus_address=self._bus_address, bus_type=BusType.SYSTEM)
-            else:
-                bus = MessageBus(bus_type=BusType.SYSTEM)
-            self._bus = await bus.connect()
-        except (OSError, EOFError, DBusError) as exc:
-            raise TransportError(f"{self._what()}: cannot reach D-Bus: {exc}") from exc
-        await self._require_adapter()
-        for path, iface in self._exports:
-            self._bus.export(path, iface)
-        await self.come_back()
-        self._task = asyncio.create_task(self._run(), name=f"{self.kind} {self.local_name}")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        bus, self._bus = self._bus, None
-        if bus is not None:
-            if self._present:
-                with contextlib.suppress(TransportError):
-                    await self._unregister(bus)
-            self._present = False
-            bus.disconnect()
-
     async def __aenter__(self) -> Self:
+        """As the base, but a failed start also closes what it opened (the D-Bus connection)."""
         try:
             await self.start()
         except BaseException:
@@ -234,51 +173,14 @@ class _OximeterPeripheral:
             raise
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+    def _power_on(self) -> None:
+        self._sent_until = 0.0
 
-    async def go_away(self) -> None:
-        """Leave radio range: drop connections, stop advertising, remove the GATT app."""
-        bus = self._require_bus()
-        if not self._present:
-            return
-        self._present = False
-        for char in self._chars:
-            char.notifying = False
-        for device_path in await self._connected_devices(bus):
-            await self._call(bus, device_path, _DEVICE_IFACE, "Disconnect", "", [])
-            self.counters.disconnects_forced += 1
-        await self._unregister(bus)
-        log.info("%s: gone away", self.local_name)
+    def _what(self) -> str:
+        return f"{self.kind} BLE simulator {self.local_name!r}"
 
-    async def come_back(self) -> None:
-        """Back in range: register the GATT application and the advertisement again."""
-        bus = self._require_bus()
-        if self._present:
-            return
-        await self._call(
-            bus,
-            self._adapter_path,
-            "org.bluez.GattManager1",
-            "RegisterApplication",
-            "oa{sv}",
-            [self._root, {}],
-        )
-        await self._call(
-            bus,
-            self._adapter_path,
-            "org.bluez.LEAdvertisingManager1",
-            "RegisterAdvertisement",
-            "oa{sv}",
-            [self._adv_path, {}],
-        )
-        self._present = True
-        log.info("%s: advertising on %s", self.local_name, self.adapter)
+    def _task_name(self) -> str:
+        return f"{self.kind} {self.local_name}"
 
     # ------------------------------------------------------------------ GATT layout
 
@@ -294,16 +196,14 @@ class _OximeterPeripheral:
             (FIRMWARE_REVISION_UUID, f"{ox.firmware_revision}"),
         ]
         self.battery.value = bytes([self._battery_pct(0.0)])
-        self._exports.append((dis, _Service(DEVICE_INFORMATION_UUID)))
+        self._exports.append((dis, GattService(DEVICE_INFORMATION_UUID)))
         self._exports += [
-            (f"{dis}/char{i}", _Characteristic(uuid, dis, ["read"], text.encode("ascii")))
+            (f"{dis}/char{i}", GattCharacteristic(uuid, dis, ["read"], text.encode("ascii")))
             for i, (uuid, text) in enumerate(info)
         ]
-        self._exports += [(bas, _Service(BATTERY_SERVICE_UUID)), (f"{bas}/char0", self.battery)]
+        self._exports += [(bas, GattService(BATTERY_SERVICE_UUID)), (f"{bas}/char0", self.battery)]
         self._chars.append(self.battery)
-        self._exports.append(
-            (self._adv_path, _Advertisement(self.local_name, [self._service_uuid]))
-        )
+        self._exports.append((self._adv_path, Advertisement(self.local_name, [self._service_uuid])))
 
     def _battery_pct(self, t: float) -> int:
         return max(0, min(100, math.ceil(self.model.battery_at(t))))
@@ -312,7 +212,7 @@ class _OximeterPeripheral:
 
     async def _run(self) -> None:
         clock = self._clock
-        min_sleep = MIN_REAL_SLEEP_S * clock.scale if math.isfinite(clock.scale) else 0.0
+        min_sleep = self._min_sleep()
         while True:
             now = self.device_time()
             if now > self._sent_until:
@@ -330,93 +230,6 @@ class _OximeterPeripheral:
 
     def _next_due(self, now: float) -> float:
         return now + TICK_S
-
-    def _send(self, char: _Characteristic, value: bytes) -> bool:
-        sent = self._present and char.send(value)
-        if sent:
-            self.counters.notifications_sent += 1
-        else:
-            self.counters.values_lost += 1
-        return sent
-
-    # ------------------------------------------------------------------ BlueZ calls
-
-    def _what(self) -> str:
-        return f"{self.kind} BLE simulator {self.local_name!r}"
-
-    def _require_bus(self) -> MessageBus:
-        if self._bus is None:
-            raise RuntimeError("simulator not started")
-        return self._bus
-
-    async def _require_adapter(self) -> None:
-        bus = self._require_bus()
-        objects = await self._managed_objects(bus)
-        if _ADAPTER_IFACE not in objects.get(self._adapter_path, {}):
-            adapters = sorted(p for p, i in objects.items() if _ADAPTER_IFACE in i)
-            raise TransportError(
-                f"{self._what()}: Bluetooth adapter {self.adapter} not found "
-                f"(BlueZ has: {', '.join(adapters) or 'none'})"
-            )
-
-    async def _managed_objects(self, bus: MessageBus) -> dict[str, dict[str, dict[str, Any]]]:
-        body = await self._call(
-            bus, "/", "org.freedesktop.DBus.ObjectManager", "GetManagedObjects", "", []
-        )
-        objects: dict[str, dict[str, dict[str, Any]]] = body[0]
-        return objects
-
-    async def _connected_devices(self, bus: MessageBus) -> list[str]:
-        out = []
-        for path, ifaces in (await self._managed_objects(bus)).items():
-            props = ifaces.get(_DEVICE_IFACE)
-            if props is None:
-                continue
-            adapter = props.get("Adapter")
-            connected = props.get("Connected")
-            if (
-                isinstance(adapter, Variant)
-                and adapter.value == self._adapter_path
-                and isinstance(connected, Variant)
-                and connected.value
-            ):
-                out.append(path)
-        return out
-
-    async def _unregister(self, bus: MessageBus) -> None:
-        for iface, member, path in (
-            ("org.bluez.LEAdvertisingManager1", "UnregisterAdvertisement", self._adv_path),
-            ("org.bluez.GattManager1", "UnregisterApplication", self._root),
-        ):
-            try:
-                await self._call(bus, self._adapter_path, iface, member, "o", [path])
-            except TransportError as exc:
-                log.warning("%s: %s", self.local_name, exc)
-
-    async def _call(
-        self,
-        bus: MessageBus,
-        path: str,
-        interface: str,
-        member: str,
-        signature: str,
-        body: list[Any],
-    ) -> list[Any]:
-        reply = await bus.call(
-            Message(
-                destination=_BLUEZ,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body,
-            )
-        )
-        if reply is None or reply.message_type != MessageType.METHOD_RETURN:
-            detail = "no reply" if reply is None else f"{reply.error_name}: {reply.body}"
-            raise TransportError(f"{self._what()}: BlueZ {member} on {path} failed: {detail}")
-        result: list[Any] = reply.body
-        return result
 
 
 # --------------------------------------------------------------------------- PLX
@@ -471,16 +284,16 @@ class PlxBleSimulator(_OximeterPeripheral):
             device_sensor_status_support=_PLX_DSS_SUPPORT,
         )
         svc = f"{self._root}/service0"
-        self.continuous = _Characteristic(plx.PLX_CONTINUOUS_MEASUREMENT_UUID, svc, ["notify"])
-        self.spot_check = _Characteristic(plx.PLX_SPOT_CHECK_MEASUREMENT_UUID, svc, ["indicate"])
-        features = _Characteristic(
+        self.continuous = GattCharacteristic(plx.PLX_CONTINUOUS_MEASUREMENT_UUID, svc, ["notify"])
+        self.spot_check = GattCharacteristic(plx.PLX_SPOT_CHECK_MEASUREMENT_UUID, svc, ["indicate"])
+        features = GattCharacteristic(
             plx.PLX_FEATURES_UUID, svc, ["read"], plx.encode_features(self.features)
         )
         chars = [self.continuous, features]
         if spot_check_interval_s is not None:
             chars.insert(0, self.spot_check)
         self._chars += [self.continuous, self.spot_check]
-        self._exports.append((svc, _Service(plx.PLX_SERVICE_UUID)))
+        self._exports.append((svc, GattService(plx.PLX_SERVICE_UUID)))
         self._exports += [(f"{svc}/char{i}", c) for i, c in enumerate(chars)]
         self._build_common_gatt()
 
@@ -553,9 +366,9 @@ class BerryMedBleSimulator(_OximeterPeripheral):
         self.chunk_bytes = chunk_bytes
         self._pending = bytearray()
         svc = f"{self._root}/service0"
-        self.stream = _Characteristic(BERRYMED_NOTIFY_CHAR_UUID, svc, ["notify"])
+        self.stream = GattCharacteristic(BERRYMED_NOTIFY_CHAR_UUID, svc, ["notify"])
         self._chars.append(self.stream)
-        self._exports.append((svc, _Service(BERRYMED_SERVICE_UUID)))
+        self._exports.append((svc, GattService(BERRYMED_SERVICE_UUID)))
         self._exports.append((f"{svc}/char0", self.stream))
         self._build_common_gatt()
 
