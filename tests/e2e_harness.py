@@ -17,6 +17,7 @@ from typing import Any
 from devicegw.clock import ScaledClock
 from devicegw.config import Config, parse_config
 from devicegw.daemon import Gateway
+from devicegw.tail import TailProcessor
 from devicegw.topics import Topics
 from simulators.scenario import load_scenario
 from simulators.vm1_pty import Vm1PtySimulator
@@ -110,3 +111,15 @@ async def running(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        assert_all_valid(collector)
+
+
+def assert_all_valid(collector: Collector) -> None:
+    """Every message the gateway published in the run validates against its schema."""
+    checker = TailProcessor(check_sequence=False)
+    invalid = [
+        (m.topic, result.errors)
+        for m in collector.messages
+        if not (result := checker.process(m.topic, m.payload, m.retain, m.qos)).valid
+    ]
+    assert not invalid, f"published messages that fail the contract: {invalid[:3]}"
