@@ -61,7 +61,6 @@ Errors are :class:`devicegw.errors.ScenarioError` naming the file and field.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -70,8 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from devicegw.config import SubjectId, TopicSegment
 from devicegw.errors import ScenarioError
-from simulators.scenario import Scenario, load_scenario
-from simulators.scenario import _format_errors as format_errors
+from simulators.scenario import Scenario, format_errors, load_scenario, read_toml
 
 __all__ = [
     "DesaturationSpec",
@@ -219,15 +217,7 @@ def parse_oximeter_scenario(
 def load_oximeter_scenario(path: str | Path) -> OximeterScenario:
     """Read and validate one oximeter scenario file; every problem is a ScenarioError."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ScenarioError(f"{path}: cannot read scenario file: {exc.strerror or exc}") from exc
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_oximeter_scenario(data, source=str(path))
+    return parse_oximeter_scenario(read_toml(path), source=str(path))
 
 
 def load_pair(path: str | Path) -> tuple[OximeterScenario, Scenario | None]:

@@ -36,8 +36,10 @@ __all__ = [
     "PauseSpec",
     "Scenario",
     "SessionScript",
+    "format_errors",
     "load_scenario",
     "parse_scenario",
+    "read_toml",
 ]
 
 #: Longest a treatment can run before the device ends it with TIMEOUT (ICD section 3).
@@ -274,7 +276,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 _NAMED = re.compile(r"^([A-Za-z_][\w.\[\]]*): (.*)$", re.DOTALL)
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
+def format_errors(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors(include_url=False):
         where = _loc(tuple(err["loc"]))
@@ -298,21 +300,25 @@ def parse_scenario(data: Mapping[str, Any], *, source: str = "<scenario>") -> Sc
     try:
         scenario = Scenario.model_validate(dict(data))
     except ValidationError as exc:
-        raise ScenarioError(_format_errors(source, exc)) from exc
+        raise ScenarioError(format_errors(source, exc)) from exc
     if not scenario.name:
         scenario = scenario.model_copy(update={"name": Path(source).stem})
     return scenario
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate one scenario file; every problem is a :class:`ScenarioError`."""
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """A scenario file's TOML data; unreadable or invalid files are a :class:`ScenarioError`."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ScenarioError(f"{path}: cannot read scenario file: {exc.strerror or exc}") from exc
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_scenario(data, source=str(path))
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate one scenario file; every problem is a :class:`ScenarioError`."""
+    path = Path(path)
+    return parse_scenario(read_toml(path), source=str(path))
