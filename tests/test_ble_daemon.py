@@ -97,15 +97,15 @@ async def process(
 
 
 async def read_announcement(
-    proc: asyncio.subprocess.Process, log: Path, within_s: float = 30.0
+    proc: asyncio.subprocess.Process, log: Path, links: int = 1, within_s: float = 30.0
 ) -> list[str]:
-    """The simulator's lines up to and including its config snippet."""
+    """The simulator's lines up to and including its ``links``-th config line."""
     assert proc.stdout is not None
     lines: list[str] = []
 
     async def read() -> None:
         assert proc.stdout is not None
-        while not (lines and lines[-1].startswith("link = ")):
+        while sum(line.startswith("link = ") for line in lines) < links:
             raw = await proc.stdout.readline()
             if not raw:
                 raise AssertionError(

@@ -24,7 +24,7 @@ from simulators.ble_sandbox import bluezoo_available, dbus_daemon_binary
 from simulators.oximeter_scenario import load_pair
 from tests.mqtt_helpers import MosquittoBroker, Received, collecting, require
 from tests.process_harness import ROOT, stop
-from tests.test_ble_daemon import EXPORT, check_all, process, tail
+from tests.test_ble_daemon import EXPORT, check_all, process, read_announcement, tail
 
 SCALE = 50  # session start at 300 s of device time: 6 s after the simulator starts
 SCENARIOS = ROOT / "simulators" / "scenarios" / "ble"
@@ -56,30 +56,6 @@ def gateway_config(
         f"{plx_link}\n"
     )
     return path
-
-
-async def read_announcement(
-    proc: asyncio.subprocess.Process, log: Path, links: int, within_s: float = 30.0
-) -> list[str]:
-    """The simulator's lines up to and including its ``links``-th config line."""
-    lines: list[str] = []
-
-    async def read() -> None:
-        assert proc.stdout is not None
-        while sum(line.startswith("link = ") for line in lines) < links:
-            raw = await proc.stdout.readline()
-            if not raw:
-                raise AssertionError(
-                    f"devicegw simulate --ble exited ({await proc.wait()}) after {lines}; "
-                    f"stderr: {tail(log)}"
-                )
-            lines.append(raw.decode().rstrip("\n"))
-
-    try:
-        await asyncio.wait_for(read(), within_s)
-    except TimeoutError:
-        raise AssertionError(f"no announcement in {within_s} s: {lines}; {tail(log)}") from None
-    return lines
 
 
 def is_post_dose_summary(m: Received) -> bool:
