@@ -43,12 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 import aiomqtt  # noqa: E402
 
-from devicegw.clock import SystemClock  # noqa: E402
 from devicegw.config import BrokerSettings  # noqa: E402
-from devicegw.mqtt_publisher import MqttPublisher, encode  # noqa: E402
-from devicegw.payloads import DoseEvent, GatewayStatus, dose_event_id  # noqa: E402
-from devicegw.store import Store  # noqa: E402
-from devicegw.topics import Topics  # noqa: E402
+from devicegw.contract.payloads import DoseEvent, GatewayStatus, dose_event_id  # noqa: E402
+from devicegw.contract.topics import Topics  # noqa: E402
+from devicegw.mqtt.publisher import MqttPublisher, encode  # noqa: E402
+from devicegw.storage.store import Store  # noqa: E402
+from drivers.clock import SystemClock  # noqa: E402
 from tests.mqtt_helpers import MosquittoBroker, mosquitto_binary  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "data" / "export" / "events.jsonl"

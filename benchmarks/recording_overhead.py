@@ -32,10 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devicegw.cli.replay import simulate_record, synthesized_device  # noqa: E402
 from devicegw.config import parse_config  # noqa: E402
-from devicegw.recording import RX, RecordingWriter, iter_records  # noqa: E402
-from devicegw.replay import simulate_record, synthesized_device  # noqa: E402
-from devicegw.vm1_pipeline import Vm1Pipeline  # noqa: E402
+from devicegw.core.vm1_pipeline import Vm1Pipeline  # noqa: E402
+from devicegw.recording.format import RX, RecordingWriter, iter_records  # noqa: E402
 from simulators.scenario import load_scenario  # noqa: E402
 
 DEVICEGW = [sys.executable, "-m", "devicegw.cli"]

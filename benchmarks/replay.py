@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devicegw.replay import Player, simulate_record  # noqa: E402
+from devicegw.cli.replay import Player, simulate_record  # noqa: E402
 from simulators.scenario import Scenario, parse_scenario  # noqa: E402
 
 

@@ -27,8 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from devicegw.contract.spo2 import Spo2RulesOut
 from devicegw.errors import ConfigError
-from devicegw.spo2_overlay import Spo2Rules
 
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 TopicSegment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
@@ -231,6 +231,30 @@ class OximeterSettings(_Strict):
                 f"a {self.type} oximeter is reached over {wants}, not {self.link.kind}"
             )
         return self
+
+
+class Spo2Rules(_Strict):
+    """Thresholds of the SpO2 overlay; defaults are the protocol's."""
+
+    #: Valid samples in this window before the session start make the baseline.
+    baseline_window_s: float = Field(default=120.0, gt=0, le=3600)
+    #: If there were none: the session's first this-many seconds (flagged first_minute).
+    baseline_fallback_s: float = Field(default=60.0, gt=0, le=600)
+    #: Monitoring continues this long after the session ends (SpO2 may dip ~30 min).
+    observation_window_s: float = Field(default=1800.0, ge=0, le=6 * 3600)
+    #: A drop of at least this many points below baseline is low ...
+    drop_points: float = Field(default=4.0, gt=0, le=50)
+    #: ... and so is SpO2 below this (%).
+    absolute_threshold: float = Field(default=90.0, gt=50, le=100)
+    #: Low for at least this long (on valid samples) is a desaturation: alert.
+    sustain_s: float = Field(default=10.0, ge=0, le=600)
+    #: Back above both thresholds for this long clears the alert.
+    clear_s: float = Field(default=10.0, ge=0, le=600)
+    #: A sample holds at most this long (coverage); longer silences are gaps.
+    max_sample_gap_s: float = Field(default=5.0, gt=0, le=600)
+
+    def out(self) -> Spo2RulesOut:
+        return Spo2RulesOut(**self.model_dump())
 
 
 class Config(_Strict):

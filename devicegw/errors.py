@@ -1,14 +1,20 @@
-"""One exception tree for the whole gateway, so callers can catch by meaning.
+"""The gateway's branch of the one exception tree (rooted in :mod:`drivers.errors`).
 
-Drivers, simulators and the core all raise from here; every error carries the
-fields a log line or an operator needs, not just a message.
+The device-facing errors are defined once, in the bottom layer, and re-exported
+here so the gateway's code catches by meaning from one place.
 """
 
 from __future__ import annotations
 
+from drivers.errors import DeviceTimeoutError, GatewayError, ProtocolError, TransportError
 
-class GatewayError(Exception):
-    """Base of every error devicegw raises on purpose."""
+__all__ = [
+    "ConfigError",
+    "DeviceTimeoutError",
+    "GatewayError",
+    "ProtocolError",
+    "TransportError",
+]
 
 
 class ConfigError(GatewayError):
@@ -18,30 +24,3 @@ class ConfigError(GatewayError):
         self.path = path
         self.field = field
         super().__init__(message)
-
-
-class ProtocolError(GatewayError):
-    """Bytes or a payload that do not follow the device's interface document."""
-
-
-class TransportError(GatewayError):
-    """A link (serial port, BLE connection) could not be opened or broke."""
-
-    def __init__(self, message: str, *, device_id: str | None = None) -> None:
-        self.device_id = device_id
-        super().__init__(message)
-
-
-class DeviceTimeoutError(GatewayError, TimeoutError):
-    """A device did not answer a command in time."""
-
-    def __init__(
-        self, message: str, *, device_id: str | None = None, command: str | None = None
-    ) -> None:
-        self.device_id = device_id
-        self.command = command
-        super().__init__(message)
-
-
-class ScenarioError(GatewayError):
-    """A simulator scenario file is invalid."""

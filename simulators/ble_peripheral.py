@@ -30,8 +30,8 @@ from dbus_fast.annotations import (
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from devicegw.clock import Clock
-from devicegw.errors import TransportError
+from drivers.clock import Clock
+from drivers.errors import TransportError
 from simulators.lifecycle import ClockedSimulator
 
 __all__ = [

@@ -56,8 +56,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TextIO
 
-from devicegw.clock import Clock
-from devicegw.errors import GatewayError, ScenarioError, TransportError
+from drivers.clock import Clock
+from drivers.errors import GatewayError, TransportError
+from simulators.errors import ScenarioError
 
 __all__ = [
     "ADAPTER_ADDRESSES",

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Self
 
-from devicegw.clock import Clock
+from drivers.clock import Clock
 
 __all__ = ["MIN_REAL_SLEEP_S", "ClockedSimulator"]
 

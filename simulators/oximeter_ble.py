@@ -13,7 +13,7 @@ adapter of its own).
 What is sent comes from the physiology model (:class:`~simulators.physiology.PhysioModel`)
 through the protocol simulators of :mod:`simulators.oximeter_sim`, which use
 the production codecs' encoders; time comes only from the injected
-:class:`~devicegw.clock.Clock` (scenario time = ``clock.monotonic()`` minus its
+:class:`~drivers.clock.Clock` (scenario time = ``clock.monotonic()`` minus its
 value at :meth:`start`). A value due while no central is subscribed, or while
 the device is away, is lost and counted (``counters``), as on a real radio.
 
@@ -51,8 +51,7 @@ import math
 from dataclasses import dataclass
 from typing import Self
 
-from devicegw.clock import Clock
-from devicegw.errors import ScenarioError
+from drivers.clock import Clock
 from drivers.oximeter import plx
 from drivers.oximeter.berrymed import BERRYMED_NOTIFY_CHAR_UUID, BERRYMED_SERVICE_UUID
 from drivers.oximeter.plx import (
@@ -78,6 +77,7 @@ from simulators.ble_peripheral import (
     GattCharacteristic,
     GattService,
 )
+from simulators.errors import ScenarioError
 from simulators.oximeter_scenario import OximeterScenario
 from simulators.oximeter_sim import BerryMedSim, PlxSim
 from simulators.physiology import PhysioModel

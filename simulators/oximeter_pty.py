@@ -13,7 +13,7 @@ it is full, are dropped and counted (a UART sends into the void), and
 pyserial's ``open()`` flushes that backlog. Format #2 is output only: the
 device never reads, so host bytes are ignored.
 
-Time comes only from the injected :class:`~devicegw.clock.Clock`: scenario
+Time comes only from the injected :class:`~drivers.clock.Clock`: scenario
 time is ``clock.monotonic()`` minus its value at :meth:`start`. Packets are
 written when due (every 1/3 s of clock time); at high clock scales they go out
 in batches of at least :data:`MIN_REAL_SLEEP_S` real seconds, each packet
@@ -27,9 +27,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from devicegw.clock import Clock
-from devicegw.errors import ScenarioError
+from drivers.clock import Clock
 from drivers.oximeter.nonin import PACKET_LEN
+from simulators.errors import ScenarioError
 from simulators.lifecycle import MIN_REAL_SLEEP_S
 from simulators.oximeter_scenario import OximeterScenario
 from simulators.oximeter_sim import NoninSim

@@ -56,7 +56,7 @@ has a default)::
 
 Cross-field rules: within each list, entries are in time order and do not
 overlap (a desaturation spans ``at_s`` to ``at_s + 2 ramp_s + duration_s``).
-Errors are :class:`devicegw.errors.ScenarioError` naming the file and field.
+Errors are :class:`simulators.errors.ScenarioError` naming the file and field.
 """
 
 from __future__ import annotations
@@ -65,11 +65,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from devicegw.config import SubjectId, TopicSegment
-from devicegw.errors import ScenarioError
+from simulators.errors import ScenarioError
 from simulators.scenario import Scenario, format_errors, load_scenario, read_toml
+
+# The same shapes the gateway's config accepts for a bed and a pseudonymous subject.
+TopicSegment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+SubjectId = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9-]{2,31}$")]
 
 __all__ = [
     "DesaturationSpec",

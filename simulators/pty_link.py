@@ -19,8 +19,8 @@ import tty
 from abc import abstractmethod
 from pathlib import Path
 
-from devicegw.clock import Clock
-from devicegw.errors import TransportError
+from drivers.clock import Clock
+from drivers.errors import TransportError
 from simulators.lifecycle import ClockedSimulator
 
 __all__ = ["Pty", "PtySimulator", "point_symlink", "remove_symlink", "write_master"]

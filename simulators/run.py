@@ -9,8 +9,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TextIO
 
-from devicegw.clock import Clock
-from devicegw.errors import ScenarioError
+from drivers.clock import Clock
+from simulators.errors import ScenarioError
 from simulators.scenario import load_scenario
 from simulators.vm1_pty import Vm1PtySimulator, default_link_name
 

@@ -7,7 +7,7 @@ dropping, corrupted bytes). Every time is in seconds since the scenario
 started, which is the device's power-on (``dev_ms`` 0). The format is written
 down in ``simulators/scenarios/README.md``.
 
-Everything invalid raises :class:`devicegw.errors.ScenarioError` whose message
+Everything invalid raises :class:`simulators.errors.ScenarioError` whose message
 starts with the file and names the offending field, e.g.
 ``complete.toml: sessions[0].rate_ul_min: Input should be greater than 0``.
 Only typed, frozen objects leave this module.
@@ -24,8 +24,8 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from devicegw.errors import ScenarioError
 from drivers.vm1.messages import AlarmCode
+from simulators.errors import ScenarioError
 
 __all__ = [
     "AlarmSpec",

@@ -1,7 +1,7 @@
 """A simulated VM-1 offered over Bluetooth LE through the standard BlueZ D-Bus API.
 
 The same :class:`~simulators.vm1_model.Vm1Model` as the serial simulator,
-driven by the injected :class:`~devicegw.clock.Clock`, registered on one
+driven by the injected :class:`~drivers.clock.Clock`, registered on one
 adapter as a GATT application (``org.bluez.GattManager1.RegisterApplication``)
 and an advertisement (``org.bluez.LEAdvertisingManager1.RegisterAdvertisement``)
 with dbus-fast. Against real BlueZ this is a peripheral other machines can
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from dbus_fast import DBusError
 from dbus_fast.service import ServiceInterface
 
-from devicegw.clock import Clock
-from devicegw.errors import ProtocolError
+from drivers.clock import Clock
+from drivers.errors import ProtocolError
 from drivers.transport.ble_link import (
     BATTERY_LEVEL_UUID,
     BATTERY_SERVICE_UUID,

@@ -32,7 +32,7 @@ Pty details that matter:
   and what it sends meanwhile is lost. When the link returns, a new pty is
   made, the symlink re-pointed and an IDENT sent.
 
-Time comes only from the injected :class:`~devicegw.clock.Clock`: device time
+Time comes only from the injected :class:`~drivers.clock.Clock`: device time
 is ``clock.monotonic()`` minus its value at :meth:`Vm1PtySimulator.start`.
 """
 
@@ -49,8 +49,8 @@ import termios
 from dataclasses import dataclass
 from pathlib import Path
 
-from devicegw.clock import Clock
-from devicegw.errors import ProtocolError
+from drivers.clock import Clock
+from drivers.errors import ProtocolError
 from drivers.vm1.codec import decode_payload, encode_payload
 from drivers.vm1.framing import Deframer, DeframerStats, encode_frame
 from drivers.vm1.messages import (

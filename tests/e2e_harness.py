@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devicegw.clock import ScaledClock
 from devicegw.config import Config, parse_config
-from devicegw.daemon import Gateway
-from devicegw.tail import TailProcessor
-from devicegw.topics import Topics
+from devicegw.contract.topics import Topics
+from devicegw.edc.tail import TailProcessor
+from devicegw.runtime.gateway import Gateway
+from drivers.clock import ScaledClock
 from simulators.scenario import load_scenario
 from simulators.vm1_pty import Vm1PtySimulator
 from tests.mqtt_helpers import Collector, MosquittoBroker, collecting

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from devicegw.session_tracker import Rx
+from devicegw.core.session_tracker import Rx
 from drivers.vm1.messages import (
     Alarm,
     DeviceMessage,

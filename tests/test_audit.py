@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from devicegw.audit import (
+from devicegw.config import Config, parse_config
+from devicegw.contract.payloads import DoseEvent
+from devicegw.storage.audit import (
     GENESIS_HASH,
     AuditError,
     AuditHead,
@@ -34,10 +36,8 @@ from devicegw.audit import (
     record_hash,
     verify,
 )
-from devicegw.clock import ManualClock
-from devicegw.config import Config, parse_config
-from devicegw.payloads import DoseEvent
-from devicegw.store import Store, StoreError
+from devicegw.storage.store import Store, StoreError
+from drivers.clock import ManualClock
 from tests.test_contract import real_dose_event_json
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from devicegw import cli
-from devicegw.tail import TailProcessor
+from devicegw.edc.tail import TailProcessor
 from simulators import ble_sandbox
 from simulators.ble_sandbox import bluezoo_available, dbus_daemon_binary
 from tests.mqtt_helpers import MosquittoBroker, Received, collecting, require

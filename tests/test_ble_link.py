@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from devicegw.backoff import Backoff
-from devicegw.clock import ScaledClock
 from devicegw.errors import TransportError
+from drivers.backoff import Backoff
+from drivers.clock import ScaledClock
 from drivers.transport.ble_link import (
     BATTERY_LEVEL_UUID,
     MANUFACTURER_NAME_UUID,
@@ -355,7 +355,7 @@ class ListSink:
 async def test_nebulizer_runner_over_ble_yields_the_dose_event(bluez: BluezooEnv) -> None:  # noqa: F811
     """The unchanged serial message path (NebulizerRunner -> Vm1Pipeline) over BLE."""
     from devicegw.config import parse_config
-    from devicegw.nebulizer import NebulizerRunner
+    from devicegw.runtime.nebulizer_runner import NebulizerRunner
 
     clock = ScaledClock(20)
     session = parse_scenario(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import random
 from collections.abc import AsyncIterator, Callable
@@ -24,9 +25,10 @@ from typing import Any
 
 import pytest
 
-from devicegw.backoff import Backoff
-from devicegw.clock import ScaledClock
-from devicegw.errors import ScenarioError, TransportError
+from devicegw.errors import TransportError
+from devicegw.runtime.reconnect import open_until_up
+from drivers.backoff import Backoff
+from drivers.clock import ScaledClock
 from drivers.oximeter import plx
 from drivers.oximeter.berrymed import BERRYMED_SERVICE_UUID, BerryMedPacket
 from drivers.oximeter.sample import QualityFlag
@@ -36,8 +38,8 @@ from drivers.transport.ble_oximeter_link import (
     OximeterBleLink,
     PlxBleLink,
     ReceivedSample,
-    open_with_backoff,
 )
+from simulators.errors import ScenarioError
 from simulators.oximeter_ble import BerryMedBleSimulator, PlxBleSimulator
 from simulators.oximeter_scenario import OximeterScenario, parse_oximeter_scenario
 from tests.ble_fixtures import (
@@ -309,22 +311,40 @@ async def test_plx_goes_away_link_reports_loss_and_reconnects(
             # The other oximeter is not affected.
             await collect(ox_bm, lambda got: len(got) >= 2, timeout=10)
 
-            # Reconnect loop: capped, jittered backoff on the clock; the device returns meanwhile.
+            # The runners' reconnect loop: capped, jittered backoff on the clock; the device
+            # returns meanwhile.
             delays: list[float] = []
+            failures: list[TransportError] = []
 
-            def failed(exc: TransportError, delay: float) -> None:
-                delays.append(delay)
-                if len(delays) == 2:
+            class RecordedBackoff(Backoff):
+                def next_delay(self) -> float:
+                    delays.append(super().next_delay())
+                    return delays[-1]
+
+            def failed(exc: TransportError, first: bool) -> None:
+                failures.append(exc)
+                if len(failures) == 2:
                     asyncio.get_running_loop().create_task(sim.come_back())
 
-            backoff = Backoff(initial_s=1.0, max_s=2.0, rng=random.Random(5))
-            failures = await asyncio.wait_for(
-                open_with_backoff(ox_plx, backoff, clock=clock, on_failure=failed), 30
+            backoff = RecordedBackoff(initial_s=1.0, max_s=2.0, rng=random.Random(5))
+            await ox_plx.close()
+            reopened = await asyncio.wait_for(
+                open_until_up(
+                    lambda: ox_plx,
+                    clock=clock,
+                    backoff=backoff,
+                    log=logging.getLogger("test"),
+                    what="oximeter link",
+                    device_id="ox-plx",
+                    on_failure=failed,
+                ),
+                30,
             )
+            assert reopened is ox_plx
             assert len(failures) >= 2
             assert all("PLX oximeter 'Nonin3230 PLX-0001' not found" in str(f) for f in failures)
+            assert len(delays) == len(failures)
             assert all(0.5 <= d <= 2.0 for d in delays)
-            assert backoff.attempts == 0, "reset once connected"
 
             after = await collect(ox_plx, lambda got: len(got) >= 4)
             k_before = assert_plx_follows_model(sim, before)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from devicegw.clock import ScaledClock
 from devicegw.config import parse_config
-from devicegw.daemon import Gateway
+from devicegw.runtime.gateway import Gateway
+from drivers.clock import ScaledClock
 from tests.mqtt_helpers import MosquittoBroker, collecting, mosquitto_binary, require
 
 

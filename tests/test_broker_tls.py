@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from devicegw.clock import ScaledClock
 from devicegw.config import parse_config
-from devicegw.daemon import Gateway
 from devicegw.errors import ConfigError
+from devicegw.runtime.gateway import Gateway
+from drivers.clock import ScaledClock
 from tests.mqtt_helpers import MosquittoBroker, mosquitto_binary, require
 
 
@@ -118,7 +118,7 @@ def test_tls_verification_is_on_by_default(tmp_path: Path, ca: trustme.CA) -> No
             },
         }
     )
-    from devicegw.mqtt_publisher import build_tls_context
+    from devicegw.mqtt.publisher import build_tls_context
 
     ctx = build_tls_context(config.broker)
     assert ctx is not None

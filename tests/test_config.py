@@ -111,7 +111,7 @@ def test_ble_link_needs_an_address_or_name(tmp_path: Path) -> None:
 
 
 def test_ble_link_builds_a_framed_ble_transport(tmp_path: Path) -> None:
-    from devicegw.links import link_factory
+    from devicegw.runtime.link_factory import link_factory
     from drivers.transport.ble_link import FramedPayloadLink
 
     text = GOOD.replace(
@@ -137,9 +137,9 @@ def test_oximeter_must_watch_the_subject_of_its_bed(tmp_path: Path) -> None:
 
 
 def test_ble_oximeters_in_the_config(tmp_path: Path) -> None:
-    from devicegw.clock import ManualClock
-    from devicegw.links import BleSampleSource, oximeter_source_factory
-    from devicegw.oximeter_runner import NoninSerialSource
+    from devicegw.runtime.link_factory import BleSampleSource, oximeter_source_factory
+    from devicegw.runtime.oximeter_runner import NoninSerialSource
+    from drivers.clock import ManualClock
 
     plx = (
         '\n[[oximeters]]\nid = "ox1"\ntype = "plx"\nbed = "B01"\nsubject_id = "CVD-042-0017"\n'

@@ -15,11 +15,11 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from devicegw.config import parse_config
-from devicegw.dose_check import assess
-from devicegw.dose_record import build_dose_event
-from devicegw.schema_export import MODELS, render, schemas
-from devicegw.session_tracker import SessionFinished, SessionTracker
-from devicegw.topics import Topics
+from devicegw.contract.schemas import MODELS, render, schemas
+from devicegw.contract.topics import Topics
+from devicegw.core.dose_check import assess
+from devicegw.core.dose_event import build_dose_event
+from devicegw.core.session_tracker import SessionFinished, SessionTracker
 from drivers.vm1.messages import DeviceState, EndReason, Ident
 from tests.session_stream import StreamBuilder
 
@@ -55,7 +55,7 @@ def test_committed_schema_matches_model(name: str) -> None:
     path = SCHEMAS / name
     assert path.exists(), f"{path} is missing: {REGENERATE}"
     assert path.read_text(encoding="utf-8") == render(schemas()[name]), (
-        f"{path} differs from devicegw.payloads: {REGENERATE}"
+        f"{path} differs from devicegw.contract.payloads: {REGENERATE}"
     )
 
 

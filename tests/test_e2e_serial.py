@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from devicegw.payloads import DoseEvent, dose_event_id
+from devicegw.contract.payloads import DoseEvent, dose_event_id
 from tests.e2e_harness import running
 from tests.mqtt_helpers import MosquittoBroker
 
@@ -197,7 +197,12 @@ async def test_broker_restart_mid_session(mosquitto: MosquittoBroker, tmp_path: 
     async with running(mosquitto, tmp_path, ["complete"]) as e2e:
         await e2e.collector.wait_for(lambda m: any("/telemetry/" in x.topic for x in m), 20)
         mosquitto.stop()
-        await asyncio.sleep(1.0)  # ~100 s of device time without a broker
+        # Wait for the gateway to notice (a loaded machine may take a while), then keep the
+        # broker away ~100 s of device time.
+        async with asyncio.timeout(30):
+            while e2e.gateway.publisher.stats.connected:  # noqa: ASYNC110 - polling a stats flag
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
         assert e2e.gateway.publisher.stats.connected is False
         mosquitto.start()
         async with collecting(

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from devicegw.clock import ScaledClock
 from devicegw.config import parse_config
-from devicegw.daemon import Gateway
-from devicegw.payloads import DoseEvent
-from devicegw.spo2_payloads import PostDoseSafetySummary, SafetyAlert
+from devicegw.contract.payloads import DoseEvent
+from devicegw.contract.spo2 import PostDoseSafetySummary, SafetyAlert
+from devicegw.runtime.gateway import Gateway
+from drivers.clock import ScaledClock
 from simulators.oximeter_pty import NoninPtySimulator
 from simulators.oximeter_scenario import load_pair
 from simulators.vm1_pty import Vm1PtySimulator

@@ -24,9 +24,11 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from devicegw.config import Config, parse_config
-from devicegw.dose_check import assess
-from devicegw.dose_record import build_dose_event
-from devicegw.edc_export import (
+from devicegw.contract.payloads import DoseEvent
+from devicegw.core.dose_check import assess
+from devicegw.core.dose_event import build_dose_event
+from devicegw.core.session_tracker import SessionFinished, SessionTracker
+from devicegw.edc.export import (
     BLINDED_PRODUCT,
     EX_COLUMNS,
     ExportError,
@@ -35,8 +37,6 @@ from devicegw.edc_export import (
     render,
     to_sdtm_ex,
 )
-from devicegw.payloads import DoseEvent
-from devicegw.session_tracker import SessionFinished, SessionTracker
 from drivers.vm1.messages import AlarmCode, DeviceState, EndReason, Ident
 from tests.session_stream import T0, StreamBuilder
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from devicegw.tail import TailProcessor
+from devicegw.edc.tail import TailProcessor
 from tests.e2e_harness import running
 from tests.mqtt_helpers import Collector, MosquittoBroker, Received, collecting
 from tests.process_harness import kill9, start_gateway, stop

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from devicegw.outbox import Outbox
-from devicegw.store import Store
+from devicegw.storage.outbox import Outbox
+from devicegw.storage.store import Store
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -14,21 +14,21 @@ from typing import Any
 import pytest
 import serial
 
-from devicegw.clock import ScaledClock
-from devicegw.errors import ScenarioError
-from devicegw.spo2_overlay import (
+from devicegw.config import Spo2Rules
+from devicegw.contract.spo2 import OximeterRef
+from devicegw.core.spo2_monitor import (
     SafetyAlertCleared,
     SafetyAlertRaised,
     SessionSpo2Summary,
     Spo2Context,
     Spo2Event,
     Spo2Monitor,
-    Spo2Rules,
 )
-from devicegw.spo2_payloads import OximeterRef
+from drivers.clock import ScaledClock
 from drivers.oximeter import berrymed, nonin, plx
 from drivers.oximeter.sample import OximeterSample, QualityFlag
 from drivers.vm1.messages import SessionEnd, SessionStart
+from simulators.errors import ScenarioError
 from simulators.oximeter_pty import NoninPtySimulator
 from simulators.oximeter_scenario import (
     OximeterScenario,

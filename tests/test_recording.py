@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from devicegw.config import Config, parse_config
-from devicegw.recording import (
+from devicegw.recording.format import (
     HEADER,
     MAGIC,
     RX,

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from devicegw.clock import ScaledClock
+from devicegw.cli.replay import Emitted, Player, simulate_record
 from devicegw.config import parse_config
-from devicegw.daemon import Gateway
-from devicegw.mqtt_publisher import encode
-from devicegw.payloads import DeviceStatus, DoseEvent, Telemetry
-from devicegw.recording import iter_records
-from devicegw.replay import Emitted, Player, simulate_record
+from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry
+from devicegw.mqtt.publisher import encode
+from devicegw.recording.format import iter_records
+from devicegw.runtime.gateway import Gateway
+from drivers.clock import ScaledClock
 from simulators.scenario import load_scenario
 from simulators.vm1_pty import Vm1PtySimulator
 from tests.mqtt_helpers import MosquittoBroker, collecting

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from devicegw.errors import ScenarioError
 from drivers.vm1.messages import AlarmCode, EndReason, Output, SessionEnd
+from simulators.errors import ScenarioError
 from simulators.scenario import Scenario, load_scenario, parse_scenario
 from simulators.vm1_model import Vm1Model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from devicegw.config import DoseRules
-from devicegw.dose_check import Verdict, assess
-from devicegw.session_tracker import (
+from devicegw.core.dose_check import Verdict, assess
+from devicegw.core.session_tracker import (
     FetchSessionRecord,
     FinishedSession,
     SessionFinished,
@@ -198,7 +198,7 @@ def test_missed_end_is_fetched_from_the_device_log() -> None:
         residual_ul=105,
         end_wall_s=1_795_507_200 + 435,
     )
-    from devicegw.session_tracker import Rx
+    from devicegw.core.session_tracker import Rx
 
     [fin] = finished(tracker.feed(Rx(msg=record, utc=T0, mono=0.0)))
     a = assess(fin, RULES)
@@ -225,7 +225,7 @@ def test_unknown_session_end_is_reconciled_from_device_log() -> None:
         residual_ul=105,
         end_wall_s=0,
     )
-    from devicegw.session_tracker import Rx
+    from devicegw.core.session_tracker import Rx
 
     [fin] = finished(tracker.feed(Rx(msg=record, utc=T0, mono=0.0)))
     a = assess(fin, RULES)

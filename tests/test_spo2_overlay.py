@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from devicegw.spo2_overlay import (
+from devicegw.config import Spo2Rules
+from devicegw.contract.spo2 import (
+    OximeterRef,
+    PostDoseSafetySummary,
+    SafetyAlert,
+    Spo2Summary,
+)
+from devicegw.core.spo2_monitor import (
     PostDoseSummary,
     SafetyAlertCleared,
     SafetyAlertRaised,
@@ -22,14 +29,7 @@ from devicegw.spo2_overlay import (
     Spo2Context,
     Spo2Event,
     Spo2Monitor,
-    Spo2Rules,
     unavailable_summary,
-)
-from devicegw.spo2_payloads import (
-    OximeterRef,
-    PostDoseSafetySummary,
-    SafetyAlert,
-    Spo2Summary,
 )
 from drivers.oximeter.sample import OximeterSample, QualityFlag
 

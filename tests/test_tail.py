@@ -14,11 +14,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from devicegw import tail
-from devicegw.mqtt_publisher import stamp
-from devicegw.payloads import DeviceIdentity, DeviceStatus, GatewayStatus, Telemetry
-from devicegw.schema_export import MODELS, schemas
-from devicegw.tail import (
+from devicegw.contract.payloads import DeviceIdentity, DeviceStatus, GatewayStatus, Telemetry
+from devicegw.contract.schemas import MODELS, schemas
+from devicegw.edc import tail
+from devicegw.edc.tail import (
     AckStore,
     AckStoreError,
     Printer,
@@ -29,6 +28,7 @@ from devicegw.tail import (
     contract_validators,
     run_edc_client,
 )
+from devicegw.mqtt.publisher import stamp
 from tests.mqtt_helpers import MosquittoBroker
 from tests.test_contract import real_dose_event_json
 

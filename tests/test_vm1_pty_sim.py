@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 import serial
 
-from devicegw.clock import ManualClock, ScaledClock
-from devicegw.errors import ScenarioError
+from drivers.clock import ManualClock, ScaledClock
 from drivers.vm1.framing import encode_frame
 from drivers.vm1.messages import (
     Ack,
@@ -33,6 +32,7 @@ from drivers.vm1.messages import (
     Status,
 )
 from drivers.vm1.stream import StreamStats, Vm1StreamDecoder, encode_message_frame
+from simulators.errors import ScenarioError
 from simulators.run import run_scenarios, simulate_main
 from simulators.scenario import Scenario, parse_scenario
 from simulators.vm1_pty import Vm1PtySimulator

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devicegw.errors import ProtocolError
+from drivers.errors import ProtocolError
 from drivers.oximeter.sample import OximeterSample, QualityFlag
 
 __all__ = [

@@ -75,7 +75,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, IntFlag
 
-from devicegw.errors import ProtocolError
+from drivers.errors import ProtocolError
 from drivers.oximeter.sample import OximeterSample, QualityFlag
 
 __all__ = [

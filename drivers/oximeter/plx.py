@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import IntFlag
 
-from devicegw.errors import ProtocolError
+from drivers.errors import ProtocolError
 from drivers.oximeter.sample import OximeterSample, QualityFlag
 from drivers.oximeter.sfloat import decode_sfloat, encode_sfloat
 

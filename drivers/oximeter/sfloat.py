@@ -26,7 +26,7 @@ import math
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import IntEnum
 
-from devicegw.errors import ProtocolError
+from drivers.errors import ProtocolError
 
 __all__ = [
     "MANTISSA_MAX",

@@ -24,7 +24,7 @@ escapes or CRC), so this link moves *payloads*, not a byte stream:
 Reconnecting is the caller's loop, as for serial: a lost link raises
 :class:`~devicegw.errors.TransportError` from ``read_payload``; the caller
 closes it, waits ``Backoff.next_delay()`` (capped, jittered:
-:mod:`devicegw.backoff`) and opens a new one (``NebulizerRunner.run`` does
+:mod:`drivers.backoff`) and opens a new one (``NebulizerRunner.run`` does
 exactly this). Inside one ``open`` bleak-retry-connector retries the connect
 itself a few times with its own short backoffs.
 
@@ -44,7 +44,7 @@ import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from devicegw.errors import TransportError
+from drivers.errors import TransportError
 from drivers.vm1.framing import Deframer, encode_frame
 
 if TYPE_CHECKING:

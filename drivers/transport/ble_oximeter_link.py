@@ -20,8 +20,8 @@ target is named in errors), so both device kinds behave the same way:
   the link is closed and opened again).
 
 Every sample carries the gateway's receive time from the injected
-:class:`~devicegw.clock.Clock` (:class:`ReceivedSample`: ``t_s`` =
-``clock.monotonic()``, the time axis of :mod:`devicegw.spo2_overlay`, and
+:class:`~drivers.clock.Clock` (:class:`ReceivedSample`: ``t_s`` =
+``clock.monotonic()``, the time axis of :mod:`devicegw.core.spo2_monitor`, and
 ``utc`` = ``clock.now()``).
 
 :class:`PlxBleLink` (Bluetooth SIG Pulse Oximeter Service): after connecting
@@ -63,8 +63,8 @@ packets/s; the consumer gets **at most one sample per ``window_s``** (default
   reported; ``close`` discards it.
 
 Reconnecting is the caller's loop, as for the VM-1 link: close the lost link,
-wait a capped, jittered :class:`~devicegw.backoff.Backoff` delay, open again.
-:func:`open_with_backoff` is that loop.
+wait a capped, jittered :class:`~drivers.backoff.Backoff` delay, open again.
+``devicegw.runtime`` owns that loop.
 """
 
 from __future__ import annotations
@@ -73,14 +73,13 @@ import asyncio
 import logging
 import math
 import statistics
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from devicegw.backoff import Backoff
-from devicegw.clock import Clock, SystemClock
-from devicegw.errors import ProtocolError, TransportError
+from drivers.clock import Clock, SystemClock
+from drivers.errors import ProtocolError, TransportError
 from drivers.oximeter import berrymed, plx
 from drivers.oximeter.berrymed import BerryMedDecoder, BerryMedPacket
 from drivers.oximeter.plx import PlxFeatures
@@ -100,7 +99,6 @@ __all__ = [
     "PlxBleLink",
     "ReceivedSample",
     "SampleKind",
-    "open_with_backoff",
 ]
 
 log = logging.getLogger(__name__)
@@ -521,40 +519,3 @@ class BerryMedBleLink(OximeterBleLink):
             out = self.downsampler.add(t_s, utc, packet)
             if out is not None:
                 self._deliver(out)
-
-
-# --------------------------------------------------------------------------- reconnect
-
-
-async def open_with_backoff(
-    link: OximeterBleLink,
-    backoff: Backoff,
-    *,
-    clock: Clock,
-    max_attempts: int | None = None,
-    on_failure: Callable[[TransportError, float], None] | None = None,
-) -> list[TransportError]:
-    """(Re)open ``link``: close it, then open until it works, backing off between tries.
-
-    Each failed open is passed to ``on_failure`` with the delay about to be
-    slept (``backoff.next_delay()``, on ``clock``). Returns the failures; after
-    ``max_attempts`` failed opens the last failure is raised. On success the
-    backoff is reset, as NebulizerRunner does once a link is up.
-    """
-    await link.close()
-    failures: list[TransportError] = []
-    while True:
-        try:
-            await link.open()
-        except TransportError as exc:
-            failures.append(exc)
-            if max_attempts is not None and len(failures) >= max_attempts:
-                raise
-            delay = backoff.next_delay()
-            if on_failure is not None:
-                on_failure(exc, delay)
-            log.info("%s: %s; retrying in %.2f s", link.description, exc, delay)
-            await clock.sleep(delay)
-            continue
-        backoff.reset()
-        return failures

@@ -15,7 +15,7 @@ import os
 import serial
 import serial_asyncio_fast
 
-from devicegw.errors import TransportError
+from drivers.errors import TransportError
 
 _READ_CHUNK = 4096
 

@@ -39,7 +39,7 @@ from enum import IntEnum
 from struct import Struct
 from typing import Any, TypeVar
 
-from devicegw.errors import ProtocolError
+from drivers.errors import ProtocolError
 from drivers.vm1.messages import (
     HEADER_LEN,
     MAX_PAYLOAD,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devicegw.errors import ProtocolError
+from drivers.errors import ProtocolError
 from drivers.vm1.crc import crc16_ccitt_false
 from drivers.vm1.messages import HEADER_LEN, MAX_PAYLOAD
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devicegw.errors import ProtocolError
+from drivers.errors import ProtocolError
 from drivers.vm1.codec import decode_payload, encode_payload
 from drivers.vm1.framing import Deframer, DeframerStats, encode_frame
 from drivers.vm1.messages import Message

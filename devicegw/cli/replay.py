@@ -1,0 +1,850 @@
+"""Replay recordings through the live pipeline, and make recordings from scenarios.
+
+Player (``devicegw replay``): reads ``.dgwrec`` files (:mod:`devicegw.recording.format`),
+builds one :class:`~devicegw.core.vm1_pipeline.Vm1Pipeline` per device (the very
+class the live runner feeds) from ``--config`` or from the recording's header,
+and feeds it the recorded bytes with the recorded gateway UTC and monotonic
+readings. Dose checks therefore see exactly what they saw live, and the dose
+events come out byte-identical (``mqtt_publisher.encode``). ``--speed N`` paces
+the records on a :class:`~drivers.clock.ScaledClock`; ``--as-fast-as-possible``
+does not wait at all. Pacing changes when events come out, never what they say.
+
+Scenario runner (``devicegw simulate --scenario F --record DIR``): drives the
+pure :class:`~simulators.vm1_model.Vm1Model` in virtual time (no pty, no
+sleeping) and writes what a gateway would have recorded: the link opening,
+the device's port-open IDENT, the gateway's handshake (GET_INFO, SET_CLOCK to
+the virtual UTC, SET_RATE if the device is configured with ``output_rate_hz``)
+as sent bytes with the device's answers, then every message the device sends,
+received at the instant it is sent. Scripted link drops close the link (what
+the device sends meanwhile is lost) and the gateway reopens 0.5 s after the
+port returns; line noise and bit flips are injected like the pty simulator
+does. The virtual gateway does not run the pipeline, so it never sends
+GET_SESSION for a missed SESSION_END (scenarios in which the gateway needs the
+device's session log replay as "end missed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import heapq
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+from devicegw.config import Config, DeviceSettings, GatewaySettings, load_config
+from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry
+from devicegw.contract.topics import Topics
+from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
+from devicegw.errors import ConfigError, GatewayError
+from devicegw.mqtt.publisher import encode
+from devicegw.recording.format import (
+    CLOSE,
+    HEADER,
+    OPEN,
+    RX,
+    TX,
+    ReadStats,
+    Record,
+    RecordingError,
+    RecordingHeader,
+    RecordingWriter,
+    first_header,
+    iter_records,
+    parse_header,
+    show_lines,
+    utc_to_us,
+)
+from drivers.clock import Clock, ScaledClock
+
+if TYPE_CHECKING:
+    from simulators.scenario import Scenario
+
+__all__ = [
+    "DEFAULT_SIM_START",
+    "DeviceSummary",
+    "Emitted",
+    "Player",
+    "ReplaySummary",
+    "SimRecordStats",
+    "add_cli_commands",
+    "add_simulate_record_args",
+    "record_scenario",
+    "simulate_record",
+    "simulate_record_cli",
+    "summary_table",
+    "synthesized_device",
+]
+
+OutputKind = Literal["dose", "status", "telemetry"]
+
+#: Virtual UTC at which ``simulate --record`` powers the devices on, unless told otherwise.
+DEFAULT_SIM_START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+_SIM_NAMESPACE = uuid.UUID("0b7e4a52-7d0f-4f57-9c1e-2a8f3b8e6d10")
+#: Gateway's delay between the port reappearing and its reopen (its first backoff step).
+SIM_REOPEN_DELAY_S = 0.5
+
+
+# ======================================================================== player
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """One output of a replayed device (what the daemon would have published)."""
+
+    device_id: str
+    kind: OutputKind
+    payload: DoseEvent | DeviceStatus | Telemetry
+
+    def encoded(self) -> bytes:
+        return encode(self.payload)
+
+
+@dataclass(slots=True)
+class DeviceSummary:
+    sessions: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+    runs: int = 0
+
+
+@dataclass(slots=True)
+class ReplaySummary:
+    files: int = 0
+    records: int = 0
+    rx_bytes: int = 0
+    frames: int = 0  # VM-1 frames decoded (good and bad)
+    first_utc_us: int | None = None
+    last_utc_us: int | None = None
+    #: Sum over devices (and gateway runs) of the time their recordings span.
+    device_seconds: float = 0.0
+    wall_s: float = 0.0
+    skipped_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+    devices: dict[str, DeviceSummary] = field(default_factory=dict)
+
+    @property
+    def span_s(self) -> float:
+        """Gateway time the recordings span (first record to last, all devices)."""
+        if self.first_utc_us is None or self.last_utc_us is None:
+            return 0.0
+        return (self.last_utc_us - self.first_utc_us) / 1e6
+
+    @property
+    def sessions(self) -> int:
+        return sum(d.sessions for d in self.devices.values())
+
+    def verdicts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for d in self.devices.values():
+            total.update(d.verdicts)
+        return total
+
+
+class _Sink:
+    """The GatewaySink of a replayed device: counts verdicts, forwards what was asked for."""
+
+    def __init__(
+        self,
+        summary: DeviceSummary,
+        kinds: frozenset[str],
+        emit: Callable[[Emitted], None] | None,
+    ) -> None:
+        self._summary = summary
+        self._kinds = kinds
+        self._emit = emit
+
+    def dose_event(self, device_id: str, event: DoseEvent) -> None:
+        self._summary.sessions += 1
+        self._summary.verdicts[event.verdict] += 1
+        if self._emit is not None and "dose" in self._kinds:
+            self._emit(Emitted(device_id, "dose", event))
+
+    def device_status(self, device_id: str, status: DeviceStatus) -> None:
+        if self._emit is not None and "status" in self._kinds:
+            self._emit(Emitted(device_id, "status", status))
+
+    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+        if self._emit is not None and "telemetry" in self._kinds:
+            self._emit(Emitted(device_id, "telemetry", telemetry))
+
+
+@dataclass(slots=True)
+class _Run:
+    run_id: str
+    pipeline: Vm1Pipeline
+    first_utc_us: int
+    last_utc_us: int
+
+
+class Player:
+    """Feeds recordings through fresh pipelines; see the module docstring.
+
+    ``emit`` receives every output of the kinds in ``kinds`` in the order the
+    pipelines produce them. Files of one device are played one after the
+    other (ordered by their first record); devices are interleaved by UTC.
+    A new gateway run in a device's recording (another ``run_id``) starts a
+    fresh pipeline, as the restarted daemon did.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        config: Config | None = None,
+        emit: Callable[[Emitted], None] | None = None,
+        kinds: Sequence[OutputKind] = ("dose",),
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.config = config
+        self.summary = ReplaySummary(files=len(self.paths))
+        self._emit = emit
+        self._kinds = frozenset(kinds)
+        self._runs: dict[str, _Run] = {}
+        self._finished: list[_Run] = []
+        self._groups: dict[str, list[tuple[int, Path]]] = {}
+        self.total_bytes = 0
+        for path in self.paths:
+            header, rec = first_header(path)
+            self._groups.setdefault(header.device_id, []).append((rec.utc_us, path))
+            self.total_bytes += path.stat().st_size
+        for group in self._groups.values():
+            group.sort()
+
+    # -- the record stream -----------------------------------------------------------
+
+    def _device_stream(self, device_id: str) -> Iterator[tuple[str, Record]]:
+        for _, path in self._groups[device_id]:
+            stats = ReadStats()
+            for rec in iter_records(path, stats):
+                yield device_id, rec
+            if stats.bytes_skipped:
+                self.summary.skipped_bytes += stats.bytes_skipped
+                self.summary.problems.append(f"{path}: {stats.problem}")
+
+    def records(self) -> Iterator[tuple[str, Record]]:
+        """Every record of every file, devices merged in UTC order."""
+        streams = [self._device_stream(d) for d in self._groups]
+        if len(streams) == 1:
+            return streams[0]
+        return heapq.merge(*streams, key=_utc_key)
+
+    # -- applying records ----------------------------------------------------------
+
+    def _start_run(self, device_id: str, header: RecordingHeader, utc_us: int) -> _Run:
+        if self.config is not None:
+            config = self.config
+            device = next((d for d in config.devices if d.id == device_id), None)
+            if device is None:
+                raise RecordingError(
+                    f"device {device_id} of the recording is not in the given configuration"
+                )
+        else:
+            config = header.config()
+            device = config.devices[0]
+        dev_summary = self.summary.devices.setdefault(device_id, DeviceSummary())
+        dev_summary.runs += 1
+        sink = _Sink(dev_summary, self._kinds, self._emit)
+        return _Run(header.run_id, Vm1Pipeline(device, config, sink), utc_us, utc_us)
+
+    def apply(self, device_id: str, rec: Record) -> None:
+        """Feed one record to its device's pipeline."""
+        kind = rec.kind
+        run = self._runs.get(device_id)
+        if kind == HEADER:
+            header = parse_header(rec)
+            if run is None or run.run_id != header.run_id:
+                if run is not None:
+                    self._finished.append(run)
+                self._runs[device_id] = self._start_run(device_id, header, rec.utc_us)
+            return
+        if run is None:
+            raise RecordingError(f"{device_id}: records before the first header")
+        run.last_utc_us = rec.utc_us
+        if kind == RX:
+            self.summary.rx_bytes += len(rec.payload)
+            # A refused device: the live runner dropped the link; the recording shows the close.
+            with contextlib.suppress(UnexpectedDeviceError):
+                run.pipeline.feed(rec.payload, rec.utc, rec.mono)
+        elif kind == OPEN:
+            run.pipeline.link_up(rec.utc)
+        elif kind == CLOSE:
+            run.pipeline.link_down(rec.utc)
+        # TX: what the gateway sent; the device's answers are in the RX records.
+
+    def _note(self, rec: Record) -> None:
+        s = self.summary
+        s.records += 1
+        if s.first_utc_us is None:
+            s.first_utc_us = rec.utc_us
+        if s.last_utc_us is None or rec.utc_us > s.last_utc_us:
+            s.last_utc_us = rec.utc_us
+
+    def _finish(self, wall_s: float) -> ReplaySummary:
+        s = self.summary
+        s.wall_s = wall_s
+        runs = [*self._finished, *self._runs.values()]
+        s.device_seconds = sum((r.last_utc_us - r.first_utc_us) / 1e6 for r in runs)
+        s.frames = sum(r.pipeline.health.frames_ok + r.pipeline.health.frames_bad for r in runs)
+        return s
+
+    # -- running ---------------------------------------------------------------------
+
+    def run(self, *, progress: Callable[[int], None] | None = None) -> ReplaySummary:
+        """As fast as possible, synchronously. ``progress`` gets approximate bytes read."""
+        t0 = time.perf_counter()
+        apply = self.apply
+        note = self._note
+        done = 0
+        for n, (device_id, rec) in enumerate(self.records(), 1):
+            note(rec)
+            apply(device_id, rec)
+            if progress is not None:
+                done += len(rec.payload) + 25
+                if n % 2048 == 0:
+                    progress(done)
+        if progress is not None:
+            progress(self.total_bytes)
+        return self._finish(time.perf_counter() - t0)
+
+    async def run_async(
+        self,
+        *,
+        speed: float | None,
+        clock: Clock | None = None,
+        progress: Callable[[int], None] | None = None,
+        yield_every: int = 512,
+    ) -> ReplaySummary:
+        """Paced by ``clock`` (default ``ScaledClock(speed)``), or unpaced if ``speed`` is None.
+
+        Unpaced, it still yields to the event loop every ``yield_every`` records,
+        so a publisher task keeps draining.
+        """
+        t0 = time.perf_counter()
+        if speed is not None and clock is None:
+            clock = ScaledClock(speed)
+        # Waits shorter than 2 ms of real time are batched with the next ones.
+        min_ahead = 0.002 * clock.scale if clock is not None else 0.0
+        start_us: int | None = None
+        base = 0.0
+        done = 0
+        for n, (device_id, rec) in enumerate(self.records(), 1):
+            if clock is not None:
+                if start_us is None:
+                    start_us, base = rec.utc_us, clock.monotonic()
+                ahead = base + (rec.utc_us - start_us) / 1e6 - clock.monotonic()
+                if ahead > min_ahead:
+                    await clock.sleep(ahead)
+            elif n % yield_every == 0:
+                await asyncio.sleep(0)
+            self._note(rec)
+            self.apply(device_id, rec)
+            done += len(rec.payload) + 25
+            if progress is not None and (n % 256 == 0 or clock is not None):
+                progress(done)
+        if progress is not None:
+            progress(self.total_bytes)
+        return self._finish(time.perf_counter() - t0)
+
+
+def _utc_key(item: tuple[str, Record]) -> int:
+    return item[1].utc_us
+
+
+# ======================================================================== scenario runner
+
+
+@dataclass(slots=True)
+class SimRecordStats:
+    device_id: str
+    scenario: str
+    sim_seconds: float = 0.0
+    frames: int = 0
+    frames_lost: int = 0
+    records: int = 0
+    bytes: int = 0
+    wall_s: float = 0.0
+
+
+def synthesized_device(
+    index: int, scenario: Scenario, *, output_rate_hz: int | None = None
+) -> DeviceSettings:
+    """Config of the ``index``-th simulated device when no --config is given."""
+    serial = scenario.device.serial_no
+    return DeviceSettings(
+        id=f"neb-{serial}" if _ident_ok(serial) else f"neb-sim{index + 1:02d}",
+        type="vm1",
+        link={"kind": "serial", "port": f"sim://{serial}"},  # type: ignore[arg-type]
+        bed=f"SIM{index + 1:02d}",
+        subject_id=f"SIM-{index + 1:04d}",
+        kit_number=f"K-SIM-{index + 1:04d}",
+        output_rate_hz=output_rate_hz,
+    )
+
+
+def _ident_ok(text: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}", text) is not None
+
+
+def simulation_config(devices: list[DeviceSettings]) -> Config:
+    return Config(
+        gateway=GatewaySettings(id="gw-sim", site="site-sim"),
+        devices=devices,
+    )
+
+
+def record_scenario(
+    scenario: Scenario,
+    out_dir: str | Path,
+    *,
+    config: Config,
+    device: DeviceSettings,
+    start_utc: datetime = DEFAULT_SIM_START,
+    until_s: float | None = None,
+    tail_s: float = 10.0,
+    run_id: str | None = None,
+    flush_interval_s: float = 60.0,
+) -> SimRecordStats:
+    """Run one scenario in virtual time and write its recording; see the module docstring."""
+    from drivers.vm1.framing import Deframer
+    from drivers.vm1.messages import DeviceMessage, GetInfo, HostCommand, SetClock, SetRate
+    from drivers.vm1.stream import encode_message_frame
+    from simulators.vm1_model import Vm1Model
+
+    t_wall = time.perf_counter()
+    model = Vm1Model.from_scenario(scenario)
+    dev_id = device.id
+    if run_id is None:
+        run_id = str(
+            uuid.uuid5(
+                _SIM_NAMESPACE, f"{scenario.name}/{scenario.device.serial_no}/{start_utc}/{dev_id}"
+            )
+        )
+    writer = RecordingWriter(
+        out_dir,
+        config,
+        run_id=run_id,
+        flush_interval_s=flush_interval_s,
+        source="simulator",
+        header_extra={
+            dev_id: {
+                "scenario": scenario.name,
+                "serial_no": scenario.device.serial_no,
+                "seed": scenario.device.seed,
+                "handshake": "simulated (GET_INFO, SET_CLOCK, SET_RATE if configured)",
+            }
+        },
+    )
+    stats = SimRecordStats(dev_id, scenario.name)
+    utc0 = utc_to_us(start_utc)
+    append = writer.append
+    rng = random.Random(f"vm1/{scenario.device.seed}/link")
+    link_up = False
+    bitflips = 0
+    host_seq = 0
+
+    def us(t: float) -> int:
+        return utc0 + round(t * 1_000_000)
+
+    def emit(msgs: list[DeviceMessage], t: float) -> None:
+        nonlocal bitflips
+        if not msgs:
+            return
+        if not link_up:
+            stats.frames_lost += len(msgs)
+            return
+        frames = [encode_message_frame(m) for m in msgs]
+        while bitflips and frames:
+            i = len(frames) - min(bitflips, len(frames))
+            for j in range(i, len(frames)):
+                f = bytearray(frames[j])
+                f[rng.randrange(1, len(f) - 1)] ^= 1 << rng.randrange(8)
+                frames[j] = bytes(f)
+                bitflips -= 1
+            break
+        stats.frames += len(frames)
+        append(dev_id, RX, t, us(t), b"".join(frames))
+
+    def command(cmd: HostCommand, t: float) -> None:
+        nonlocal host_seq
+        cmd = replace(cmd, seq=host_seq)
+        host_seq = (host_seq + 1) & 0xFF
+        append(dev_id, TX, t, us(t), encode_message_frame(cmd))
+        emit(model.handle_command(cmd, t), t)
+
+    def connect(t: float) -> None:
+        nonlocal link_up
+        emit(model.advance(t), t)  # lost: the link is still down
+        link_up = True
+        append(dev_id, OPEN, t, us(t), f"simulated {scenario.device.serial_no}".encode())
+        emit([model.ident_message(t)], t)  # the device's port-open IDENT
+        command(GetInfo(), t + 0.002)
+        command(SetClock(unix_s=us(t + 0.004) // 1_000_000), t + 0.004)
+        if device.output_rate_hz is not None:
+            command(SetRate(hz=device.output_rate_hz), t + 0.006)
+
+    # (time, order, kind, arg) like the pty simulator's link events.
+    events: list[tuple[float, int, str, float]] = []
+    for i, drop in enumerate(scenario.link_drops):
+        events.append((drop.at_s, i, "drop", drop.duration_s))
+    for i, c in enumerate(scenario.corruption):
+        events.append((c.at_s, 1000 + i, c.kind, float(c.count)))
+    heapq.heapify(events)
+    order = 10_000
+
+    connect(0.0)
+    end = until_s
+    next_event_time = model.next_event_time
+    advance = model.advance
+    while True:
+        nt = next_event_time()
+        if events and events[0][0] <= nt:
+            at, _, kind, arg = heapq.heappop(events)
+            if end is not None and at > end:
+                break
+            emit(advance(at), at)
+            if kind == "drop" and link_up:
+                link_up = False
+                append(dev_id, CLOSE, at, us(at), b"simulated link drop")
+                order += 1
+                heapq.heappush(events, (at + arg + SIM_REOPEN_DELAY_S, order, "reopen", 0.0))
+            elif kind == "reopen" and not link_up:
+                connect(at)
+            elif kind == "garbage" and link_up:
+                junk = b""
+                for _ in range(100):
+                    junk = bytes(rng.getrandbits(8) for _ in range(int(arg)))
+                    if not Deframer().feed(b"\x7e" + junk + b"\x7e"):
+                        break
+                append(dev_id, RX, at, us(at), junk)
+            elif kind == "bitflip":
+                bitflips += int(arg)
+            continue
+        if end is None and model.scripted_done and not events:
+            end = model.time_s + tail_s
+        if end is not None and nt > end:
+            break
+        # next_event_time() is ms / 1000: nudge it so advance()'s floor(t * 1000) reaches it.
+        msgs = advance(nt + 0.0004)
+        if msgs:
+            emit(msgs, nt)
+    t_end = end if end is not None else model.time_s
+    if link_up:
+        append(dev_id, CLOSE, t_end, us(t_end), b"closed")
+    writer.close()
+    stats.sim_seconds = t_end
+    stats.records = writer.stats.records
+    stats.bytes = writer.stats.bytes
+    stats.wall_s = time.perf_counter() - t_wall
+    return stats
+
+
+def _record_job(
+    args: tuple[Scenario, Path, Config, DeviceSettings, datetime, float | None],
+) -> SimRecordStats:
+    scenario, out_dir, config, device, start, until = args
+    return record_scenario(
+        scenario, out_dir, config=config, device=device, start_utc=start, until_s=until
+    )
+
+
+def simulate_record(
+    scenarios: Sequence[Scenario],
+    out_dir: str | Path,
+    *,
+    config: Config | None = None,
+    start_utc: datetime = DEFAULT_SIM_START,
+    until_s: float | None = None,
+    output_rate_hz: int | None = None,
+    jobs: int = 1,
+) -> list[SimRecordStats]:
+    """Record every scenario; device ``i`` is ``config.devices[i]`` (or synthesized)."""
+    if config is not None:
+        if len(config.devices) < len(scenarios):
+            raise ConfigError(
+                f"{len(scenarios)} scenarios but only {len(config.devices)} devices in the config"
+            )
+        devices = list(config.devices[: len(scenarios)])
+    else:
+        devices = [
+            synthesized_device(i, s, output_rate_hz=output_rate_hz) for i, s in enumerate(scenarios)
+        ]
+        config = simulation_config(devices)
+    out = Path(out_dir)
+    jobs_args = [
+        (s, out, config, d, start_utc, until_s) for s, d in zip(scenarios, devices, strict=True)
+    ]
+    if jobs <= 1 or len(scenarios) == 1:
+        return [_record_job(a) for a in jobs_args]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_record_job, jobs_args))
+
+
+# ======================================================================== command line
+
+
+def add_simulate_record_args(sim: argparse.ArgumentParser) -> None:
+    """Options of ``devicegw simulate`` for recording in virtual time (no ptys)."""
+    sim.add_argument(
+        "--record",
+        metavar="DIR",
+        default=None,
+        help="no ptys: run the scenarios in virtual time and write recordings into DIR",
+    )
+    sim.add_argument(
+        "--start-utc",
+        default=None,
+        help=f"virtual UTC at power-on (default {DEFAULT_SIM_START:%Y-%m-%dT%H:%MZ})",
+    )
+    sim.add_argument(
+        "--until", type=float, default=None, help="seconds to simulate (default: script end + 10 s)"
+    )
+    sim.add_argument(
+        "--output-rate-hz", type=int, default=None, help="SET_RATE in the simulated handshake"
+    )
+    sim.add_argument(
+        "--config", default=None, help="gateway config; its devices map to the scenarios in order"
+    )
+    sim.add_argument("--jobs", type=int, default=1, help="worker processes (with --record)")
+
+
+def _parse_utc(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(f"--start-utc: not an ISO 8601 time: {text!r}") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC)
+
+
+def simulate_record_cli(args: argparse.Namespace) -> int:
+    from simulators.scenario import load_scenario
+
+    try:
+        scenarios = [load_scenario(p) for p in args.scenario]
+    except GatewayError as exc:
+        sys.stderr.write(f"devicegw simulate: {exc}\n")
+        return 2
+    config = load_config(args.config) if args.config else None
+    start = _parse_utc(args.start_utc) if args.start_utc else DEFAULT_SIM_START
+    t0 = time.perf_counter()
+    results = simulate_record(
+        scenarios,
+        args.record,
+        config=config,
+        start_utc=start,
+        until_s=args.until,
+        output_rate_hz=args.output_rate_hz,
+        jobs=args.jobs,
+    )
+    wall = time.perf_counter() - t0
+    frames = sum(r.frames for r in results)
+    sim_s = sum(r.sim_seconds for r in results)
+    for r in results:
+        sys.stdout.write(
+            f"{r.device_id}  {r.scenario}: {r.sim_seconds:.0f} s simulated, {r.frames} frames, "
+            f"{r.records} records, {r.bytes} bytes in {r.wall_s:.2f} s\n"
+        )
+    sys.stdout.write(
+        f"recorded {len(results)} device(s) into {args.record}: {frames} frames, "
+        f"{sim_s:.0f} device-seconds in {wall:.2f} s ({sim_s / max(wall, 1e-9):.0f}x real time)\n"
+    )
+    return 0
+
+
+def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``devicegw replay`` and ``devicegw recording show``."""
+    rp = sub.add_parser(
+        "replay", help="replay recordings through the gateway's pipeline; print the events"
+    )
+    rp.add_argument("files", nargs="+", metavar="FILE", help=".dgwrec recordings")
+    pace = rp.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, default=None, help="N times the recorded pace")
+    pace.add_argument("--as-fast-as-possible", action="store_true", help="no waiting (the default)")
+    rp.add_argument("--config", default=None, help="use this config instead of the headers'")
+    rp.add_argument(
+        "--kinds",
+        default="dose",
+        help="comma-separated outputs to print: dose,status,telemetry (default dose)",
+    )
+    rp.add_argument("--publish", metavar="HOST:PORT", default=None, help="also publish dose events")
+    rp.add_argument("--quiet", action="store_true", help="print no events (summary only)")
+    rp.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="progress bar on stderr (auto: when stderr is a terminal)",
+    )
+    rp.set_defaults(func=replay_cli)
+
+    rec = sub.add_parser("recording", help="inspect recordings")
+    rec_sub = rec.add_subparsers(dest="recording_command", required=True)
+    show = rec_sub.add_parser("show", help="print a recording's records, decoded")
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--limit", type=int, default=None, help="at most N records")
+    show.set_defaults(func=recording_show_cli)
+
+
+def recording_show_cli(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    try:
+        for line in show_lines(args.file, limit=args.limit):
+            out.write(line + "\n")
+    except BrokenPipeError:  # `| head`
+        with contextlib.suppress(OSError):
+            sys.stdout.close()
+    except OSError as exc:
+        raise RecordingError(f"{args.file}: {exc.strerror or exc}") from exc
+    return 0
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--publish: expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def replay_cli(args: argparse.Namespace) -> int:
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("dose", "status", "telemetry")]
+    if bad:
+        raise ConfigError(f"--kinds: unknown output kind(s) {', '.join(bad)}")
+    if args.speed is not None and args.speed <= 0:
+        raise ConfigError("--speed must be positive")
+    config = load_config(args.config) if args.config else None
+    publish = _host_port(args.publish) if args.publish else None
+    return asyncio.run(
+        _replay_main(
+            [Path(f) for f in args.files],
+            config=config,
+            kinds=kinds,
+            speed=args.speed,
+            publish=publish,
+            quiet=args.quiet,
+            progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()),
+        )
+    )
+
+
+async def _replay_main(
+    files: list[Path],
+    *,
+    config: Config | None,
+    kinds: Sequence[OutputKind],
+    speed: float | None,
+    publish: tuple[str, int] | None,
+    quiet: bool,
+    progress: bool,
+) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    out: BinaryIO = sys.stdout.buffer
+    queue: asyncio.Queue[Emitted | None] = asyncio.Queue()
+
+    def emit(item: Emitted) -> None:
+        if not quiet:
+            out.write(item.encoded() + b"\n")
+        if publish is not None and item.kind == "dose":
+            queue.put_nowait(item)
+
+    player = Player(files, config=config, emit=emit, kinds=kinds)
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn("replay"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not progress,
+        transient=True,
+    )
+    publisher: asyncio.Task[int] | None = None
+    if publish is not None:
+        publisher = asyncio.create_task(_publish(publish, queue, player), name="replay-publisher")
+    with bar:
+        task = bar.add_task("replay", total=player.total_bytes)
+
+        def on_progress(done: int) -> None:
+            bar.update(task, completed=min(done, player.total_bytes))
+
+        summary = await player.run_async(speed=speed, progress=on_progress)
+    out.flush()
+    published = 0
+    if publisher is not None:
+        queue.put_nowait(None)
+        published = await publisher
+    console.print(summary_table(summary))
+    if publish is not None:
+        console.print(f"published {published} dose event(s) to {publish[0]}:{publish[1]}")
+    for problem in summary.problems:
+        console.print(f"[yellow]skipped a torn tail:[/] {problem}")
+    return 0
+
+
+async def _publish(
+    where: tuple[str, int], queue: asyncio.Queue[Emitted | None], player: Player
+) -> int:
+    import aiomqtt
+
+    count = 0
+    async with aiomqtt.Client(
+        where[0], where[1], identifier=f"devicegw-replay-{uuid.uuid4()}"
+    ) as c:
+        while (item := await queue.get()) is not None:
+            topics = _topics_for(player, item.device_id)
+            await c.publish(topics.dose(item.device_id), item.encoded(), qos=1)
+            count += 1
+    return count
+
+
+def _topics_for(player: Player, device_id: str) -> Topics:
+    run = player._runs.get(device_id)
+    config = run.pipeline.config if run is not None else player.config
+    assert config is not None
+    return Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
+
+
+def summary_table(summary: ReplaySummary) -> object:
+    """A rich Table: sessions and verdicts per device, then the totals and the speed."""
+    from rich.table import Table
+
+    verdicts = ["complete", "deviation", "partial", "aborted", "indeterminate"]
+    table = Table(title="replay summary")
+    table.add_column("device")
+    table.add_column("sessions", justify="right")
+    for v in verdicts:
+        table.add_column(v, justify="right")
+    for device_id in sorted(summary.devices):
+        d = summary.devices[device_id]
+        table.add_row(device_id, str(d.sessions), *(str(d.verdicts.get(v, 0)) for v in verdicts))
+    total = summary.verdicts()
+    table.add_row(
+        "total", str(summary.sessions), *(str(total.get(v, 0)) for v in verdicts), style="bold"
+    )
+    wall = max(summary.wall_s, 1e-9)
+    table.caption = (
+        f"{summary.files} file(s), {summary.records} records, {summary.frames} frames; "
+        f"{summary.span_s:.0f} s recorded in {summary.wall_s:.2f} s "
+        f"({summary.span_s / wall:.0f}x real time, {summary.frames / wall:.0f} frames/s)"
+    )
+    return table

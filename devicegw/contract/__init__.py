@@ -1,0 +1,1 @@
+"""The published MQTT contract: payload models, vocabulary, topics and JSON Schemas."""

@@ -1,0 +1,115 @@
+"""The SpO2 safety overlay of one bed: the oximeter's samples meet the nebulizer's sessions.
+
+Glue around the pure :class:`Spo2Monitor`: the oximeter runner feeds samples,
+the nebulizer pipeline says when a session starts and ends, a ticker lets time
+pass; alerts and post-dose summaries go out at once on the bed's safety topic.
+All times are the gateway's monotonic clock, shared by both devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime
+from typing import Literal, Protocol
+
+from pydantic import BaseModel
+
+from devicegw.config import Config, DeviceSettings, OximeterSettings
+from devicegw.contract.spo2 import OximeterRef, Spo2Summary
+from devicegw.core.spo2_monitor import (
+    PostDoseSummary,
+    SafetyAlertCleared,
+    SafetyAlertRaised,
+    SessionSpo2Summary,
+    Spo2Context,
+    Spo2Event,
+    Spo2Monitor,
+)
+from drivers.oximeter.sample import OximeterSample
+
+log = logging.getLogger(__name__)
+
+
+PROTOCOLS: dict[str, Literal["nonin", "berrymed", "plx"]] = {
+    "nonin_oem3": "nonin",
+    "plx": "plx",
+    "berrymed": "berrymed",
+}
+
+
+class SafetySink(Protocol):
+    def safety_event(self, device_id: str, payload: BaseModel) -> None: ...
+
+
+class BedMonitor:
+    def __init__(
+        self,
+        config: Config,
+        device: DeviceSettings,
+        oximeter: OximeterSettings,
+        sink: SafetySink,
+    ) -> None:
+        self.device = device
+        self.oximeter = oximeter
+        self._sink = sink
+        self.monitor = Spo2Monitor(
+            config.spo2_rules,
+            Spo2Context(
+                gateway_id=config.gateway.id,
+                subject_id=device.subject_id,
+                bed=device.bed,
+                device_id=device.id,
+                oximeter=OximeterRef(
+                    device_id=oximeter.id,
+                    protocol=PROTOCOLS[oximeter.type],
+                    model=oximeter.model,
+                    serial_no=oximeter.serial_no,
+                ),
+            ),
+        )
+        self._summary: Spo2Summary | None = None
+
+    def feed(self, t: float, sample: OximeterSample) -> None:
+        self._handle(self.monitor.feed(t, sample))
+
+    def oximeter_down(self, t: float) -> None:
+        self._handle(self.monitor.link_down(t))
+
+    def oximeter_up(self, t: float) -> None:
+        self._handle(self.monitor.link_up(t))
+
+    def tick(self, t: float) -> None:
+        self._handle(self.monitor.tick(t))
+
+    def session_started(self, t: float, correlation_id: uuid.UUID, start_utc: datetime) -> None:
+        self._handle(self.monitor.session_started(t, correlation_id, start_utc=start_utc))
+
+    def session_ended(self, t: float, correlation_id: uuid.UUID) -> Spo2Summary | None:
+        """The session's SpO2 summary, or None if the monitor never saw it start."""
+        self._summary = None
+        if self.monitor.correlation_id != correlation_id:
+            return None
+        self._handle(self.monitor.session_ended(t))
+        summary, self._summary = self._summary, None
+        return summary
+
+    def _handle(self, events: list[Spo2Event]) -> None:
+        for event in events:
+            if isinstance(event, SessionSpo2Summary):
+                self._summary = event.summary
+            elif isinstance(event, (SafetyAlertRaised, SafetyAlertCleared)):
+                alert = event.alert
+                log.warning(
+                    "SpO2 safety alert %s",
+                    alert.state,
+                    extra={
+                        "device_id": self.device.id,
+                        "bed": self.device.bed,
+                        "spo2": alert.spo2,
+                        "kind": alert.kind,
+                    },
+                )
+                self._sink.safety_event(self.device.id, alert)
+            elif isinstance(event, PostDoseSummary):
+                self._sink.safety_event(self.device.id, event.summary)

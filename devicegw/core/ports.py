@@ -1,0 +1,83 @@
+"""What the pure core needs from the outside, as small protocols.
+
+The VM-1 pipeline decides; storage keeps. The pipeline talks to the session
+journal and the audit trail only through these interfaces, so the core never
+imports SQLite or the storage package (``devicegw.storage`` implements them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from devicegw.contract.payloads import DoseEvent
+
+__all__ = ["AuditKind", "AuditLog", "SessionJournalPort"]
+
+
+class AuditKind(StrEnum):
+    """What a record is about. Suggested body fields are listed per kind."""
+
+    #: body: version, and anything identifying this run (pid, host).
+    gateway_start = "gateway_start"
+    #: body: reason (e.g. "signal", "error").
+    gateway_stop = "gateway_stop"
+    #: body: sha256 (of the config file's bytes), path. See record_assignments.
+    config_loaded = "config_loaded"
+    #: body: device_id, type, bed, subject_id, kit_number, port. See record_assignments.
+    device_assigned = "device_assigned"
+    #: body: device_id and the last assignment (bed, subject_id, kit_number, port);
+    #: appended by record_assignments when a device leaves the configuration.
+    device_unassigned = "device_unassigned"
+    #: body: port, model, serial_no, firmware as the device reported them.
+    device_identified = "device_identified"
+    #: body: port, expected_serial, serial_no seen; the device is not used.
+    device_refused = "device_refused"
+    #: body: fill_ml, device start time/uptime, data_source. session_no is set.
+    session_started = "session_started"
+    #: body: event_id, verdict, reasons, delivered_ml, end_reason, data_source.
+    #: See record_session_finished.
+    session_finished = "session_finished"
+    #: body: what was fetched from the device log (session numbers, why).
+    reconciliation = "reconciliation"
+
+
+class AuditLog(Protocol):
+    """The append-only audit trail (``devicegw.storage.audit.AuditTrail``)."""
+
+    def append(
+        self,
+        kind: AuditKind,
+        *,
+        device_id: str | None = None,
+        subject_id: str | None = None,
+        session_no: int | None = None,
+        body: Mapping[str, object],
+    ) -> object: ...
+
+    def record_session_finished(self, event: DoseEvent) -> object: ...
+
+
+class SessionJournalPort(Protocol):
+    """Open sessions and per-device watermarks (``devicegw.storage.journal.SessionJournal``)."""
+
+    def load(self, device_id: str) -> tuple[dict[str, Any], datetime] | None: ...
+
+    def save(
+        self, device_id: str, session_no: int, state: dict[str, object], utc: datetime
+    ) -> None: ...
+
+    def clear(self, device_id: str, session_no: int) -> None: ...
+
+    def finishing(
+        self, device_id: str, session_no: int
+    ) -> contextlib.AbstractContextManager[None]: ...
+
+    def is_recorded(self, event_id: str) -> bool: ...
+
+    def watermark(self, model: str, serial_no: str) -> int | None: ...
+
+    def raise_watermark(self, model: str, serial_no: str, session_no: int) -> None: ...

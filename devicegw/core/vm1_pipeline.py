@@ -1,0 +1,426 @@
+"""A VM-1's bytes -> sessions -> dose events, with no I/O and no clock of its own.
+
+The live runner (``nebulizer.py``) and the replayer feed the same pipeline with
+received bytes and the gateway's clock readings at receipt, so a replayed
+recording yields byte-identical dose events. Outputs go to a
+:class:`GatewaySink`; requests for the device (fetch a session record) and
+ACKs are returned to the caller, who owns the link.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from devicegw.config import Config, DeviceSettings
+from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry, dose_event_id
+from devicegw.contract.spo2 import Spo2Summary, UnavailableReason
+from devicegw.core.bed_monitor import BedMonitor
+from devicegw.core.dose_check import assess
+from devicegw.core.dose_event import build_dose_event, device_identity
+from devicegw.core.ports import AuditKind, AuditLog, SessionJournalPort
+from devicegw.core.session_tracker import (
+    AlarmChanged,
+    FetchSessionRecord,
+    FinishedSession,
+    Rx,
+    SessionFinished,
+    SessionStarted,
+    SessionTracker,
+)
+from devicegw.core.spo2_monitor import unavailable_summary
+from devicegw.errors import TransportError
+from drivers.vm1.messages import (
+    Ack,
+    DeviceMessage,
+    GetInfo,
+    GetSession,
+    Ident,
+    Output,
+    Ping,
+    SetClock,
+    SetRate,
+    Start,
+    Status,
+    Stop,
+    alarm_name,
+)
+from drivers.vm1.stream import Vm1StreamDecoder
+
+log = logging.getLogger(__name__)
+
+HOST_COMMAND_TYPES = (GetInfo, SetClock, SetRate, GetSession, Start, Stop, Ping)
+
+
+class GatewaySink(Protocol):
+    """Where a device's outputs go (MQTT in the daemon; a list in tests and replays)."""
+
+    def dose_event(self, device_id: str, event: DoseEvent) -> None: ...
+
+    def device_status(self, device_id: str, status: DeviceStatus) -> None: ...
+
+    def telemetry(self, device_id: str, telemetry: Telemetry) -> None: ...
+
+
+class UnexpectedDeviceError(TransportError):
+    """The device on a configured port is not the one on the allow-list."""
+
+
+@dataclass(slots=True)
+class DeviceHealth:
+    connected: bool = False
+    connects: int = 0
+    last_frame_mono: float | None = None
+    frames_ok: int = 0
+    frames_bad: int = 0
+    frames_lost: int = 0
+    refused: str | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    acks: list[Ack]
+    fetch: list[int]  # session numbers whose record must be fetched (GET_SESSION)
+
+
+JOURNAL_INTERVAL_S = 5.0
+RECONCILE_MAX = 16  # the device keeps its last 16 sessions
+
+
+class Vm1Pipeline:
+    def __init__(
+        self,
+        device: DeviceSettings,
+        config: Config,
+        sink: GatewaySink,
+        *,
+        journal: SessionJournalPort | None = None,
+        audit: AuditLog | None = None,
+        bed: BedMonitor | None = None,
+    ) -> None:
+        self.device = device
+        self.bed = bed
+        self.config = config
+        self.sink = sink
+        self.journal = journal
+        self.audit = audit
+        self._identified: tuple[str, str, str] | None = None
+        self.tracker = SessionTracker()
+        self._journaled: tuple[int, float] | None = None  # (session_no, mono of last save)
+        if journal is not None:
+            saved = journal.load(device.id)
+            if saved is not None:
+                state, since = saved
+                session_no = self.tracker.restore(state, down_since=since)
+                log.warning(
+                    "resuming a session left open by a gateway restart",
+                    extra={"device_id": device.id, "session_no": session_no},
+                )
+        self.health = DeviceHealth()
+        self._decoder = Vm1StreamDecoder()
+        self._bad_seen = 0
+        self._lost_seen = 0
+        self._last_telemetry = float("-inf")
+        self._last_status_key: tuple[object, ...] | None = None
+        self._utc: datetime | None = None
+
+    # -- link lifecycle ----------------------------------------------------------
+
+    def link_up(self, utc: datetime) -> None:
+        self._decoder = Vm1StreamDecoder()  # nothing half-received survives a reopen
+        self._bad_seen = self._lost_seen = 0
+        self.health.connected = True
+        self.health.connects += 1
+        self.health.last_error = None
+        self.tracker.link_up(utc)
+
+    def link_down(self, utc: datetime) -> None:
+        if self.health.connected:
+            self.health.connected = False
+            self.tracker.link_down(utc)
+            self._utc = utc
+            self.publish_status()
+
+    # -- bytes in ----------------------------------------------------------------
+
+    def feed(self, data: bytes, utc: datetime, mono: float) -> PipelineResult:
+        """Decode ``data`` received at (``utc``, ``mono``); may raise UnexpectedDeviceError."""
+        self._utc = utc
+        messages = self._decoder.feed(data)
+        stats = self._decoder.stats
+        bad = stats.frames_bad + stats.bad_payloads
+        if bad != self._bad_seen:
+            self.tracker.bad_frames(bad - self._bad_seen)
+            self.health.frames_bad += bad - self._bad_seen
+            self._bad_seen = bad
+        if stats.frames_lost != self._lost_seen:
+            self.health.frames_lost += stats.frames_lost - self._lost_seen
+            self._lost_seen = stats.frames_lost
+        acks: list[Ack] = []
+        fetch: list[int] = []
+        for msg in messages:
+            if isinstance(msg, HOST_COMMAND_TYPES):
+                continue  # a host command echoed back is not from the device
+            self.health.frames_ok += 1
+            self.health.last_frame_mono = mono
+            if isinstance(msg, Ack):
+                acks.append(msg)
+            else:
+                self._on_message(msg, utc, mono, fetch)
+        self._journal(utc, mono)
+        return PipelineResult(acks, fetch)
+
+    def _journal(self, utc: datetime, mono: float) -> None:
+        """Keep the open session's state on disk, at least every JOURNAL_INTERVAL_S."""
+        o = self.tracker.open_session
+        if self.journal is None or o is None:
+            return
+        last = self._journaled
+        if last is not None and last[0] == o.session_no and mono - last[1] < JOURNAL_INTERVAL_S:
+            return
+        snapshot = self.tracker.snapshot()
+        if snapshot is not None:
+            self.journal.save(self.device.id, o.session_no, snapshot, utc)
+            self._journaled = (o.session_no, mono)
+
+    def _reconcile(self, ident: Ident, fetch: list[int]) -> None:
+        """Sessions the device logged while the gateway was not listening: fetch them."""
+        if self.journal is None:
+            return
+        mark = self.journal.watermark(ident.model, ident.serial_no)
+        last = ident.last_session_no
+        if mark is None:
+            # A device seen for the first time: its earlier sessions are not this gateway's.
+            self.journal.raise_watermark(ident.model, ident.serial_no, last)
+            return
+        open_no = self.tracker.open_session_no
+        for n in range(max(mark + 1, last - RECONCILE_MAX + 1), last + 1):
+            if n == open_no or n in fetch:
+                continue
+            if not self.journal.is_recorded(str(dose_event_id(ident.model, ident.serial_no, n))):
+                log.info(
+                    "reconciling a session from the device log",
+                    extra={"device_id": self.device.id, "session_no": n},
+                )
+                fetch.append(n)
+                if self.audit is not None:
+                    self.audit.append(
+                        AuditKind.reconciliation,
+                        device_id=self.device.id,
+                        subject_id=self.device.subject_id,
+                        session_no=n,
+                        body={
+                            "serial_no": ident.serial_no,
+                            "recorded_up_to": mark,
+                            "device_last_session_no": last,
+                            "why": "session logged by the device while the gateway was away",
+                        },
+                    )
+
+    def _on_message(self, msg: DeviceMessage, utc: datetime, mono: float, fetch: list[int]) -> None:
+        if isinstance(msg, Ident):
+            self._check_allowed(msg)
+            self._audit_identity(msg)
+            self._reconcile(msg, fetch)
+        for event in self.tracker.feed(Rx(msg=msg, utc=utc, mono=mono)):
+            if isinstance(event, SessionStarted):
+                self._spo2_session_started(event.session_no, utc, mono)
+                if self.audit is not None:
+                    self.audit.append(
+                        AuditKind.session_started,
+                        device_id=self.device.id,
+                        subject_id=self.device.subject_id,
+                        session_no=event.session_no,
+                        body={
+                            "fill_ml": event.fill_ul / 1000.0,
+                            "gateway_utc": utc.isoformat(),
+                            "device_uptime_ms": msg.dev_ms,
+                            "kit_number": self.device.kit_number,
+                        },
+                    )
+                log.info(
+                    "session started",
+                    extra={
+                        "device_id": self.device.id,
+                        "session_no": event.session_no,
+                        "fill_ul": event.fill_ul,
+                    },
+                )
+            elif isinstance(event, SessionFinished):
+                self._emit_dose(event, mono)
+            elif isinstance(event, FetchSessionRecord):
+                fetch.append(event.session_no)
+            elif isinstance(event, AlarmChanged):
+                log.warning(
+                    "device alarm %s %s",
+                    alarm_name(event.code),
+                    "raised" if event.active else "cleared",
+                    extra={"device_id": self.device.id, "alarm_code": event.code},
+                )
+                self.publish_status()
+        if isinstance(msg, Output):
+            self._maybe_telemetry(msg, utc, mono)
+        elif isinstance(msg, (Ident, Status)):
+            self.publish_status()
+
+    def _audit_identity(self, ident: Ident) -> None:
+        key = (ident.model, ident.serial_no, ident.firmware)
+        if self.audit is None or key == self._identified:
+            return
+        self._identified = key
+        self.audit.append(
+            AuditKind.device_identified,
+            device_id=self.device.id,
+            subject_id=self.device.subject_id,
+            body={
+                "port": self.device.link.port_name,
+                "model": ident.model,
+                "serial_no": ident.serial_no,
+                "firmware": ident.firmware,
+            },
+        )
+
+    def _check_allowed(self, ident: Ident) -> None:
+        expected = self.device.expected_serial
+        if expected is not None and ident.serial_no != expected:
+            if self.audit is not None:
+                self.audit.append(
+                    AuditKind.device_refused,
+                    device_id=self.device.id,
+                    body={
+                        "port": self.device.link.port_name,
+                        "expected_serial": expected,
+                        "serial_no": ident.serial_no,
+                    },
+                )
+            raise UnexpectedDeviceError(
+                f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
+                f"expected {expected!r}; device not used",
+                device_id=self.device.id,
+            )
+
+    def _emit_dose(self, event: SessionFinished, mono: float) -> None:
+        session = event.session
+        assessment = assess(session, self.config.dose_rules)
+        ident = self.tracker.identity
+        dose = build_dose_event(
+            session, assessment, device=self.device, ident=ident, config=self.config
+        )
+        dose = dose.model_copy(update={"spo2": self._spo2_summary(session, dose.event_id, mono)})
+        if self.journal is not None and self.journal.is_recorded(str(dose.event_id)):
+            # Already recorded before a restart or by an earlier fetch: the first record stands.
+            log.info(
+                "session already recorded; not recorded again",
+                extra={"device_id": self.device.id, "session_no": session.session_no},
+            )
+            self.journal.clear(self.device.id, session.session_no)
+            return
+        log.info(
+            "session finished",
+            extra={
+                "device_id": self.device.id,
+                "session_no": session.session_no,
+                "verdict": dose.verdict,
+                "reasons": ",".join(dose.reasons),
+                "delivered_ml": dose.volume.delivered_ml,
+                "event_id": str(dose.event_id),
+            },
+        )
+        if self.journal is None:
+            self.sink.dose_event(self.device.id, dose)
+            return
+        with self.journal.finishing(self.device.id, session.session_no):
+            self.sink.dose_event(self.device.id, dose)
+            if self.audit is not None:
+                self.audit.record_session_finished(dose)
+            if ident is not None:
+                self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+
+    def _spo2_summary(
+        self, session: FinishedSession, event_id: uuid.UUID, mono: float
+    ) -> Spo2Summary:
+        """What the bed's oximeter saw during the session, or why nothing can be said."""
+        rules = self.config.spo2_rules
+        if session.data_source == "device_log":
+            return unavailable_summary(event_id, "reconciled_from_device_log", rules)
+        if self.bed is None:
+            return unavailable_summary(event_id, "no_oximeter_assigned", rules)
+        summary = self.bed.session_ended(mono, event_id)
+        if summary is None:
+            reason: UnavailableReason = (
+                "gateway_restart" if "gateway_restart" in session.flags else "no_samples"
+            )
+            return unavailable_summary(event_id, reason, rules)
+        return summary
+
+    def _spo2_session_started(self, session_no: int, utc: datetime, mono: float) -> None:
+        ident = self.tracker.identity
+        if self.bed is None or ident is None:
+            return
+        self.bed.session_started(mono, dose_event_id(ident.model, ident.serial_no, session_no), utc)
+
+    # -- outputs -------------------------------------------------------------------
+
+    def _maybe_telemetry(self, msg: Output, utc: datetime, mono: float) -> None:
+        tcfg = self.config.telemetry
+        if not tcfg.enabled or mono - self._last_telemetry < tcfg.interval_s:
+            return
+        self._last_telemetry = mono
+        o = self.tracker.open_session
+        status = self.tracker.status
+        self.sink.telemetry(
+            self.device.id,
+            Telemetry(
+                gateway_id=self.config.gateway.id,
+                device_id=self.device.id,
+                utc=utc,
+                state=status.state.name if status else None,
+                session_no=o.session_no if o else None,
+                elapsed_s=round(o.last_dev - o.start_dev, 3) if o else None,
+                rate_ul_min=msg.rate_ul_min,
+                delivered_ml=round(msg.cum_ul / 1000.0, 3),
+                reservoir_ml=_ml(status.reservoir_ul if status else None),
+                battery_pct=status.battery_pct if status else None,
+            ),
+        )
+
+    def publish_status(self, *, error: str | None = None) -> None:
+        """Send the device status if anything a ward system cares about changed."""
+        t = self.tracker
+        status = t.status
+        alarms = sorted(alarm_name(c) for c in t.active_alarms)
+        key = (
+            self.health.connected,
+            status.state if status else None,
+            status.battery_pct if status else None,
+            tuple(alarms),
+            t.identity.serial_no if t.identity else None,
+            error,
+        )
+        if key == self._last_status_key:
+            return
+        self._last_status_key = key
+        self.sink.device_status(
+            self.device.id,
+            DeviceStatus(
+                gateway_id=self.config.gateway.id,
+                device_id=self.device.id,
+                connected=self.health.connected,
+                state=status.state.name if status else None,
+                identity=device_identity(self.device, t.identity),
+                battery_pct=status.battery_pct if status else None,
+                on_mains=status.on_mains if status else None,
+                reservoir_ml=_ml(status.reservoir_ul if status else None),
+                active_alarms=alarms,
+                last_seen_utc=self._utc if self.health.last_frame_mono is not None else None,
+                error=error,
+            ),
+        )
+
+
+def _ml(ul: int | None) -> float | None:
+    return None if ul is None else round(ul / 1000.0, 3)

@@ -1,0 +1,1 @@
+"""The subscriber side of the contract: the contract checker, the EDC client, exports."""

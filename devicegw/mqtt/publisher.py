@@ -1,0 +1,379 @@
+"""Publishes the gateway's payloads to the broker, reconnecting by itself.
+
+aiomqtt does not reconnect, so this owns the loop: a fresh client per
+connection, capped jittered backoff, MQTT 5 where the broker takes it (3.1.1
+otherwise), the gateway's last will registered on every connect.
+
+Dose events and device statuses come from the durable :class:`Outbox`: they
+were committed before this code saw them, are published in order with a
+bounded number in flight (QoS 1), and are marked sent only on the broker's
+PUBACK; after a reconnect whatever was not acknowledged is sent again, with
+``delivery.redelivery`` counting the earlier attempts. Telemetry is best
+effort: a bounded in-memory buffer that drops the oldest and counts the drops.
+
+Every message carries ``delivery = {birth_seq, seq}``: ``birth_seq`` grows on
+every connection (persisted), ``seq`` counts messages within it (the birth is
+0), so a subscriber detects gaps. The last will is the offline gateway status
+of the same ``birth_seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel
+
+from devicegw.config import BrokerSettings
+from devicegw.errors import ConfigError
+from devicegw.storage.outbox import AddResult, Kind, Outbox, OutboxRow
+from devicegw.storage.store import Store
+from drivers.backoff import Backoff
+from drivers.clock import Clock
+
+log = logging.getLogger(__name__)
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+TELEMETRY_EXPIRY_S = 60
+SESSION_EXPIRY_S = 3600
+
+
+def encode(payload: BaseModel) -> bytes:
+    """The one JSON encoding of every payload (stable key order, UTC ISO times)."""
+    return payload.model_dump_json().encode("utf-8")
+
+
+def stamp(payload: bytes, *, birth_seq: int, seq: int, redelivery: int = 0) -> bytes:
+    """The payload with its delivery metadata; the record's own bytes are untouched otherwise."""
+    obj = json.loads(payload)
+    obj["delivery"] = {"birth_seq": birth_seq, "seq": seq, "redelivery": redelivery}
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    connected: bool = False
+    connects: int = 0
+    connect_failures: int = 0
+    birth_seq: int = 0
+    dose_events_published: int = 0
+    statuses_published: int = 0
+    telemetry_published: int = 0
+    telemetry_dropped: int = 0
+    redeliveries: int = 0
+    protocol: str = ""
+    last_error: str | None = None
+
+
+def build_tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file and tls.key_file:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"broker.tls: cannot load certificates: {exc}", field="broker.tls"
+        ) from exc
+    if tls.insecure_skip_verify:
+        if settings.host not in _LOOPBACK:
+            raise ConfigError(
+                "broker.tls.insecure_skip_verify is only allowed for a loopback broker",
+                field="broker.tls.insecure_skip_verify",
+            )
+        log.warning("TLS certificate verification is OFF for loopback broker %s", settings.host)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _LinkDown(Exception):
+    """A publish failed because the connection broke: reconnect."""
+
+
+class MqttPublisher:
+    """Owns the broker connection; producers call the ``publish_*`` methods and never block."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        clock: Clock,
+        store: Store,
+        status_topic: str,
+        status_payload: Callable[[bool], bytes],
+        protocol: Literal["auto", "5", "3.1.1"] = "auto",
+        telemetry_buffer: int = 256,
+        max_inflight: int = 20,
+    ) -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._clock = clock
+        self._store = store
+        self.outbox = Outbox(store)
+        self._status_topic = status_topic
+        self._status_payload = status_payload
+        self._protocol_pref = protocol
+        self._use_v5 = protocol != "3.1.1"
+        self._telemetry: deque[tuple[str, bytes]] = deque()
+        self._telemetry_max = telemetry_buffer
+        self._max_inflight = max_inflight
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._seq = 0
+        self.stats = PublisherStats(birth_seq=int(store.get_meta("birth_seq", "0") or 0))
+        self._tls = build_tls_context(settings)
+        self._password = settings.password()
+
+    # -- producer side ---------------------------------------------------------
+
+    def _commit(
+        self,
+        kind: Kind,
+        topic: str,
+        payload: BaseModel,
+        *,
+        retain: bool,
+        device_id: str | None,
+        event_id: str | None = None,
+    ) -> AddResult:
+        """Commit to the outbox (durable on return) and wake the sender."""
+        result = self.outbox.add(
+            kind,
+            topic,
+            encode(payload),
+            qos=1,
+            retain=retain,
+            now=self._clock.now(),
+            device_id=device_id,
+            event_id=event_id,
+        )
+        self._wake.set()
+        return result
+
+    def publish_dose(
+        self, topic: str, payload: BaseModel, *, device_id: str, event_id: str
+    ) -> AddResult:
+        """A dose event: unique by ``event_id``, sent when the broker is up."""
+        return self._commit(
+            "dose", topic, payload, retain=False, device_id=device_id, event_id=event_id
+        )
+
+    def publish_status(
+        self, topic: str, payload: BaseModel, *, device_id: str | None = None
+    ) -> None:
+        """Retained status; latest wins per topic."""
+        self._commit("status", topic, payload, retain=True, device_id=device_id)
+
+    def publish_event(
+        self, topic: str, payload: BaseModel, *, device_id: str | None = None
+    ) -> None:
+        """Any other must-deliver event (e.g. safety alerts): QoS 1, not retained."""
+        self._commit("safety", topic, payload, retain=False, device_id=device_id)
+
+    def publish_telemetry(self, topic: str, payload: BaseModel) -> None:
+        if len(self._telemetry) >= self._telemetry_max:
+            self._telemetry.popleft()
+            self.stats.telemetry_dropped += 1
+        self._telemetry.append((topic, encode(payload)))
+        self._wake.set()
+
+    @property
+    def connected(self) -> asyncio.Event:
+        return self._connected
+
+    def is_drained(self) -> bool:
+        return self.outbox.depth() == 0
+
+    # -- connection loop -------------------------------------------------------
+
+    def _next_birth(self) -> int:
+        birth = self.stats.birth_seq + 1
+        self._store.set_meta("birth_seq", str(birth))
+        self.stats.birth_seq = birth
+        return birth
+
+    def _make_client(self, birth_seq: int) -> aiomqtt.Client:
+        s = self._settings
+        props = None
+        if self._use_v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+        will = stamp(self._status_payload(False), birth_seq=birth_seq, seq=0)
+        return aiomqtt.Client(
+            hostname=s.host,
+            port=s.port,
+            username=s.username,
+            password=self._password.get_secret_value() if self._password else None,
+            identifier=self._client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._use_v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(self._status_topic, will, qos=1, retain=True),
+            keepalive=s.keepalive_s,
+            tls_context=self._tls,
+            timeout=10,
+            properties=props,
+            max_inflight_messages=self._max_inflight,
+            max_queued_outgoing_messages=10_000,
+        )
+
+    async def run(self) -> None:
+        """Run until cancelled; on cancellation publish the offline status if connected."""
+        backoff = Backoff(self._settings.reconnect_initial_s, self._settings.reconnect_max_s)
+        first_failure = True
+        while True:
+            birth_seq = self._next_birth()
+            client = self._make_client(birth_seq)
+            try:
+                async with client:
+                    self.stats.connected = True
+                    self.stats.connects += 1
+                    self.stats.protocol = "5" if self._use_v5 else "3.1.1"
+                    self.stats.last_error = None
+                    self._connected.set()
+                    backoff.reset()
+                    first_failure = True
+                    log.info(
+                        "connected to broker",
+                        extra={
+                            "broker": f"{self._settings.host}:{self._settings.port}",
+                            "mqtt_protocol": self.stats.protocol,
+                            "birth_seq": birth_seq,
+                        },
+                    )
+                    try:
+                        await self._send_loop(client, birth_seq)
+                    except asyncio.CancelledError:
+                        await self._say_goodbye(client, birth_seq)
+                        raise
+            except (aiomqtt.MqttError, _LinkDown) as exc:
+                # Disconnecting while being cancelled: the stop wins over a retry.
+                _raise_if_cancelling()
+                self.stats.last_error = str(exc)
+                self.stats.connect_failures += 1
+                if (
+                    self._protocol_pref == "auto"
+                    and self._use_v5
+                    and self.stats.connects == 0
+                    and _looks_like_protocol_refusal(exc)
+                ):
+                    log.warning("broker refused MQTT 5; falling back to 3.1.1")
+                    self._use_v5 = False
+                    continue
+                level = logging.WARNING if first_failure else logging.DEBUG
+                log.log(
+                    level,
+                    "broker connection failed: %s",
+                    exc,
+                    extra={"broker": f"{self._settings.host}:{self._settings.port}"},
+                )
+                first_failure = False
+            finally:
+                self.stats.connected = False
+                self._connected.clear()
+            await self._clock.sleep(backoff.next_delay())
+
+    async def _say_goodbye(self, client: aiomqtt.Client, birth_seq: int) -> None:
+        payload = stamp(self._status_payload(False), birth_seq=birth_seq, seq=self._take_seq())
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await client.publish(self._status_topic, payload, qos=1, retain=True)
+
+    def _take_seq(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    async def _send_loop(self, client: aiomqtt.Client, birth_seq: int) -> None:
+        pruned = self.outbox.prune()  # bound the disk: old sent records beyond retention
+        if pruned:
+            log.info("pruned sent records from the outbox", extra={"rows": pruned})
+        self._seq = 0
+        birth = stamp(self._status_payload(True), birth_seq=birth_seq, seq=self._take_seq())
+        await client.publish(self._status_topic, birth, qos=1, retain=True)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                await self._dispatch(client, birth_seq, tg)
+        except ExceptionGroup as group:
+            mqtt_errors, others = group.split((aiomqtt.MqttError, _LinkDown))
+            if others is not None or mqtt_errors is None:
+                raise
+            raise _LinkDown(str(mqtt_errors.exceptions[0])) from None
+
+    async def _dispatch(
+        self, client: aiomqtt.Client, birth_seq: int, tg: asyncio.TaskGroup
+    ) -> None:
+        inflight: set[asyncio.Task[None]] = set()
+        last_id = 0
+        while True:
+            self._wake.clear()
+            free = self._max_inflight - len(inflight)
+            rows = self.outbox.pending(after_id=last_id, limit=free) if free > 0 else []
+            for row in rows:
+                last_id = row.id
+                payload = stamp(
+                    row.payload, birth_seq=birth_seq, seq=self._take_seq(), redelivery=row.attempts
+                )
+                if row.attempts:
+                    self.stats.redeliveries += 1
+                self.outbox.mark_attempt(row.id)
+                task = tg.create_task(self._publish_row(client, row, payload))
+                inflight.add(task)
+                task.add_done_callback(self._task_done(inflight))
+            backlog = bool(rows) or bool(inflight)
+            while self._telemetry and not backlog:
+                topic, body = self._telemetry.popleft()
+                props = None
+                if self._use_v5:
+                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    props.MessageExpiryInterval = TELEMETRY_EXPIRY_S
+                payload = stamp(body, birth_seq=birth_seq, seq=self._take_seq())
+                await client.publish(topic, payload, qos=0, properties=props)
+                self.stats.telemetry_published += 1
+            _raise_if_cancelling()
+            if not rows:
+                await self._wake.wait()
+
+    def _task_done(self, inflight: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            self._wake.set()
+
+        return done
+
+    async def _publish_row(self, client: aiomqtt.Client, row: OutboxRow, payload: bytes) -> None:
+        await client.publish(row.topic, payload, qos=row.qos, retain=row.retain, timeout=30)
+        self.outbox.mark_sent(row, self._clock.now())
+        if row.kind == "dose":
+            self.stats.dose_events_published += 1
+        elif row.kind == "status":
+            self.stats.statuses_published += 1
+
+
+def _raise_if_cancelling() -> None:
+    """Python 3.11's ``asyncio.wait_for`` (used inside aiomqtt) can swallow a
+    cancellation that arrives as its future completes; re-raise it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _looks_like_protocol_refusal(exc: Exception) -> bool:
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        rc = exc.rc
+        value = getattr(rc, "value", rc)
+        # 3.1.1 CONNACK 1 = unacceptable protocol version; v5 reason 132 = unsupported version.
+        return value in (1, 132)
+    return "protocol" in str(exc).lower()

@@ -1,0 +1,1 @@
+"""Link recordings: the .dgwrec format, and replaying it through the live pipeline."""

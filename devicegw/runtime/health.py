@@ -1,0 +1,99 @@
+"""Health snapshot of a running gateway, written to the data directory for `devicegw status`.
+
+A file rather than a socket: nothing listens on the ward network, the snapshot
+survives the process for a post-mortem, and any monitoring agent can read it.
+It is replaced atomically, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from devicegw.runtime.gateway import Gateway
+
+FILE_NAME = "status.json"
+INTERVAL_S = 2.0
+
+
+def snapshot(gw: Gateway) -> dict[str, Any]:
+    now_mono = gw.clock.monotonic()
+    stats = gw.publisher.stats
+    devices = {}
+    for runner in gw.runners:
+        h = runner.health
+        devices[runner.device.id] = {
+            "port": runner.device.link.port_name,
+            "connected": h.connected,
+            "connects": h.connects,
+            "last_frame_age_s": (
+                None if h.last_frame_mono is None else round(now_mono - h.last_frame_mono, 3)
+            ),
+            "frames_ok": h.frames_ok,
+            "frames_bad": h.frames_bad,
+            "frames_lost": h.frames_lost,
+            "refused": h.refused,
+            "last_error": h.last_error,
+            "open_session": runner.tracker.open_session_no,
+        }
+    oximeters = {}
+    for ox in gw.oximeter_runners:
+        oh = ox.health
+        oximeters[ox.oximeter.id] = {
+            "port": ox.oximeter.link.port_name,
+            "bed": ox.oximeter.bed,
+            "connected": oh.connected,
+            "last_sample_age_s": (
+                None if oh.last_sample_mono is None else round(now_mono - oh.last_sample_mono, 3)
+            ),
+            "samples": oh.samples,
+            "samples_gated": oh.samples_gated,
+            "checksum_errors": oh.checksum_errors,
+            "last_error": oh.last_error,
+        }
+    return {
+        "gateway_id": gw.config.gateway.id,
+        "site": gw.config.gateway.site,
+        "utc": gw.clock.now().isoformat(),
+        "pid": os.getpid(),
+        "broker": {
+            "host": gw.config.broker.host,
+            "port": gw.config.broker.port,
+            **asdict(stats),
+        },
+        "outbox_depth": gw.publisher.outbox.depth(),
+        "store_bytes": gw.store.size_bytes(),
+        "devices": devices,
+        "oximeters": oximeters,
+    }
+
+
+def write(gw: Gateway) -> None:
+    path = Path(gw.config.gateway.data_dir) / FILE_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(snapshot(gw), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+async def run(gw: Gateway) -> None:
+    """Refresh the snapshot every INTERVAL_S until cancelled.
+
+    Real seconds, not the gateway clock: this is for the people and monitors
+    watching the process, whatever speed a simulation runs at.
+    """
+    while True:
+        write(gw)
+        await asyncio.sleep(INTERVAL_S)
+
+
+def read(data_dir: Path) -> tuple[dict[str, Any], float]:
+    """The last snapshot and its age in real seconds (a stale one means no running gateway)."""
+    path = Path(data_dir) / FILE_NAME
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data, time.time() - path.stat().st_mtime

@@ -1,0 +1,240 @@
+"""One VM-1 nebulizer, live: link lifecycle, handshake and commands.
+
+Bytes come from a :class:`~drivers.transport.base.ByteLink` and go through the
+device's :class:`Vm1Pipeline` (the same one replays use). The link is reopened
+by itself with capped, jittered backoff; on every (re)connect the gateway sends
+GET_INFO and SET_CLOCK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from devicegw.config import Config, DeviceSettings
+from devicegw.core.bed_monitor import BedMonitor
+from devicegw.core.session_tracker import SessionTracker
+from devicegw.core.vm1_pipeline import (
+    DeviceHealth,
+    GatewaySink,
+    UnexpectedDeviceError,
+    Vm1Pipeline,
+)
+from devicegw.errors import DeviceTimeoutError, TransportError
+from devicegw.runtime.link_events import LinkObserver
+from devicegw.runtime.reconnect import open_until_up
+from devicegw.storage.audit import AuditTrail
+from devicegw.storage.journal import SessionJournal
+from drivers.backoff import Backoff
+from drivers.clock import Clock
+from drivers.transport.base import ByteLink
+from drivers.vm1.messages import (
+    MESSAGE_TYPES,
+    Ack,
+    AckResult,
+    GetInfo,
+    GetSession,
+    HostCommand,
+    SetClock,
+    SetRate,
+)
+from drivers.vm1.stream import encode_message_frame
+
+__all__ = ["GatewaySink", "NebulizerRunner", "UnexpectedDeviceError"]
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT_DEVICE_S = 0.5  # ICD: resend a command that got no ACK after 500 ms
+ACK_TIMEOUT_MIN_REAL_S = 0.25  # floor in real time, so a fast clock does not starve the pty
+COMMAND_ATTEMPTS = 3
+
+
+class NebulizerRunner:
+    def __init__(
+        self,
+        device: DeviceSettings,
+        config: Config,
+        *,
+        link_factory: Callable[[], ByteLink],
+        clock: Clock,
+        sink: GatewaySink,
+        backoff: Backoff | None = None,
+        observers: list[LinkObserver] | None = None,
+        journal: SessionJournal | None = None,
+        audit: AuditTrail | None = None,
+        bed: BedMonitor | None = None,
+    ) -> None:
+        self.device = device
+        self.config = config
+        self.pipeline = Vm1Pipeline(device, config, sink, journal=journal, audit=audit, bed=bed)
+        self.observers = observers if observers is not None else []
+        self._link_factory = link_factory
+        self._clock = clock
+        self._backoff = backoff or Backoff(0.5, 30.0)
+        self._link: ByteLink | None = None
+        self._host_seq = 0
+        self._pending_acks: dict[tuple[int, int], asyncio.Future[Ack]] = {}
+
+    @property
+    def tracker(self) -> SessionTracker:
+        return self.pipeline.tracker
+
+    @property
+    def health(self) -> DeviceHealth:
+        return self.pipeline.health
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep the device connected until cancelled."""
+        while True:
+            link = await open_until_up(
+                self._link_factory,
+                clock=self._clock,
+                backoff=self._backoff,
+                log=log,
+                what="device link",
+                device_id=self.device.id,
+                on_failure=self._open_failed,
+            )
+            reason = "closed"
+            try:
+                await self._session_on(link)
+            except UnexpectedDeviceError as exc:
+                reason = "refused"
+                self.health.refused = str(exc)
+                # A refusal, not a crash: no traceback wanted.
+                log.error("device refused: %s", exc, extra={"device_id": self.device.id})  # noqa: TRY400
+                self.pipeline.publish_status(error=str(exc))
+            except TransportError as exc:
+                reason = str(exc)
+                self.health.last_error = str(exc)
+                log.warning("device link lost: %s", exc, extra={"device_id": self.device.id})
+            except Exception as exc:
+                # A bug must not take the other devices down, and must not be hidden either.
+                reason = "internal error"
+                self.health.last_error = f"internal error: {exc!r}"
+                log.exception(
+                    "device runner failed; restarting", extra={"device_id": self.device.id}
+                )
+            finally:
+                await self._on_link_closed(link, reason)
+            await self._clock.sleep(self._backoff.next_delay())
+
+    def _open_failed(self, exc: TransportError, first: bool) -> None:
+        self.health.last_error = str(exc)
+        if first:
+            self.pipeline.publish_status(error=str(exc))
+
+    async def _session_on(self, link: ByteLink) -> None:
+        self._link = link
+        utc, mono = self._clock.now(), self._clock.monotonic()
+        self.pipeline.link_up(utc)
+        for obs in self.observers:
+            obs.link_opened(self.device.id, link.description, utc, mono)
+        log.info("device link open", extra={"device_id": self.device.id, "link": link.description})
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._read_loop(link, tg), name=f"{self.device.id}-read")
+                tg.create_task(self._handshake(), name=f"{self.device.id}-handshake")
+        except ExceptionGroup as group:
+            # A broken link surfaces as a TransportError from whichever task saw it first.
+            link_errors, others = group.split(TransportError)
+            if others is not None or link_errors is None:
+                raise
+            raise link_errors.exceptions[0] from None
+
+    async def _on_link_closed(self, link: ByteLink, reason: str) -> None:
+        self._link = None
+        for fut in self._pending_acks.values():
+            if not fut.done():
+                fut.cancel()
+        self._pending_acks.clear()
+        with contextlib.suppress(TransportError):
+            await link.close()
+        utc, mono = self._clock.now(), self._clock.monotonic()
+        if self.health.connected:
+            for obs in self.observers:
+                obs.link_closed(self.device.id, reason, utc, mono)
+        self.pipeline.link_down(utc)
+
+    async def _handshake(self) -> None:
+        """On every (re)connect: identify the device and set its clock (ICD section 2)."""
+        try:
+            await self.command(GetInfo())
+            await self.command(SetClock(unix_s=int(self._clock.now().timestamp())))
+            if self.device.output_rate_hz is not None:
+                await self.command(SetRate(hz=self.device.output_rate_hz))
+        except DeviceTimeoutError as exc:
+            # The link stays up: the device may still be streaming; the next reconnect retries.
+            log.warning("device handshake: %s", exc, extra={"device_id": self.device.id})
+            return
+        self._backoff.reset()
+
+    async def _read_loop(self, link: ByteLink, tg: asyncio.TaskGroup) -> None:
+        while True:
+            data = await link.read()
+            utc, mono = self._clock.now(), self._clock.monotonic()
+            for obs in self.observers:
+                obs.bytes_received(self.device.id, data, utc, mono)
+            result = self.pipeline.feed(data, utc, mono)
+            for ack in result.acks:
+                fut = self._pending_acks.get((ack.acked_seq, ack.cmd))
+                if fut is not None and not fut.done():
+                    fut.set_result(ack)
+            for session_no in result.fetch:
+                tg.create_task(self._fetch_record(session_no), name=f"{self.device.id}-fetch")
+
+    async def _fetch_record(self, session_no: int) -> None:
+        try:
+            ack = await self.command(GetSession(session_no=session_no))
+        except (DeviceTimeoutError, TransportError) as exc:
+            log.warning(
+                "GET_SESSION %d failed: %s", session_no, exc, extra={"device_id": self.device.id}
+            )
+            return
+        if ack.result != AckResult.OK:
+            log.warning(
+                "device has no record of session %d (%s): still running, or older than its log",
+                session_no,
+                ack.result.name,
+                extra={"device_id": self.device.id},
+            )
+
+    # -- commands out ----------------------------------------------------------
+
+    async def command(self, cmd: HostCommand) -> Ack:
+        """Send a host command and wait for its ACK, resending per the ICD."""
+        link = self._link
+        if link is None:
+            raise TransportError("device link is not open", device_id=self.device.id)
+        seq = self._host_seq
+        self._host_seq = (self._host_seq + 1) % 256
+        frame = encode_message_frame(dataclasses.replace(cmd, seq=seq))
+        key = (seq, int(MESSAGE_TYPES[type(cmd)]))
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._pending_acks[key] = fut
+        timeout = max(ACK_TIMEOUT_DEVICE_S / self._clock.scale, ACK_TIMEOUT_MIN_REAL_S)
+        try:
+            for _ in range(COMMAND_ATTEMPTS):
+                utc, mono = self._clock.now(), self._clock.monotonic()
+                for obs in self.observers:
+                    obs.bytes_sent(self.device.id, frame, utc, mono)
+                await link.write(frame)
+                try:
+                    async with asyncio.timeout(timeout):
+                        return await asyncio.shield(fut)
+                except TimeoutError:
+                    continue
+            raise DeviceTimeoutError(
+                f"no ACK for {type(cmd).__name__} after {COMMAND_ATTEMPTS} attempts",
+                device_id=self.device.id,
+                command=type(cmd).__name__,
+            )
+        finally:
+            self._pending_acks.pop(key, None)
+            if not fut.done():
+                fut.cancel()

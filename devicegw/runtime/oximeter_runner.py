@@ -1,0 +1,143 @@
+"""One pulse oximeter, live, feeding its bed's SpO2 monitor.
+
+Serial (Nonin OEM III, data format #2) and BLE (PLX, BerryMed) oximeters are
+all a :class:`SampleSource`: open it, read timestamped samples, close it. The
+link is reopened by itself with capped, jittered backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from devicegw.config import OximeterSettings
+from devicegw.core.bed_monitor import BedMonitor
+from devicegw.errors import TransportError
+from devicegw.runtime.reconnect import open_until_up
+from drivers.backoff import Backoff
+from drivers.clock import Clock
+from drivers.oximeter.nonin import NoninDecoder, to_sample
+from drivers.oximeter.sample import OximeterSample
+from drivers.transport.base import ByteLink
+
+log = logging.getLogger(__name__)
+
+
+class SampleSource(Protocol):
+    @property
+    def description(self) -> str: ...
+
+    async def open(self) -> None: ...
+
+    async def read_samples(self) -> list[tuple[float, OximeterSample]]:
+        """At least one (gateway monotonic time, sample); TransportError when the link is gone."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class NoninSerialSource:
+    """Nonin OEM III bytes -> one sample per packet (3 per second)."""
+
+    def __init__(self, link: ByteLink, clock: Clock, source: str) -> None:
+        self._link = link
+        self._clock = clock
+        self._source = source
+        self._decoder = NoninDecoder()
+        self.checksum_errors = 0
+
+    @property
+    def description(self) -> str:
+        return self._link.description
+
+    async def open(self) -> None:
+        self._decoder = NoninDecoder()
+        await self._link.open()
+
+    async def read_samples(self) -> list[tuple[float, OximeterSample]]:
+        while True:
+            packets = self._decoder.feed(await self._link.read())
+            self.checksum_errors = self._decoder.stats.checksum_errors
+            if packets:
+                now = self._clock.monotonic()
+                return [(now, to_sample(p, source=self._source)) for p in packets]
+
+    async def close(self) -> None:
+        await self._link.close()
+
+
+@dataclass(slots=True)
+class OximeterHealth:
+    connected: bool = False
+    connects: int = 0
+    last_sample_mono: float | None = None
+    samples: int = 0
+    samples_gated: int = 0
+    checksum_errors: int = 0
+    last_error: str | None = None
+
+
+class OximeterRunner:
+    def __init__(
+        self,
+        oximeter: OximeterSettings,
+        *,
+        source_factory: Callable[[], SampleSource],
+        clock: Clock,
+        bed: BedMonitor | None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.oximeter = oximeter
+        self.bed = bed
+        self.health = OximeterHealth()
+        self._source_factory = source_factory
+        self._clock = clock
+        self._backoff = backoff or Backoff(0.5, 30.0)
+
+    async def run(self) -> None:
+        while True:
+            source = await open_until_up(
+                self._source_factory,
+                clock=self._clock,
+                backoff=self._backoff,
+                log=log,
+                what="oximeter link",
+                device_id=self.oximeter.id,
+                on_failure=self._open_failed,
+            )
+            self.health.connected = True
+            self.health.connects += 1
+            if self.bed is not None:
+                self.bed.oximeter_up(self._clock.monotonic())
+            try:
+                await self._read(source)
+            except TransportError as exc:
+                self.health.last_error = str(exc)
+                log.warning("oximeter link lost: %s", exc, extra={"device_id": self.oximeter.id})
+            finally:
+                self.health.connected = False
+                if self.bed is not None:
+                    self.bed.oximeter_down(self._clock.monotonic())
+                with contextlib.suppress(TransportError):
+                    await source.close()
+            await self._clock.sleep(self._backoff.next_delay())
+
+    def _open_failed(self, exc: TransportError, first: bool) -> None:
+        self.health.last_error = str(exc)
+
+    async def _read(self, source: SampleSource) -> None:
+        while True:
+            samples = await source.read_samples()
+            self._backoff.reset()
+            if isinstance(source, NoninSerialSource):
+                self.health.checksum_errors = source.checksum_errors
+            for mono, sample in samples:
+                self.health.samples += 1
+                self.health.last_sample_mono = mono
+                if not sample.valid:
+                    self.health.samples_gated += 1
+                if self.bed is not None:
+                    self.bed.feed(mono, sample)

@@ -1,0 +1,60 @@
+"""The runners' reconnect loop: open a fresh link until one opens, backing off between tries."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from devicegw.errors import TransportError
+from drivers.backoff import Backoff
+from drivers.clock import Clock
+
+
+class Openable(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+L = TypeVar("L", bound=Openable)
+
+
+async def open_until_up(
+    factory: Callable[[], L],
+    *,
+    clock: Clock,
+    backoff: Backoff,
+    log: logging.Logger,
+    what: str,
+    device_id: str,
+    on_failure: Callable[[TransportError, bool], None] | None = None,
+) -> L:
+    """Open a fresh link from ``factory`` until one opens; back off between attempts.
+
+    The first failure in a row is a WARNING, the retries DEBUG (one line per
+    outage, not one per attempt); ``on_failure(exc, first)`` lets the caller
+    record it.
+    """
+    first = True
+    while True:
+        link = factory()
+        try:
+            await link.open()
+        except TransportError as exc:
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "cannot open %s: %s",
+                what,
+                exc,
+                extra={"device_id": device_id},
+            )
+            if on_failure is not None:
+                on_failure(exc, first)
+            first = False
+            with contextlib.suppress(TransportError):
+                await link.close()
+            await clock.sleep(backoff.next_delay())
+            continue
+        return link

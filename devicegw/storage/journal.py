@@ -1,0 +1,99 @@
+"""What the gateway must remember across a restart, per device: open sessions and watermarks.
+
+An open session is journaled (its start, samples so far, pauses, alarms) so
+that after ``kill -9`` it is finished correctly — from live data if the
+device is still nebulizing, from the device's session record otherwise — and
+never silently dropped. The journal row is deleted in the same transaction
+that commits the session's dose event to the outbox.
+
+The watermark is the highest session number of a device (by model and
+serial) that the gateway has recorded; on every (re)connect, sessions between
+it and the device's ``last_session_no`` are fetched from the device's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from devicegw.storage.store import Store
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS session_journal (
+    device_id TEXT PRIMARY KEY,
+    session_no INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    updated_utc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_watermark (
+    device_key TEXT PRIMARY KEY,
+    session_no INTEGER NOT NULL
+);
+"""
+
+
+class SessionJournal:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.conn.executescript(_SCHEMA)
+
+    def save(
+        self, device_id: str, session_no: int, state: dict[str, object], utc: datetime
+    ) -> None:
+        self.store.conn.execute(
+            "INSERT INTO session_journal (device_id, session_no, state, updated_utc)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+            " session_no = excluded.session_no, state = excluded.state,"
+            " updated_utc = excluded.updated_utc",
+            (device_id, session_no, json.dumps(state, separators=(",", ":")), utc.isoformat()),
+        )
+
+    def load(self, device_id: str) -> tuple[dict[str, Any], datetime] | None:
+        row = self.store.conn.execute(
+            "SELECT state, updated_utc FROM session_journal WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return json.loads(row[0]), datetime.fromisoformat(row[1])
+
+    def clear(self, device_id: str, session_no: int) -> None:
+        self.store.conn.execute(
+            "DELETE FROM session_journal WHERE device_id = ? AND session_no = ?",
+            (device_id, session_no),
+        )
+
+    @contextlib.contextmanager
+    def finishing(self, device_id: str, session_no: int) -> Iterator[None]:
+        """Commit whatever is recorded inside together with clearing the session's journal row."""
+        with self.store.transaction():
+            yield
+            self.clear(device_id, session_no)
+
+    def is_recorded(self, event_id: str) -> bool:
+        """Is a dose event with this id already in the outbox (sent or not)?"""
+        try:
+            row = self.store.conn.execute(
+                "SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:  # no outbox table yet: nothing recorded
+            return False
+        return row is not None
+
+    def watermark(self, model: str, serial_no: str) -> int | None:
+        row = self.store.conn.execute(
+            "SELECT session_no FROM device_watermark WHERE device_key = ?",
+            (f"{model}/{serial_no}",),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def raise_watermark(self, model: str, serial_no: str, session_no: int) -> None:
+        self.store.conn.execute(
+            "INSERT INTO device_watermark (device_key, session_no) VALUES (?, ?)"
+            " ON CONFLICT(device_key) DO UPDATE SET session_no ="
+            " MAX(session_no, excluded.session_no)",
+            (f"{model}/{serial_no}", session_no),
+        )
