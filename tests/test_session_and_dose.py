@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from devicegw.config import DoseRules
-from devicegw.core.dose_check import Verdict, assess
+from devicegw.contract.vocabulary import Verdict
+from devicegw.core.dose_check import assess
 from devicegw.core.session_tracker import (
     FetchSessionRecord,
     FinishedSession,

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from devicegw.config import Config, parse_config
 from devicegw.contract.topics import Topics
+from devicegw.contract.vocabulary import PayloadKind
 from devicegw.mqtt.embedded_broker import EmbeddedBroker
 from devicegw.runtime.gateway import Gateway
 from drivers.clock import ScaledClock
@@ -195,19 +196,19 @@ async def _watch(
                     async for msg in client.messages:
                         body = json.loads(bytes(msg.payload))  # type: ignore[arg-type,unused-ignore]
                         kind = body.get("event_type")
-                        if kind == "telemetry":
+                        if kind == PayloadKind.TELEMETRY:
                             state.update(body)
-                        elif kind == "device_status":
+                        elif kind == PayloadKind.DEVICE_STATUS:
                             state["connected"] = body["connected"]
                             state["state"] = body["state"]
                             if body.get("reservoir_ml") is not None:
                                 state["reservoir_ml"] = body["reservoir_ml"]
-                        elif kind == "safety_alert":
+                        elif kind == PayloadKind.SAFETY_ALERT:
                             state["spo2_alert"] = (
                                 f"{body['state'].upper()} at {body['offset_s']:.0f} s into the "
                                 f"session (SpO2 {body['spo2']}, baseline {body['baseline_spo2']})"
                             )
-                        elif kind == "dose_completion":
+                        elif kind == PayloadKind.DOSE_COMPLETION:
                             live.update(_view(state, scale, f"{broker.host}:{broker.port}", port))
                             return dict(body)
                         live.update(_view(state, scale, f"{broker.host}:{broker.port}", port))

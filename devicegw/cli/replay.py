@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 from devicegw.config import Config, DeviceSettings, GatewaySettings, load_config
 from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry
 from devicegw.contract.topics import Topics
+from devicegw.contract.vocabulary import Verdict
 from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
 from devicegw.errors import ConfigError, GatewayError
 from devicegw.mqtt.publisher import encode
@@ -828,7 +829,7 @@ def summary_table(summary: ReplaySummary) -> object:
     """A rich Table: sessions and verdicts per device, then the totals and the speed."""
     from rich.table import Table
 
-    verdicts = ["complete", "deviation", "partial", "aborted", "indeterminate"]
+    verdicts = list(Verdict)
     table = Table(title="replay summary")
     table.add_column("device")
     table.add_column("sessions", justify="right")

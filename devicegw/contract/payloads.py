@@ -16,6 +16,7 @@ from pydantic import Field
 
 from devicegw.contract.base import SCHEMA_VERSION, Delivery, Payload
 from devicegw.contract.spo2 import Spo2Summary
+from devicegw.contract.vocabulary import DataSource, DeliveredBasis, PayloadKind, Verdict
 
 # Namespace for deterministic event ids (UUIDv5); never change it.
 EVENT_NAMESPACE = uuid.UUID("5d0c3a8e-2f61-4a53-9a0e-6b1f2f8c7d41")
@@ -76,7 +77,7 @@ class VolumeOut(_Payload):
     )
     device_cum_ml: float = Field(description="the device's own output total (cum_ul)")
     delivered_ml: float | None
-    delivered_basis: Literal["reservoir_drop", "output_integral", "device_cum"] | None
+    delivered_basis: DeliveredBasis | None
     delivered_fraction: float | None
     max_disagreement_ml: float | None
     tolerance_ml: float
@@ -120,7 +121,7 @@ class DoseEvent(_Payload):
     """One per nebulization session: the record the EDC keeps."""
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
-    event_type: Literal["dose_completion"] = "dose_completion"
+    event_type: Literal[PayloadKind.DOSE_COMPLETION] = PayloadKind.DOSE_COMPLETION
     delivery: Delivery | None = None
     event_id: uuid.UUID
     gateway: GatewayRef
@@ -129,10 +130,12 @@ class DoseEvent(_Payload):
     bed: str
     device: DeviceIdentity
     session_no: int
-    data_source: Literal["live", "device_log"]
+    data_source: DataSource
     end_reason: str
-    verdict: Literal["complete", "deviation", "partial", "aborted", "indeterminate"]
-    reasons: list[str]
+    verdict: Verdict
+    reasons: list[str] = Field(
+        description="reason codes (docs/mqtt.md); consumers ignore codes they do not know"
+    )
     times: DoseTimes
     pauses: PauseSummary
     volume: VolumeOut
@@ -150,7 +153,7 @@ class DeviceStatus(_Payload):
     """Retained per device; stale when the gateway's status says offline."""
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
-    event_type: Literal["device_status"] = "device_status"
+    event_type: Literal[PayloadKind.DEVICE_STATUS] = PayloadKind.DEVICE_STATUS
     delivery: Delivery | None = None
     gateway_id: str
     device_id: str
@@ -169,7 +172,7 @@ class GatewayStatus(_Payload):
     """Retained; the broker publishes the offline form as the gateway's last will."""
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
-    event_type: Literal["gateway_status"] = "gateway_status"
+    event_type: Literal[PayloadKind.GATEWAY_STATUS] = PayloadKind.GATEWAY_STATUS
     delivery: Delivery | None = None
     gateway_id: str
     site: str
@@ -184,7 +187,7 @@ class Telemetry(_Payload):
     """Live view of a device, at most once per telemetry interval (QoS 0, may be dropped)."""
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
-    event_type: Literal["telemetry"] = "telemetry"
+    event_type: Literal[PayloadKind.TELEMETRY] = PayloadKind.TELEMETRY
     delivery: Delivery | None = None
     gateway_id: str
     device_id: str

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from devicegw.contract.base import Delivery
+from devicegw.contract.vocabulary import PayloadKind
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -164,7 +165,7 @@ class SafetyAlert(_Payload):
     """A desaturation alert being raised or cleared (QoS 1, own topic)."""
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
-    event_type: Literal["safety_alert"] = "safety_alert"
+    event_type: Literal[PayloadKind.SAFETY_ALERT] = PayloadKind.SAFETY_ALERT
     delivery: Delivery | None = None
     event_id: uuid.UUID = Field(description="unique per message; deterministic (UUIDv5)")
     alert_id: uuid.UUID = Field(description="the same for the raised and the cleared message")
@@ -195,7 +196,7 @@ class PostDoseSafetySummary(_Payload):
     """After the observation window: the dose's SpO2 over session + observation window."""
 
     schema_version: Literal["1.0"] = SCHEMA_VERSION
-    event_type: Literal["post_dose_safety_summary"] = "post_dose_safety_summary"
+    event_type: Literal[PayloadKind.POST_DOSE_SAFETY_SUMMARY] = PayloadKind.POST_DOSE_SAFETY_SUMMARY
     delivery: Delivery | None = None
     event_id: uuid.UUID = Field(description="deterministic (UUIDv5 of the correlation id)")
     correlation_id: uuid.UUID = Field(description="the dose event's event_id")

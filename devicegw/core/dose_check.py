@@ -2,35 +2,26 @@
 
 Pure function of a :class:`FinishedSession` and the configured
 :class:`DoseRules`. The verdict vocabulary and reason codes are part of the
-published contract (docs/events.md); add codes, never repurpose them.
+published contract (:mod:`devicegw.contract.vocabulary`, docs/mqtt.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 
 from devicegw.config import DoseRules
+from devicegw.contract.vocabulary import DeliveredBasis, Reason, Verdict
 from devicegw.core.session_tracker import FinishedSession
 from devicegw.core.volume import IntegralResult, integrate_rate
 from drivers.vm1.messages import EndReason
 
-
-class Verdict(StrEnum):
-    COMPLETE = "complete"  # enough delivered, every rule met
-    DEVIATION = "deviation"  # enough delivered, but a duration or pause rule broken
-    PARTIAL = "partial"  # some delivered, below the minimum fraction
-    ABORTED = "aborted"  # ended by the device (fault, battery, timeout) or next to nothing
-    INDETERMINATE = "indeterminate"  # the gateway cannot tell how much was delivered
-
-
-END_REASON_CODES: dict[EndReason, str | None] = {
+END_REASON_CODES: dict[EndReason, Reason | None] = {
     EndReason.COMPLETE: None,
-    EndReason.USER_STOP: "ended_by_user",
-    EndReason.HOST_STOP: "ended_by_host",
-    EndReason.TIMEOUT: "ended_by_timeout",
-    EndReason.FAULT: "ended_by_fault",
-    EndReason.LOW_BATTERY: "ended_by_low_battery",
+    EndReason.USER_STOP: Reason.ENDED_BY_USER,
+    EndReason.HOST_STOP: Reason.ENDED_BY_HOST,
+    EndReason.TIMEOUT: Reason.ENDED_BY_TIMEOUT,
+    EndReason.FAULT: Reason.ENDED_BY_FAULT,
+    EndReason.LOW_BATTERY: Reason.ENDED_BY_LOW_BATTERY,
 }
 _DEVICE_ABORTS = (EndReason.TIMEOUT, EndReason.FAULT, EndReason.LOW_BATTERY)
 
@@ -43,7 +34,7 @@ class VolumeEstimates:
     output_integral_ml: float | None
     device_cum_ml: float
     delivered_ml: float | None
-    delivered_basis: str | None  # "reservoir_drop" | "output_integral" | "device_cum"
+    delivered_basis: DeliveredBasis | None
     delivered_fraction: float | None
     max_disagreement_ml: float | None
     estimates_agree: bool | None
@@ -53,7 +44,7 @@ class VolumeEstimates:
 @dataclass(frozen=True, slots=True)
 class Assessment:
     verdict: Verdict
-    reasons: tuple[str, ...]
+    reasons: tuple[Reason, ...]
     volumes: VolumeEstimates
     total_pause_s: float
     nebulizing_s: float
@@ -76,13 +67,14 @@ def estimate_volumes(s: FinishedSession, rules: DoseRules) -> VolumeEstimates:
     )
     integ = integral.volume_ul if integral.samples >= 2 else None
     cum = float(s.device_cum_ul)
-    delivered, basis = None, None
+    delivered: float | None = None
+    basis: DeliveredBasis | None = None
     if drop is not None:
-        delivered, basis = float(max(drop, 0)), "reservoir_drop"
+        delivered, basis = float(max(drop, 0)), DeliveredBasis.RESERVOIR_DROP
     elif integ is not None:
-        delivered, basis = integ, "output_integral"
+        delivered, basis = integ, DeliveredBasis.OUTPUT_INTEGRAL
     elif s.device_cum_ul > 0:
-        delivered, basis = cum, "device_cum"
+        delivered, basis = cum, DeliveredBasis.DEVICE_CUM
     # The level drop is checked against the two rate-based estimates (integral, device total).
     others = [v for v in (integ, cum) if v is not None]
     disagreement = (
@@ -109,7 +101,7 @@ def estimate_volumes(s: FinishedSession, rules: DoseRules) -> VolumeEstimates:
 
 def assess(s: FinishedSession, rules: DoseRules) -> Assessment:
     vol = estimate_volumes(s, rules)
-    reasons: list[str] = []
+    reasons: list[Reason] = []
     end_code = END_REASON_CODES[s.end_reason]
     if end_code:
         reasons.append(end_code)
@@ -117,25 +109,25 @@ def assess(s: FinishedSession, rules: DoseRules) -> Assessment:
     total_pause = sum(p.duration_s for p in s.pauses)
     rule_broken = False
     if s.duration_s is None:
-        reasons.append("duration_unknown")
+        reasons.append(Reason.DURATION_UNKNOWN)
     elif s.duration_s < rules.min_duration_s:
-        reasons.append("duration_below_minimum")
+        reasons.append(Reason.DURATION_BELOW_MINIMUM)
         rule_broken = True
     elif s.duration_s > rules.max_duration_s:
-        reasons.append("duration_above_maximum")
+        reasons.append(Reason.DURATION_ABOVE_MAXIMUM)
         rule_broken = True
     if total_pause > rules.max_total_pause_s:
-        reasons.append("pause_above_maximum")
+        reasons.append(Reason.PAUSE_ABOVE_MAXIMUM)
         rule_broken = True
 
     if vol.estimates_agree is False:
-        reasons.append("volume_estimates_disagree")
+        reasons.append(Reason.VOLUME_ESTIMATES_DISAGREE)
     if vol.integral.gaps:
-        reasons.append("telemetry_gap")
+        reasons.append(Reason.TELEMETRY_GAP)
     if s.link_interruptions:
-        reasons.append("link_interrupted")
+        reasons.append(Reason.LINK_INTERRUPTED)
     if s.alarms:
-        reasons.append("device_alarm")
+        reasons.append(Reason.DEVICE_ALARM)
     for flag in s.flags:
         if flag not in reasons:
             reasons.append(flag)
@@ -143,13 +135,13 @@ def assess(s: FinishedSession, rules: DoseRules) -> Assessment:
     frac = vol.delivered_fraction
     if frac is None:
         verdict = Verdict.INDETERMINATE
-        reasons.append("volume_unknown")
+        reasons.append(Reason.VOLUME_UNKNOWN)
     elif frac < rules.abort_below_fraction:
         verdict = Verdict.ABORTED
-        reasons.append("delivered_below_minimum")
+        reasons.append(Reason.DELIVERED_BELOW_MINIMUM)
     elif frac < rules.min_delivered_fraction:
         verdict = Verdict.ABORTED if s.end_reason in _DEVICE_ABORTS else Verdict.PARTIAL
-        reasons.append("delivered_below_minimum")
+        reasons.append(Reason.DELIVERED_BELOW_MINIMUM)
     elif rule_broken:
         verdict = Verdict.DEVIATION
     else:

@@ -57,7 +57,7 @@ def build_dose_event(
         session_no=session.session_no,
         data_source=session.data_source,
         end_reason=session.end_reason.name,
-        verdict=assessment.verdict.value,
+        verdict=assessment.verdict,
         reasons=list(assessment.reasons),
         times=DoseTimes(
             gateway_start_utc=session.gateway_start_utc,
@@ -85,7 +85,7 @@ def build_dose_event(
             output_integral_ml=vol.output_integral_ml,
             device_cum_ml=vol.device_cum_ml,
             delivered_ml=vol.delivered_ml,
-            delivered_basis=vol.delivered_basis,  # type: ignore[arg-type]
+            delivered_basis=vol.delivered_basis,
             delivered_fraction=vol.delivered_fraction,
             max_disagreement_ml=vol.max_disagreement_ml,
             tolerance_ml=rules.volume_tolerance_ml,

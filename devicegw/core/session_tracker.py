@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
+from devicegw.contract.vocabulary import DataSource, Reason
 from drivers.vm1.messages import (
     Ack,
     Alarm,
@@ -60,7 +61,7 @@ class FinishedSession:
     """Everything known about one ended session, ready for the dose check."""
 
     session_no: int
-    data_source: Literal["live", "device_log"]
+    data_source: DataSource
     end_reason: EndReason
     fill_ul: int | None
     residual_ul: int | None
@@ -81,7 +82,7 @@ class FinishedSession:
     link_down_s: float
     frames_lost: int
     bad_frames: int
-    flags: tuple[str, ...]
+    flags: tuple[Reason, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,7 @@ class _Open:
     link_down_s: float = 0.0
     frames_lost: int = 0
     bad_frames: int = 0
-    flags: list[str] = field(default_factory=list)
+    flags: list[Reason] = field(default_factory=list)
     out_of_session_statuses: int = 0
     fetch_requested: bool = False
     last_dev: float = 0.0
@@ -155,6 +156,7 @@ class _Open:
         for name in ("start_utc", "last_utc"):
             if values.get(name) is not None:
                 values[name] = datetime.fromisoformat(values[name])
+        values["flags"] = [Reason(f) for f in values.get("flags", [])]
         return cls(**values)
 
 
@@ -196,8 +198,8 @@ class SessionTracker:
         """
         o = _Open.from_json(snapshot["open"])
         o.link_interruptions += 1
-        if "gateway_restart" not in o.flags:
-            o.flags.append("gateway_restart")
+        if Reason.GATEWAY_RESTART not in o.flags:
+            o.flags.append(Reason.GATEWAY_RESTART)
         o.out_of_session_statuses = 0
         o.fetch_requested = False
         self._open = o
@@ -297,8 +299,8 @@ class SessionTracker:
                 o.out_of_session_statuses += 1
                 if o.out_of_session_statuses >= _END_MISSED_AFTER and not o.fetch_requested:
                     o.fetch_requested = True
-                    if "session_end_missed" not in o.flags:
-                        o.flags.append("session_end_missed")
+                    if Reason.SESSION_END_MISSED not in o.flags:
+                        o.flags.append(Reason.SESSION_END_MISSED)
                     events.append(FetchSessionRecord(o.session_no))
         if old != msg.state:
             events.append(StateChanged(old, msg.state, msg))
@@ -310,8 +312,8 @@ class SessionTracker:
             if self._open.session_no == msg.session_no:
                 return []  # repeated SESSION_START (e.g. resent after reconnect)
             prev = self._open
-            if "session_end_missed" not in prev.flags:
-                prev.flags.append("session_end_missed")
+            if Reason.SESSION_END_MISSED not in prev.flags:
+                prev.flags.append(Reason.SESSION_END_MISSED)
             if not prev.fetch_requested:
                 prev.fetch_requested = True
                 events.append(FetchSessionRecord(prev.session_no))
@@ -345,7 +347,7 @@ class SessionTracker:
         wall0 = o.wall_s or None
         finished = self._finish(
             o,
-            data_source="live",
+            data_source=DataSource.LIVE,
             reason=msg.reason,
             residual_ul=msg.residual_ul,
             cum_ul=msg.cum_ul,
@@ -370,7 +372,7 @@ class SessionTracker:
                 o.pauses[-1][1] = o.last_dev
             finished = self._finish(
                 o,
-                data_source="live",
+                data_source=DataSource.LIVE,
                 reason=msg.reason,
                 residual_ul=msg.residual_ul,
                 cum_ul=msg.cum_ul,
@@ -385,7 +387,7 @@ class SessionTracker:
         self._remember(msg.session_no)
         finished = FinishedSession(
             session_no=msg.session_no,
-            data_source="device_log",
+            data_source=DataSource.DEVICE_LOG,
             end_reason=msg.reason,
             fill_ul=msg.fill_ul,
             residual_ul=msg.residual_ul,
@@ -406,7 +408,7 @@ class SessionTracker:
             link_down_s=0.0,
             frames_lost=0,
             bad_frames=0,
-            flags=("reconciled_from_device_log",),
+            flags=(Reason.RECONCILED_FROM_DEVICE_LOG,),
         )
         return [SessionFinished(finished)]
 
@@ -440,7 +442,7 @@ class SessionTracker:
         self,
         o: _Open,
         *,
-        data_source: Literal["live", "device_log"],
+        data_source: DataSource,
         reason: EndReason,
         residual_ul: int,
         cum_ul: int,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from devicegw.contract.vocabulary import PayloadKind, Verdict
 from devicegw.errors import GatewayError
 
 Format = Literal["sdtm-ex", "fhir"]
@@ -70,15 +71,13 @@ EX_COLUMNS = (
     "QUERYFL",  # Y: data management must look at this record
 )
 
-Verdict = Literal["complete", "deviation", "partial", "aborted", "indeterminate"]
-
 # verdict -> (EXOCCUR, EXADJ label, FHIR status)
-VERDICTS: dict[str, tuple[str, str, str]] = {
-    "complete": ("Y", "", "completed"),
-    "deviation": ("Y", "PROTOCOL DEVIATION", "completed"),
-    "partial": ("Y", "PARTIAL DOSE", "stopped"),
-    "aborted": ("Y", "DOSE ABORTED", "stopped"),  # "N" when nothing was delivered
-    "indeterminate": ("", "DOSE UNKNOWN", "unknown"),
+VERDICTS: dict[Verdict, tuple[str, str, str]] = {
+    Verdict.COMPLETE: ("Y", "", "completed"),
+    Verdict.DEVIATION: ("Y", "PROTOCOL DEVIATION", "completed"),
+    Verdict.PARTIAL: ("Y", "PARTIAL DOSE", "stopped"),
+    Verdict.ABORTED: ("Y", "DOSE ABORTED", "stopped"),  # "N" when nothing was delivered
+    Verdict.INDETERMINATE: ("", "DOSE UNKNOWN", "unknown"),
 }
 
 
@@ -114,7 +113,7 @@ class _Volume(_In):
 
 
 class StoredDoseEvent(_In):
-    event_type: Literal["dose_completion"]
+    event_type: Literal[PayloadKind.DOSE_COMPLETION]
     event_id: uuid.UUID
     subject_id: str
     kit_number: str
@@ -247,7 +246,7 @@ def to_sdtm_ex(
                 "EXOCCUR": occur,
                 "EXADJ": _reason_text(event),
                 "DOSVERD": event.verdict.upper(),
-                "QUERYFL": "Y" if event.verdict == "indeterminate" or start is None else "",
+                "QUERYFL": "Y" if event.verdict == Verdict.INDETERMINATE or start is None else "",
             }
         )
     return rows

@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.text import Text
 
 from devicegw.contract.schemas import MODELS, schemas
+from devicegw.contract.vocabulary import PayloadKind, TopicKind
 from devicegw.edc.export import record_identity
 from devicegw.errors import GatewayError, TransportError
 from drivers.clock import Clock, SystemClock
@@ -101,14 +102,14 @@ def contract_validators() -> dict[str, Draft202012Validator]:
 def topic_event_type(topic: str) -> str | None:
     """The payload a topic of the v1 layout carries (docs/mqtt.md), or None."""
     parts = topic.split("/")
-    if len(parts) >= 2 and parts[-2] == "dose":
-        return "dose_completion"
-    if len(parts) >= 2 and parts[-2] == "telemetry":
-        return "telemetry"
+    if len(parts) >= 2 and parts[-2] == TopicKind.DOSE:
+        return PayloadKind.DOSE_COMPLETION
+    if len(parts) >= 2 and parts[-2] == TopicKind.TELEMETRY:
+        return PayloadKind.TELEMETRY
     if len(parts) >= 3 and parts[-3] == "device" and parts[-1] == "status":
-        return "device_status"
+        return PayloadKind.DEVICE_STATUS
     if parts[-1] == "status":
-        return "gateway_status"
+        return PayloadKind.GATEWAY_STATUS
     return None
 
 
@@ -144,13 +145,15 @@ def sequence_of(payload: Mapping[str, Any]) -> tuple[int | None, int | None]:
     if isinstance(delivery, Mapping) and "seq" in delivery:
         return _int(delivery.get("birth_seq")), _int(delivery.get("seq"))
     birth = None
-    if payload.get("event_type") == "gateway_status" and payload.get("online") is True:
+    if payload.get("event_type") == PayloadKind.GATEWAY_STATUS and payload.get("online") is True:
         birth = _int(payload.get("birth_seq"))
     return birth, _int(payload.get("seq"))
 
 
 def _is_last_will(payload: Mapping[str, Any]) -> bool:
-    return payload.get("event_type") == "gateway_status" and payload.get("online") is False
+    return (
+        payload.get("event_type") == PayloadKind.GATEWAY_STATUS and payload.get("online") is False
+    )
 
 
 @dataclass(slots=True)
@@ -459,15 +462,15 @@ def _summary(payload: Mapping[str, Any], event_type: str | None) -> str:
                 parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
         return " ".join(parts)
 
-    if event_type == "dose_completion":
+    if event_type == PayloadKind.DOSE_COMPLETION:
         return pick(
             "subject_id", "kit_number", "verdict", "volume.delivered_ml", "volume.prescribed_ml"
         ) + (f" event={str(payload.get('event_id'))[:8]}" if payload.get("event_id") else "")
-    if event_type == "device_status":
+    if event_type == PayloadKind.DEVICE_STATUS:
         return pick("device_id", "connected", "state", "battery_pct", "active_alarms")
-    if event_type == "gateway_status":
+    if event_type == PayloadKind.GATEWAY_STATUS:
         return pick("gateway_id", "site", "online", "version")
-    if event_type == "telemetry":
+    if event_type == PayloadKind.TELEMETRY:
         return pick("device_id", "state", "elapsed_s", "delivered_ml", "rate_ul_min")
     return ""
 

@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel
 
 from devicegw.config import BrokerSettings
+from devicegw.contract.vocabulary import TopicKind
 from devicegw.errors import ConfigError
 from devicegw.storage.outbox import AddResult, Kind, Outbox, OutboxRow
 from devicegw.storage.store import Store
@@ -169,20 +170,20 @@ class MqttPublisher:
     ) -> AddResult:
         """A dose event: unique by ``event_id``, sent when the broker is up."""
         return self._commit(
-            "dose", topic, payload, retain=False, device_id=device_id, event_id=event_id
+            TopicKind.DOSE, topic, payload, retain=False, device_id=device_id, event_id=event_id
         )
 
     def publish_status(
         self, topic: str, payload: BaseModel, *, device_id: str | None = None
     ) -> None:
         """Retained status; latest wins per topic."""
-        self._commit("status", topic, payload, retain=True, device_id=device_id)
+        self._commit(TopicKind.STATUS, topic, payload, retain=True, device_id=device_id)
 
     def publish_event(
         self, topic: str, payload: BaseModel, *, device_id: str | None = None
     ) -> None:
         """Any other must-deliver event (e.g. safety alerts): QoS 1, not retained."""
-        self._commit("safety", topic, payload, retain=False, device_id=device_id)
+        self._commit(TopicKind.SAFETY, topic, payload, retain=False, device_id=device_id)
 
     def publish_telemetry(self, topic: str, payload: BaseModel) -> None:
         if len(self._telemetry) >= self._telemetry_max:
@@ -356,9 +357,9 @@ class MqttPublisher:
     async def _publish_row(self, client: aiomqtt.Client, row: OutboxRow, payload: bytes) -> None:
         await client.publish(row.topic, payload, qos=row.qos, retain=row.retain, timeout=30)
         self.outbox.mark_sent(row, self._clock.now())
-        if row.kind == "dose":
+        if row.kind == TopicKind.DOSE:
             self.stats.dose_events_published += 1
-        elif row.kind == "status":
+        elif row.kind == TopicKind.STATUS:
             self.stats.statuses_published += 1
 
 

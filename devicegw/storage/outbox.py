@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from devicegw.contract.vocabulary import TopicKind
 from devicegw.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["dose", "status", "safety"]
+#: What the outbox holds: every durable kind (telemetry never enters it).
+Kind = Literal[TopicKind.DOSE, TopicKind.STATUS, TopicKind.SAFETY]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -91,7 +93,7 @@ class Outbox:
                             extra={"event_id": event_id, "device_id": device_id},
                         )
                     return AddResult(added=False, conflict=conflict)
-            if kind == "status":
+            if kind == TopicKind.STATUS:
                 db.execute("DELETE FROM outbox WHERE topic = ? AND sent_utc IS NULL", (topic,))
             db.execute(
                 "INSERT INTO outbox (kind, device_id, topic, qos, retain, payload, event_id,"
@@ -115,7 +117,7 @@ class Outbox:
         self.store.conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
 
     def mark_sent(self, row: OutboxRow, now: datetime) -> None:
-        if row.kind == "status":
+        if row.kind == TopicKind.STATUS:
             self.store.conn.execute("DELETE FROM outbox WHERE id = ?", (row.id,))
         else:
             self.store.conn.execute(
