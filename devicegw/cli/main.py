@@ -56,6 +56,7 @@ def _load(path: str) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from devicegw.runtime.gateway import Gateway
+    from devicegw.runtime.systemd_notify import Notifier
 
     config = _load(args.config)
     if args.record is not None:
@@ -64,7 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level or config.gateway.log_level, config.gateway.log_format)
     scale = args.time_scale if args.time_scale is not None else config.gateway.time_scale
     try:
-        gateway = Gateway(config, clock=_clock(scale))
+        # Under systemd (Type=notify): READY=1, WATCHDOG=1, STATUS= (deploy/systemd).
+        gateway = Gateway(config, clock=_clock(scale), notifier=Notifier.from_environment())
     except ConfigError as exc:
         print(f"devicegw: {exc}", file=sys.stderr)
         return EXIT_CONFIG

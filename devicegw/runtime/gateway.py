@@ -26,7 +26,7 @@ from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.ports import AuditKind
 from devicegw.mqtt.publisher import MqttPublisher, encode
 from devicegw.recording.format import RecordingWriter
-from devicegw.runtime import health
+from devicegw.runtime import health, systemd_notify
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
@@ -91,8 +91,11 @@ class Gateway:
         clock: Clock,
         link_factory: Callable[[DeviceSettings], Callable[[], ByteLink]] = default_link_factory,
         store: Store | None = None,
+        notifier: systemd_notify.Notifier | None = None,
     ) -> None:
         self.config = config
+        # systemd readiness/watchdog (deploy/systemd); None: not run as a notify service.
+        self.notifier = notifier
         self.clock = clock
         self.topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
         self.store = store if store is not None else Store.in_dir(config.gateway.data_dir)
@@ -186,6 +189,10 @@ class Gateway:
                     tg.create_task(ox_runner.run(), name=f"oximeter-{ox_runner.oximeter.id}")
                 for runner in self.runners:
                     tg.create_task(runner.run(), name=f"device-{runner.device.id}")
+                if self.notifier is not None:  # last: READY=1 once everything else runs
+                    tg.create_task(
+                        systemd_notify.run(self, self.notifier), name="systemd-notify"
+                    )
         except asyncio.CancelledError:
             stop_reason = "stopped"
             raise
