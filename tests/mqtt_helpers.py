@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +55,10 @@ class MosquittoBroker:
     users: dict[str, str] = field(default_factory=dict)
     # (cafile, certfile, keyfile): the listener speaks TLS only.
     tls: tuple[Path, Path, Path] | None = None
+    # A whole configuration of its own (e.g. rendered from deploy/mosquitto/): used as it
+    # is, listening on ``port``; the settings above are then ignored.
+    config: str | None = None
+    name: str = "mosquitto"
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,30 +68,14 @@ class MosquittoBroker:
     def start(self) -> None:
         binary = mosquitto_binary()
         assert binary is not None
-        conf = self.workdir / f"mosquitto-{self.port}.conf"
-        auth = "allow_anonymous true\n"
-        if self.users:
-            pwfile = self.workdir / f"passwd-{self.port}"
-            pwfile.write_text("")
-            for user, password in self.users.items():
-                subprocess.run(
-                    ["mosquitto_passwd", "-b", str(pwfile), user, password],
-                    check=True,
-                    capture_output=True,
-                )
-            pwfile.chmod(0o600)
-            auth = f"allow_anonymous false\npassword_file {pwfile}\n"
+        conf = self.workdir / f"{self.name}-{self.port}.conf"
         # As root, mosquitto drops to user "mosquitto", which cannot read the test's tmp dir.
         run_as = "user root\n" if os.geteuid() == 0 else ""
-        conf.write_text(
-            f"{run_as}listener {self.port} 127.0.0.1\n"
-            f"{self._tls_conf()}"
-            f"{auth}"
-            f"persistence true\npersistence_location {self.workdir}/\n"
-            "autosave_interval 1\n"
-            f"{self.extra_conf}\n"
-        )
-        log = open(self.workdir / f"mosquitto-{self.port}.log", "ab")  # noqa: SIM115
+        if self.config is not None:
+            conf.write_text(run_as + self.config)
+        else:
+            conf.write_text(self._own_config(run_as))
+        log = open(self.workdir / f"{self.name}-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
         )
@@ -102,6 +91,28 @@ class MosquittoBroker:
                 return
             time.sleep(0.02)
         raise RuntimeError("mosquitto did not start listening")
+
+    def _own_config(self, run_as: str) -> str:
+        auth = "allow_anonymous true\n"
+        if self.users:
+            pwfile = self.workdir / f"passwd-{self.port}"
+            pwfile.write_text("")
+            for user, password in self.users.items():
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(pwfile), user, password],
+                    check=True,
+                    capture_output=True,
+                )
+            pwfile.chmod(0o600)
+            auth = f"allow_anonymous false\npassword_file {pwfile}\n"
+        return (
+            f"{run_as}listener {self.port} 127.0.0.1\n"
+            f"{self._tls_conf()}"
+            f"{auth}"
+            f"persistence true\npersistence_location {self.workdir}/\n"
+            "autosave_interval 1\n"
+            f"{self.extra_conf}\n"
+        )
 
     def _tls_conf(self) -> str:
         if self.tls is None:
@@ -150,9 +161,11 @@ class Collector:
         persistent: bool = False,
         username: str | None = None,
         password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ):
         self.host, self.port, self.topics = host, port, topics
         self.username, self.password = username, password
+        self.tls_context = tls_context
         self.client_id = client_id
         self.persistent = persistent
         self.messages: list[Received] = []
@@ -167,6 +180,7 @@ class Collector:
             username=self.username,
             password=self.password,
             clean_session=False if self.persistent else None,
+            tls_context=self.tls_context,
         ) as client:
             for t in self.topics:
                 await client.subscribe(t, qos=1)
@@ -204,6 +218,7 @@ async def collecting(
     persistent: bool = False,
     username: str | None = None,
     password: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Collector]:
     collector = Collector(
         host,
@@ -213,6 +228,7 @@ async def collecting(
         persistent=persistent,
         username=username,
         password=password,
+        tls_context=tls_context,
     )
     task = asyncio.create_task(collector.run(), name="test-collector")
     try:
