@@ -111,8 +111,10 @@ def test_daemon_reports_ready_watchdog_status_and_stopping(
     try:
         receive_until(
             notify_socket,
-            lambda d: sum("WATCHDOG" in x.fields for x in d) >= 5
-            and any("broker connected" in x.fields.get("STATUS", "") for x in d),
+            lambda d: (
+                sum("WATCHDOG" in x.fields for x in d) >= 5
+                and any("broker connected" in x.fields.get("STATUS", "") for x in d)
+            ),
             timeout=60,
             into=got,
         )
