@@ -1,9 +1,9 @@
 """Store-and-forward over the ward broker's bridge: the uplink is cut for a minute.
 
 Two real Mosquitto processes on loopback, configured from the shipped files in
-``deploy/mosquitto/`` (only listener ports, file paths and the central broker's
-address are replaced; every queue, persistence, session and TLS setting is the
-shipped one):
+``deploy/mosquitto/``, each included from a main file like Debian's (only
+listener ports, file paths and the central broker's address are replaced; every
+queue, persistence, session and TLS setting is the shipped one):
 
     gateway ──► ward broker ══ TLS bridge, client cert ══► uplink relay ──► central broker ──► EDC
 
@@ -137,6 +137,17 @@ class Uplink:
             writer.close()
 
 
+def debian_mosquitto(workdir: Path, snippet_name: str, snippet: str) -> str:
+    """A main mosquitto.conf like Debian's, with the shipped file in its conf.d/."""
+    conf_d = workdir / "conf.d"
+    conf_d.mkdir()
+    (conf_d / snippet_name).write_text(snippet)
+    return (
+        f"persistence true\npersistence_location {workdir}/\n"
+        f"log_dest stderr\ninclude_dir {conf_d}\n"
+    )
+
+
 def _pem(tmp: Path, name: str, blob: trustme.Blob) -> Path:
     path = tmp / name
     blob.write_to_path(str(path))
@@ -192,16 +203,19 @@ async def bridged_site(tmp_path: Path) -> AsyncIterator[Site]:
         workdir=central_dir,
         port=central_port,
         name="central",
-        config=render(
-            (DEPLOY / "central-example.conf").read_text(),
-            {
-                "persistence_location": f"{central_dir}/",
-                "listener": f"{central_port} 127.0.0.1",
-                "cafile": str(ca_pem),
-                "certfile": str(_pem(pki, "central.pem", server.cert_chain_pems[0])),
-                "keyfile": str(_pem(pki, "central.key", server.private_key_pem)),
-                "acl_file": str(central_dir / "central.acl"),
-            },
+        config=debian_mosquitto(
+            central_dir,
+            "central.conf",
+            render(
+                (DEPLOY / "central-example.conf").read_text(),
+                {
+                    "listener": f"{central_port} 127.0.0.1",
+                    "cafile": str(ca_pem),
+                    "certfile": str(_pem(pki, "central.pem", server.cert_chain_pems[0])),
+                    "keyfile": str(_pem(pki, "central.key", server.private_key_pem)),
+                    "acl_file": str(central_dir / "central.acl"),
+                },
+            ),
         ),
     )
     ward_dir = tmp_path / "ward"
@@ -217,18 +231,23 @@ async def bridged_site(tmp_path: Path) -> AsyncIterator[Site]:
                 workdir=ward_dir,
                 port=ward_port,
                 name="ward",
-                config=render(
-                    (DEPLOY / "devicegw-ward.conf").read_text(),
-                    {
-                        "persistence_location": f"{ward_dir}/",
-                        "listener": f"{ward_port} 127.0.0.1",
-                        "password_file": str(passwd),
-                        "acl_file": str(ward_dir / "devicegw-ward.acl"),
-                        "address": f"127.0.0.1:{uplink.port}",
-                        "bridge_cafile": str(ca_pem),
-                        "bridge_certfile": str(_pem(pki, "bridge.pem", bridge.cert_chain_pems[0])),
-                        "bridge_keyfile": str(_pem(pki, "bridge.key", bridge.private_key_pem)),
-                    },
+                config=debian_mosquitto(
+                    ward_dir,
+                    "devicegw-ward.conf",
+                    render(
+                        (DEPLOY / "devicegw-ward.conf").read_text(),
+                        {
+                            "listener": f"{ward_port} 127.0.0.1",
+                            "password_file": str(passwd),
+                            "acl_file": str(ward_dir / "devicegw-ward.acl"),
+                            "address": f"127.0.0.1:{uplink.port}",
+                            "bridge_cafile": str(ca_pem),
+                            "bridge_certfile": str(
+                                _pem(pki, "bridge.pem", bridge.cert_chain_pems[0])
+                            ),
+                            "bridge_keyfile": str(_pem(pki, "bridge.key", bridge.private_key_pem)),
+                        },
+                    ),
                 ),
             )
             ward.start()
