@@ -123,6 +123,32 @@ def test_sysusers_matches_the_unit() -> None:
     assert member_of == set(service["SupplementaryGroups"][0].split())
 
 
+def test_systemd_sysusers_accepts_the_user_entry(tmp_path: Path) -> None:
+    """systemd-sysusers parses the file and would create the user (dry run, private root)."""
+    sysusers = shutil.which("systemd-sysusers")
+    require(sysusers is not None, "systemd-sysusers is not installed (Debian package systemd)")
+    assert sysusers is not None
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "group").write_text("root:x:0:\ndialout:x:20:\n")
+    (tmp_path / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    res = subprocess.run(
+        [
+            sysusers,
+            "--dry-run",
+            f"--root={tmp_path}",
+            str(DEPLOY / "systemd" / "devicegw.sysusers"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "Creating user 'devicegw'" in out
+    assert "ignoring" not in out.lower() and "fail" not in out.lower(), out
+
+
 def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     """systemd's own parser accepts every line (it warns on unknown keys or bad values)."""
     analyze = shutil.which("systemd-analyze")
