@@ -22,6 +22,7 @@ from rich.panel import Panel
 from rich.syntax import Syntax
 from rich.table import Table
 
+import simulators
 from devicegw.config import Config, parse_config
 from devicegw.contract.topics import Topics
 from devicegw.contract.vocabulary import PayloadKind
@@ -29,7 +30,8 @@ from devicegw.mqtt.embedded_broker import EmbeddedBroker
 from devicegw.runtime.gateway import Gateway
 from drivers.clock import ScaledClock
 
-DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "simulators" / "scenarios" / "demo.toml"
+# The scenarios ship inside the simulators package (in a checkout and in the wheel).
+DEMO_SCENARIO = Path(simulators.__file__).resolve().parent / "scenarios" / "demo.toml"
 DEMO_OXIMETER = DEMO_SCENARIO.parent / "demo" / "oximeter.toml"
 DEMO_TIMEOUT_S = 300.0
 
