@@ -18,7 +18,10 @@ over TLS with its own client certificate.
 Asserted: during the cut the gateway hands every finished session to the ward
 broker (its outbox drains) and nothing reaches the EDC; after the cut every dose
 event reaches the EDC, none lost, and copies of one event are identical apart
-from ``delivery`` (docs/contract.md). This is the one long test (~2 minutes).
+from ``delivery`` (docs/contract.md). The bridge's state topic on the central
+broker, which the hospital's monitoring watches, turns 0 during the cut (the
+central broker drops the silent bridge after 1.5 keepalives) and 1 after it.
+This is the one long test (~90 s).
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ class Site:
     central: MosquittoBroker
     uplink: Uplink
     edc_tls: ssl.SSLContext
+    monitoring_tls: ssl.SSLContext
     passwords: dict[str, str]
 
 
@@ -194,6 +198,7 @@ async def bridged_site(tmp_path: Path) -> AsyncIterator[Site]:
     server = ca.issue_cert("127.0.0.1", "localhost", common_name="mqtt-central")
     bridge = ca.issue_cert(BRIDGE_ID, common_name=BRIDGE_ID)
     edc = ca.issue_cert("edc", common_name="edc")
+    monitoring = ca.issue_cert("monitoring", common_name="monitoring")
 
     central_dir = tmp_path / "central"
     central_dir.mkdir()
@@ -252,7 +257,14 @@ async def bridged_site(tmp_path: Path) -> AsyncIterator[Site]:
             )
             ward.start()
             try:
-                yield Site(ward, central, uplink, client_context(ca, edc), passwords)
+                yield Site(
+                    ward,
+                    central,
+                    uplink,
+                    client_context(ca, edc),
+                    client_context(ca, monitoring),
+                    passwords,
+                )
             finally:
                 ward.stop()
     finally:
@@ -281,6 +293,15 @@ async def test_uplink_cut_for_a_minute_while_sessions_finish(tmp_path: Path) -> 
                 client_id="edc",
                 persistent=True,
                 tls_context=site.edc_tls,
+            )
+        )
+        # The hospital's monitoring watches the bridge's state on the central broker.
+        central_watch = await stack.enter_async_context(
+            collecting(
+                central.host,
+                central.port,
+                [f"$SYS/broker/connection/{BRIDGE_ID}/state"],
+                tls_context=site.monitoring_tls,
             )
         )
         monitor = await stack.enter_async_context(
@@ -339,6 +360,8 @@ async def test_uplink_cut_for_a_minute_while_sessions_finish(tmp_path: Path) -> 
             await asyncio.sleep(max(0.0, CUT_S - (time.monotonic() - cut_at)))  # the outage
             during_cut = dose_ids(monitor) - on_ward_at_cut
             assert dose_ids(edc) <= on_ward_at_cut, "an event crossed a cut uplink"
+            # The central broker gave the silent bridge up (keepalive) and said so (last will).
+            assert [m.payload for m in central_watch.messages][-1:] == [b"0"]
             uplink.restore()
 
             # 3. Every dose event reaches the EDC.
@@ -351,6 +374,7 @@ async def test_uplink_cut_for_a_minute_while_sessions_finish(tmp_path: Path) -> 
             await edc.wait_for(
                 lambda m: len({x.json()["event_id"] for x in m}) >= EXPECTED_EVENTS, 120
             )
+            await central_watch.wait_for(lambda m: m[-1].payload == b"1", 30)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -372,6 +396,7 @@ async def test_uplink_cut_for_a_minute_while_sessions_finish(tmp_path: Path) -> 
     # They crossed on a new bridge connection: the central broker had dropped the silent
     # one (keepalive), and what the old one carried unacknowledged was sent again.
     assert uplink.connections >= 2
-    # The bridge says so on the ward: connected again after the cut.
+    # Connected again after the cut, on both sides.
     states = [m.payload for m in monitor.matching(f"$SYS/broker/connection/{BRIDGE_ID}/state")]
     assert states and states[-1] == b"1"
+    assert [m.payload for m in central_watch.messages][-1:] == [b"1"]
