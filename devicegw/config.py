@@ -10,13 +10,17 @@ randomisation list, a patient name) are rejected rather than carried along.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
+import re
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -29,16 +33,132 @@ from pydantic import (
 
 from devicegw.contract.spo2 import Spo2RulesOut
 from devicegw.errors import ConfigError
+from devicegw.safe_text import is_plain, printable
+
+#: A configuration file larger than this is not a gateway's configuration.
+MAX_FILE_BYTES = 1 << 20
 
 Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 TopicSegment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 # Pseudonymous trial identifiers: letters, digits, dashes; no spaces, so no names.
 SubjectId = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9-]{2,31}$")]
 KitNumber = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9-]{0,31}$")]
+# MQTT topic levels under which everything is published: no wildcards, no empty
+# level, no leading "$" (reserved for the broker), at most 8 levels.
+TopicPrefix = Annotated[
+    str,
+    StringConstraints(
+        max_length=200, pattern=r"^[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,7}$"
+    ),
+]
+# What a VM-1 sends as serial_no in IDENT: up to 12 printable ASCII characters.
+Vm1Serial = Annotated[str, StringConstraints(pattern=r"^[!-~](?:[ -~]{0,10}[!-~])?$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+ClientId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+
+#: The serial settings each device speaks (its vendor's interface document).
+VM1_BAUDRATES = (115200,)  # ICD section 1: 115200 8N1
+NONIN_BAUDRATES = (9600,)  # Nonin OEM III, data format #2: 9600 8N1
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+_LOOPBACK_NAMES = ("localhost",)
+
+
+def _host(value: str) -> str:
+    """A DNS name or an IP address; nothing else reaches the MQTT client."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.match(value):
+            raise ValueError("must be a host name or an IP address") from None
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` this machine (127.0.0.0/8, ::1 or localhost)?"""
+    if host.lower().rstrip(".") in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _no_control(value: str) -> str:
+    if not is_plain(value):
+        raise ValueError("must not contain control or invisible characters")
+    if value != value.strip():
+        raise ValueError("must not start or end with white space")
+    return value
+
+
+Host = Annotated[str, StringConstraints(min_length=1, max_length=253), AfterValidator(_host)]
+# Human-readable strings: bounded, no control characters.
+Username = Annotated[
+    str, StringConstraints(min_length=1, max_length=128), AfterValidator(_no_control)
+]
+ShortText = Annotated[
+    str, StringConstraints(min_length=1, max_length=64), AfterValidator(_no_control)
+]
+
+
+def _path_text(value: object) -> object:
+    """A path as written in the file: a non-empty string with no control characters."""
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str):
+        return value  # the type check below names the problem
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > 1024:
+        raise ValueError("must be at most 1024 characters")
+    _no_control(value)
+    return value
+
+
+FilePath = Annotated[Path, Field(strict=False), BeforeValidator(_path_text)]
+
+# Where the gateway must never keep its state: the system's own directories.
+_SYSTEM_TREES = (
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr",
+)  # fmt: skip
+_SYSTEM_DIRS = frozenset(
+    (
+        "/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var",
+        "/var/lib", "/var/log", "/var/tmp", *_SYSTEM_TREES,
+    )
+)  # fmt: skip
+
+
+def _state_dir(value: Path) -> Path:
+    """A data or recording directory: never a system directory (``/etc`` by accident)."""
+    absolute = PurePosixPath(os.path.normpath(os.path.abspath(value)))
+    text = str(absolute)
+    if text in _SYSTEM_DIRS or any(
+        text == tree or text.startswith(tree + "/") for tree in _SYSTEM_TREES
+    ):
+        raise ValueError(f"{printable(text)} is a system directory; give a directory of its own")
+    return value
+
+
+StateDir = Annotated[FilePath, AfterValidator(_state_dir)]
+
+
+class FieldProblem(ValueError):
+    """A cross-field problem that belongs to one field (named in the message)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """No unknown keys, no string-to-number or bool-to-int coercion, finite floats, frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class GatewaySettings(_Strict):
@@ -46,18 +166,18 @@ class GatewaySettings(_Strict):
     site: TopicSegment
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
-    data_dir: Path = Path("var/devicegw")
+    data_dir: StateDir = Path("var/devicegw")
     # For simulations only: run the gateway's clock this many times faster than real time.
     time_scale: float = Field(default=1.0, gt=0, le=10_000)
     # Record every raw link event here (docs/recording-format.md); None: no recording.
-    record_dir: Path | None = None
+    record_dir: StateDir | None = None
 
 
 class TlsSettings(_Strict):
     enabled: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
     # Only honoured for a loopback broker; logged loudly when used.
     insecure_skip_verify: bool = False
 
@@ -69,27 +189,46 @@ class TlsSettings(_Strict):
 
 
 class BrokerSettings(_Strict):
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
-    client_id: str | None = None
-    username: str | None = None
-    password_env: str | None = None
-    password_file: Path | None = None
+    client_id: ClientId | None = None
+    username: Username | None = None
+    password_env: EnvName | None = None
+    password_file: FilePath | None = None
+    # A password to a broker that is not on this machine goes over TLS, unless this says
+    # otherwise (then the gateway says so loudly at every start).
+    allow_plaintext_password: bool = False
     keepalive_s: int = Field(default=30, ge=5, le=3600)
-    topic_prefix: str = "devicegw/v1"
+    topic_prefix: TopicPrefix = "devicegw/v1"
     # "auto" tries MQTT 5 and falls back to 3.1.1 if the broker refuses it.
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     tls: TlsSettings = TlsSettings()
-    reconnect_initial_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
+    reconnect_initial_s: float = Field(default=0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _one_password_source(self) -> Self:
         if self.password_env and self.password_file:
             raise ValueError("give password_env or password_file, not both")
-        if self.tls.insecure_skip_verify and self.host not in ("127.0.0.1", "::1", "localhost"):
+        if self.tls.insecure_skip_verify and not is_loopback(self.host):
             raise ValueError("tls.insecure_skip_verify is only allowed for a loopback broker")
+        if self.reconnect_initial_s > self.reconnect_max_s:
+            raise FieldProblem(
+                "broker.reconnect_initial_s", "must not be above broker.reconnect_max_s"
+            )
+        if self.plaintext_password and not self.allow_plaintext_password:
+            raise FieldProblem(
+                "broker.tls.enabled",
+                f"a password would go in plain text to {printable(self.host)}, which is not this"
+                " machine: enable [broker.tls], or set broker.allow_plaintext_password = true",
+            )
         return self
+
+    @property
+    def plaintext_password(self) -> bool:
+        """Would a password travel unencrypted to another machine?"""
+        has_password = self.password_env is not None or self.password_file is not None
+        return has_password and not self.tls.enabled and not is_loopback(self.host)
 
     def password(self) -> SecretStr | None:
         """The broker password from the environment or a file; never from the config itself."""
@@ -104,29 +243,34 @@ class BrokerSettings(_Strict):
         if self.password_file:
             try:
                 return SecretStr(self.password_file.read_text(encoding="utf-8").strip())
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                 raise ConfigError(
-                    f"broker.password_file: cannot read {self.password_file}: {exc.strerror}",
+                    f"broker.password_file: cannot read {printable(self.password_file)}: {why}",
                     field="broker.password_file",
                 ) from exc
         return None
 
 
 class DoseRules(_Strict):
-    """The trial's rules for one nebulization; defaults are the protocol's."""
+    """The trial's rules for one nebulization; defaults are the protocol's.
+
+    Ranges are what a VM-1 treatment can mean: a 6 mL reservoir, and a device
+    that ends any treatment 40 minutes after its start (ICD section 3).
+    """
 
     prescribed_volume_ml: float = Field(default=3.0, gt=0, le=6.0)
     min_delivered_fraction: float = Field(default=0.90, gt=0, le=1.0)
     # Below this fraction a session counts as aborted rather than partial.
     abort_below_fraction: float = Field(default=0.10, ge=0, le=1.0)
-    min_duration_s: float = Field(default=120.0, ge=0)
-    max_duration_s: float = Field(default=1800.0, gt=0)
-    max_total_pause_s: float = Field(default=600.0, ge=0)
+    min_duration_s: float = Field(default=120.0, ge=0, le=2400)
+    max_duration_s: float = Field(default=1800.0, gt=0, le=2400)
+    max_total_pause_s: float = Field(default=600.0, ge=0, le=2400)
     # Reservoir drop and OUTPUT integral may differ by this much before the event flags it
     # (ICD: level sensor +-0.1 mL, rate estimate +-10 %).
-    volume_tolerance_ml: float = Field(default=0.4, ge=0)
+    volume_tolerance_ml: float = Field(default=0.4, ge=0, le=6.0)
     # A silence in OUTPUT samples longer than this is reported as a telemetry gap.
-    max_sample_gap_s: float = Field(default=1.0, gt=0)
+    max_sample_gap_s: float = Field(default=1.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
@@ -139,13 +283,25 @@ class DoseRules(_Strict):
 
 class TelemetrySettings(_Strict):
     enabled: bool = True
-    interval_s: float = Field(default=1.0, gt=0)
+    interval_s: float = Field(default=1.0, ge=0.05, le=3600)
+
+
+def _port_path(value: str) -> str:
+    if not (value.startswith("/") or value.startswith("sim://")):
+        raise ValueError("must be an absolute path (e.g. /dev/serial/by-id/...)")
+    return _no_control(value)
+
+
+#: A serial port: an absolute device path (``sim://`` is the replayer's virtual port).
+PortPath = Annotated[
+    str, StringConstraints(min_length=2, max_length=1024), AfterValidator(_port_path)
+]
 
 
 class SerialLinkSettings(_Strict):
     kind: Literal["serial"] = "serial"
-    port: str = Field(min_length=1)
-    baudrate: int = 115200
+    port: PortPath
+    baudrate: Literal[VM1_BAUDRATES] = 115200  # type: ignore[valid-type]
 
     @property
     def port_name(self) -> str:
@@ -167,9 +323,9 @@ class BleLinkSettings(_Strict):
 
     kind: Literal["ble"]
     address: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
-    name: str | None = Field(default=None, min_length=1)
-    adapter: str | None = Field(default=None, pattern=r"^hci[0-9]+$")
-    scan_timeout_s: float = Field(default=10.0, gt=0)
+    name: ShortText | None = None
+    adapter: str | None = Field(default=None, pattern=r"^hci[0-9]{1,3}$")
+    scan_timeout_s: float = Field(default=10.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _identified(self) -> Self:
@@ -193,14 +349,14 @@ class DeviceSettings(_Strict):
     subject_id: SubjectId
     kit_number: KitNumber
     # Allow-list: a device answering with another serial number is refused.
-    expected_serial: str | None = None
+    expected_serial: Vm1Serial | None = None
     output_rate_hz: int | None = Field(default=None, ge=1, le=50)
 
 
 class OximeterSerialLinkSettings(_Strict):
     kind: Literal["serial"] = "serial"
-    port: str = Field(min_length=1)
-    baudrate: int = 9600  # Nonin OEM III: 9600 8N1, no flow control
+    port: PortPath
+    baudrate: Literal[NONIN_BAUDRATES] = 9600  # type: ignore[valid-type]
 
     @property
     def port_name(self) -> str:
@@ -220,8 +376,8 @@ class OximeterSettings(_Strict):
     ]
     bed: TopicSegment
     subject_id: SubjectId
-    model: str | None = None
-    serial_no: str | None = None
+    model: ShortText | None = None
+    serial_no: ShortText | None = None
 
     @model_validator(mode="after")
     def _link_fits_type(self) -> Self:
@@ -270,29 +426,46 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Self:
-        seen: dict[str, str] = {}
-        for d in self.devices:
-            for key, label in ((d.id, "id"), (d.link.port_name, "link.port"), (d.bed, "bed")):
-                tag = f"{label}:{key}"
-                if tag in seen:
-                    raise ValueError(f"two devices share {label} {key!r}")
-                seen[tag] = d.id
-        beds = {d.bed: d for d in self.devices}
-        oximeter_beds: set[str] = set()
-        for ox in self.oximeters:
-            for key, label in ((ox.id, "id"), (ox.link.port_name, "link.port")):
-                tag = f"{label}:{key}"
-                if tag in seen:
-                    raise ValueError(f"oximeter {ox.id} shares {label} {key!r} with another device")
-                seen[tag] = ox.id
-            if ox.bed in oximeter_beds:
-                raise ValueError(f"two oximeters on bed {ox.bed!r}")
-            oximeter_beds.add(ox.bed)
+        """One device per id, port and bed; one bed per subject and kit; serials not shared."""
+        owners: dict[tuple[str, str], str] = {}
+
+        def claim(kind: str, key: str | None, where: str, field: str) -> None:
+            if key is None:
+                return
+            first = owners.setdefault((kind, key), where)
+            if first != where:
+                raise FieldProblem(
+                    f"{where}.{field}", f"{printable(key)!r} is already used by {first}"
+                )
+
+        for i, d in enumerate(self.devices):
+            where = f"devices[{i}]"
+            claim("id", d.id, where, "id")
+            claim("port", d.link.port_name, where, "link.port")
+            claim("bed", d.bed, where, "bed")
+            claim("subject", d.subject_id, where, "subject_id")
+            claim("kit", d.kit_number, where, "kit_number")
+            claim("vm1-serial", d.expected_serial, where, "expected_serial")
+        beds = {d.bed: (i, d) for i, d in enumerate(self.devices)}
+        subject_beds = {d.subject_id: d.bed for d in self.devices}
+        for i, ox in enumerate(self.oximeters):
+            where = f"oximeters[{i}]"
+            claim("id", ox.id, where, "id")
+            claim("port", ox.link.port_name, where, "link.port")
+            claim("oximeter-bed", ox.bed, where, "bed")
+            claim("oximeter-serial", ox.serial_no, where, "serial_no")
             neb = beds.get(ox.bed)
-            if neb is not None and neb.subject_id != ox.subject_id:
-                raise ValueError(
+            if neb is not None and neb[1].subject_id != ox.subject_id:
+                raise FieldProblem(
+                    f"{where}.subject_id",
                     f"oximeter {ox.id} on bed {ox.bed} is assigned to subject {ox.subject_id}, "
-                    f"but the nebulizer on that bed to {neb.subject_id}"
+                    f"but the nebulizer on that bed (devices[{neb[0]}]) to {neb[1].subject_id}",
+                )
+            other_bed = subject_beds.setdefault(ox.subject_id, ox.bed)
+            if other_bed != ox.bed:
+                raise FieldProblem(
+                    f"{where}.subject_id",
+                    f"subject {ox.subject_id} is on bed {other_bed}, not on bed {ox.bed}",
                 )
         return self
 
@@ -303,43 +476,74 @@ class Config(_Strict):
 
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
+    previous: int | str | None = None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif previous == "link" and part in ("serial", "ble"):
+            pass  # the discriminator's tag, not a key of the file
         else:
-            out += ("." if out else "") + part
-    return out or "(file)"
+            out += ("." if out else "") + printable(part, limit=80)
+        previous = part
+    return out
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(field, message) for each problem; cross-field problems name their own field."""
+    out = []
+    for err in exc.errors(include_url=False):
+        where = _loc(tuple(err["loc"]))
+        message = err["msg"]
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, ValueError):
+            message = str(cause)
+            if isinstance(cause, FieldProblem):
+                where = cause.field
+        out.append((where or "(file)", printable(message, limit=300)))
+    return out
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the field, e.g. ``devices[0].type: ...``."""
-    lines = []
-    for err in exc.errors(include_url=False):
-        lines.append(f"{_loc(tuple(err['loc']))}: {err['msg']}")
-    return "; ".join(lines)
+    """All problems on one line, each naming the field, e.g. ``devices[0].type: ...``."""
+    return "; ".join(f"{where}: {message}" for where, message in _problems(exc))
 
 
 def parse_config(data: dict[str, object], *, sha256: str = "", path: str | None = None) -> Config:
+    where = f" in {printable(path)}" if path else ""
     try:
         cfg = Config.model_validate({**data, "source_sha256": sha256})
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
         raise ConfigError(
-            f"invalid configuration{f' in {path}' if path else ''}: {format_validation_error(exc)}",
+            f"invalid configuration{where}: {format_validation_error(exc)}",
             path=path,
-            field=_loc(tuple(first["loc"])),
+            field=_problems(exc)[0][0],
         ) from None
+    except RecursionError:
+        raise ConfigError(f"invalid configuration{where}: nested too deeply", path=path) from None
     return cfg
 
 
 def load_config(path: str | Path) -> Config:
+    """Read and validate a configuration file; every problem is one ``ConfigError``."""
     p = Path(path)
+    shown = printable(p)
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration {p}: {exc.strerror}", path=str(p)) from exc
+        why = f"cannot read configuration {shown}: {exc.strerror}"
+        raise ConfigError(why, path=str(p)) from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"{shown} is larger than {MAX_FILE_BYTES // 1024} KiB: not a gateway configuration",
+            path=str(p),
+        )
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p} is not valid TOML: {exc}", path=str(p)) from exc
+        raise ConfigError(
+            f"{shown} is not valid TOML: {printable(exc, limit=200)}", path=str(p)
+        ) from exc
+    except RecursionError:
+        raise ConfigError(f"{shown} is not valid TOML: nested too deeply", path=str(p)) from None
     return parse_config(data, sha256=hashlib.sha256(raw).hexdigest(), path=str(p))

@@ -6,19 +6,27 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devicegw import __version__
+from devicegw.cli.terminal import error, printable, text
 from devicegw.config import Config, load_config
 from devicegw.errors import ConfigError, GatewayError
 from devicegw.runtime.logging_setup import configure_logging
 from drivers.clock import Clock, ScaledClock, SystemClock
 
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
 EXIT_CONFIG = 2
+EXIT_FATAL = 1
+
+log = logging.getLogger("devicegw")
 
 
 def _clock(scale: float) -> Clock:
@@ -50,37 +58,65 @@ def _load(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"devicegw: {exc}", file=sys.stderr)
+        error(exc)
         raise SystemExit(EXIT_CONFIG) from None
+
+
+def _checked(path: str, *, record: str | None = None) -> tuple[Config, list[str]]:
+    """The configuration and what the machine must offer it: exactly what ``run`` needs."""
+    from devicegw.runtime.preflight import preflight
+
+    config = _load(path)
+    if record is not None:
+        try:
+            gateway_settings = type(config.gateway).model_validate(
+                {**config.gateway.model_dump(), "record_dir": Path(record)}
+            )
+        except ValueError as exc:
+            error(f"--record {record}: {exc}")
+            raise SystemExit(EXIT_CONFIG) from None
+        config = config.model_copy(update={"gateway": gateway_settings})
+    try:
+        warnings = preflight(config)
+    except ConfigError as exc:
+        error(f"{path}: {exc}")
+        raise SystemExit(EXIT_CONFIG) from None
+    return config, warnings
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from devicegw.runtime.gateway import Gateway
     from devicegw.runtime.systemd_notify import Notifier
 
-    config = _load(args.config)
-    if args.record is not None:
-        gateway_settings = config.gateway.model_copy(update={"record_dir": Path(args.record)})
-        config = config.model_copy(update={"gateway": gateway_settings})
+    config, warnings = _checked(args.config, record=args.record)
     configure_logging(args.log_level or config.gateway.log_level, config.gateway.log_format)
+    for warning in warnings:
+        log.warning("INSECURE: %s", warning)
     scale = args.time_scale if args.time_scale is not None else config.gateway.time_scale
     try:
         # Under systemd (Type=notify): READY=1, WATCHDOG=1, STATUS= (deploy/systemd).
         gateway = Gateway(config, clock=_clock(scale), notifier=Notifier.from_environment())
     except ConfigError as exc:
-        print(f"devicegw: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_CONFIG
-    return run_until_signalled(gateway.run())
+    except (GatewayError, OSError) as exc:
+        error(f"cannot start: {exc}")
+        return EXIT_FATAL
+    try:
+        return run_until_signalled(gateway.run())
+    except Exception as exc:
+        # Every running task is supervised (devicegw/runtime/supervise.py); what arrives
+        # here failed before the tasks started. One line here, the traceback in the log.
+        log.critical("gateway could not start", exc_info=True)
+        error(f"cannot start: {type(exc).__name__}: {exc}")
+        return EXIT_FATAL
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    try:
-        config.broker.password()
-    except ConfigError as exc:
-        print(f"devicegw: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(f"{args.config}: OK (sha256 {config.source_sha256[:16]}…)")
+    config, warnings = _checked(args.config)
+    print(f"{printable(args.config)}: OK (sha256 {config.source_sha256[:16]}…)")
+    for warning in warnings:
+        print(f"  WARNING: {warning}")
     print(f"  gateway {config.gateway.id} at site {config.gateway.site}")
     print(f"  broker  {config.broker.host}:{config.broker.port} tls={config.broker.tls.enabled}")
     r = config.dose_rules
@@ -91,11 +127,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     for d in config.devices:
         print(
-            f"  device {d.id}: {d.type} on {d.link.port_name}, bed {d.bed}, "
+            f"  device {d.id}: {d.type} on {printable(d.link.port_name)}, bed {d.bed}, "
             f"subject {d.subject_id}, kit {d.kit_number}"
         )
     for ox in config.oximeters:
-        print(f"  oximeter {ox.id}: {ox.type} on {ox.link.port_name}, bed {ox.bed}")
+        print(f"  oximeter {ox.id}: {ox.type} on {printable(ox.link.port_name)}, bed {ox.bed}")
     return 0
 
 
@@ -221,12 +257,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
         witness = audit.AuditHead.parse(witness_text) if witness_text else None
         since = audit.parse_since(since_text) if since_text else None
     except ValueError as exc:
-        print(f"devicegw: {exc}", file=sys.stderr)
+        error(exc)
         return EXIT_CONFIG
     with audit.open_store(path) as store:
         if args.audit_command == "verify":
             result = audit.verify(store, witness=witness)
-            print(result.summary())
+            print(printable(result.summary()))
             return 0 if result.ok else 1
         records = audit.iter_records(store, device_id=args.device, since=since)
         with contextlib.closing(records):
@@ -242,8 +278,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The health snapshot of the running gateway; every value in it is shown as data."""
     from rich.console import Console
-    from rich.table import Table
 
     from devicegw.runtime import health
 
@@ -251,55 +287,104 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         snap, age = health.read(config.gateway.data_dir)
     except FileNotFoundError:
-        print(f"devicegw: no status in {config.gateway.data_dir}: the gateway has not run here")
+        print(f"devicegw: no status in {printable(config.gateway.data_dir)}: not run here yet")
+        return 1
+    except (OSError, ValueError) as exc:
+        error(f"cannot read the status in {config.gateway.data_dir}: {exc}")
         return 1
     stale = age > 3 * health.INTERVAL_S
     if args.json:
         print(json.dumps({**snap, "age_s": round(age, 1), "stale": stale}))
         return 1 if stale else 0
+    try:
+        renderables = _status_view(snap, stale)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        error(f"the status file in {config.gateway.data_dir} is not as expected: {exc!r}")
+        return 1
     console = Console()
+    for renderable in renderables:
+        console.print(renderable)
+    return 1 if stale else 0
+
+
+def _status_view(snap: dict[str, Any], stale: bool) -> list[RenderableType]:
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[RenderableType] = []
     b = snap["broker"]
-    state = "[red]STALE: not running?[/red]" if stale else "[green]running[/green]"
-    console.print(f"gateway {snap['gateway_id']} (site {snap['site']}, pid {snap['pid']}): {state}")
-    console.print(
-        f"broker {b['host']}:{b['port']}: "
-        + (
-            "[green]connected[/green]"
-            if b["connected"]
-            else f"[red]disconnected[/red] {b['last_error'] or ''}"
+    state = text("STALE: not running?", "red") if stale else text("running", "green")
+    out.append(
+        Text.assemble(
+            "gateway ",
+            text(snap["gateway_id"]),
+            " (site ",
+            text(snap["site"]),
+            ", pid ",
+            text(snap["pid"]),
+            "): ",
+            state,
         )
-        + f"  birth_seq {b['birth_seq']}, telemetry dropped {b['telemetry_dropped']}"
     )
-    console.print(f"outbox depth {snap['outbox_depth']}, store {snap['store_bytes'] / 1e6:.1f} MB")
+    link = (
+        text("connected", "green")
+        if b["connected"]
+        else Text.assemble(text("disconnected", "red"), " ", text(b.get("last_error") or ""))
+    )
+    out.append(
+        Text.assemble(
+            "broker ",
+            text(f"{b['host']}:{b['port']}"),
+            ": ",
+            link,
+            text(f"  birth_seq {b['birth_seq']}, telemetry dropped {b['telemetry_dropped']}"),
+        )
+    )
+    out.append(
+        text(
+            f"outbox depth {snap['outbox_depth']}, store {float(snap['store_bytes']) / 1e6:.1f} MB"
+        )
+    )
+    restarts = snap.get("task_restarts") or {}
+    if restarts:
+        errors = snap.get("task_errors") or {}
+        for name, count in restarts.items():
+            out.append(
+                Text.assemble(
+                    text(f"task {name} restarted {count} time(s) after a failure: ", "yellow"),
+                    text(errors.get(name, ""), limit=200),
+                )
+            )
     table = Table("device", "port", "connected", "last frame", "frames ok", "bad", "lost", "note")
     for dev_id, d in snap["devices"].items():
         age_s = d["last_frame_age_s"]
+        note = d["refused"] or d.get("identity_note") or d["last_error"] or ""
         table.add_row(
-            dev_id,
-            d["port"],
-            "yes" if d["connected"] else "no",
-            "—" if age_s is None else f"{age_s:.1f} s ago",
-            str(d["frames_ok"]),
-            str(d["frames_bad"]),
-            str(d["frames_lost"]),
-            d["refused"] or d["last_error"] or "",
+            text(dev_id),
+            text(d["port"]),
+            text("yes" if d["connected"] else "no"),
+            text("—" if age_s is None else f"{float(age_s):.1f} s ago"),
+            text(d["frames_ok"]),
+            text(d["frames_bad"]),
+            text(d["frames_lost"]),
+            text(note, limit=300),
         )
-    console.print(table)
+    out.append(table)
     if snap.get("oximeters"):
         ox_table = Table("oximeter", "bed", "connected", "last sample", "samples", "gated", "note")
         for ox_id, o in snap["oximeters"].items():
             age_o = o["last_sample_age_s"]
             ox_table.add_row(
-                ox_id,
-                o["bed"],
-                "yes" if o["connected"] else "no",
-                "—" if age_o is None else f"{age_o:.1f} s ago",
-                str(o["samples"]),
-                str(o["samples_gated"]),
-                o["last_error"] or "",
+                text(ox_id),
+                text(o["bed"]),
+                text("yes" if o["connected"] else "no"),
+                text("—" if age_o is None else f"{float(age_o):.1f} s ago"),
+                text(o["samples"]),
+                text(o["samples_gated"]),
+                text(o["last_error"] or "", limit=300),
             )
-        console.print(ox_table)
-    return 1 if stale else 0
+        out.append(ox_table)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,21 +487,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="JSON Schemas of the MQTT payloads")
     schema_sub = schema.add_subparsers(dest="schema_command", required=True)
-    for name, text in (
+    for name, help_text in (
         ("export", "write the JSON Schemas into DIR"),
         ("check", "exit 1 if the schemas in DIR differ from the payload models"),
     ):
-        cmd = schema_sub.add_parser(name, help=text)
+        cmd = schema_sub.add_parser(name, help=help_text)
         cmd.add_argument("dir", metavar="DIR")
         cmd.set_defaults(func=cmd_schema)
 
     audit_p = sub.add_parser("audit", help="the hash-chained audit trail in the gateway store")
     audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
-    for name, text in (
+    for name, help_text in (
         ("verify", "check the chain; exit 1 naming the first bad record"),
         ("show", "print the audit trail"),
     ):
-        cmd = audit_sub.add_parser(name, help=text)
+        cmd = audit_sub.add_parser(name, help=help_text)
         where = cmd.add_mutually_exclusive_group(required=True)
         where.add_argument("--config", help="the gateway's TOML config (store in its data_dir)")
         where.add_argument("--store", help="path of a gateway store file (or a copy of one)")
@@ -437,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc: int = args.func(args)
     except GatewayError as exc:
-        print(f"devicegw: {exc}", file=sys.stderr)
+        error(exc)
         return 1
     return rc
 

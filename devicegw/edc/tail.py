@@ -41,6 +41,7 @@ from devicegw.contract.schemas import MODELS, schemas
 from devicegw.contract.vocabulary import PayloadKind, TopicKind
 from devicegw.edc.export import record_identity
 from devicegw.errors import GatewayError, TransportError
+from devicegw.safe_text import printable
 from drivers.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
@@ -485,10 +486,10 @@ class Printer:
         self._err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
     def info(self, message: str) -> None:
-        self._err.print(Text(f"devicegw tail: {message}", style="dim"))
+        self._err.print(Text(f"devicegw tail: {printable(message)}", style="dim"))
 
     def alarm(self, message: str) -> None:
-        self._err.print(Text(f"devicegw tail: {message}", style="bold red"))
+        self._err.print(Text(f"devicegw tail: {printable(message)}", style="bold red"))
 
     def emit(self, result: TailResult, stored: StoreOutcome | None = None) -> None:
         if self.as_json:
@@ -500,11 +501,11 @@ class Printer:
             return
         line = Text()
         line.append(result.received_utc.strftime("%H:%M:%S "), style="dim")
-        line.append(result.topic, style="cyan")
+        line.append(printable(result.topic), style="cyan")
         line.append(" retained" if result.retain else "", style="dim")
         line.append(f" {result.event_type or '?'}", style="bold")
         if isinstance(result.payload, Mapping):
-            line.append(f" {_summary(result.payload, result.event_type)}")
+            line.append(f" {printable(_summary(result.payload, result.event_type))}")
             birth, seq = sequence_of(result.payload)
             if seq is not None:
                 line.append(f" seq={'' if birth is None else f'{birth}:'}{seq}", style="dim")
@@ -513,9 +514,9 @@ class Printer:
                 f" [{stored.value}]", style="red" if stored is not StoreOutcome.STORED else "green"
             )
         for error in result.errors:
-            line.append(f"\n    INVALID {error}", style="bold red")
+            line.append(f"\n    INVALID {printable(error)}", style="bold red")
         for warning in result.warnings:
-            line.append(f"\n    {warning}", style="yellow")
+            line.append(f"\n    {printable(warning)}", style="yellow")
         self._console.print(line)
 
 

@@ -32,6 +32,7 @@ from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
 from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner
 from devicegw.runtime.oximeter_runner import OximeterRunner
+from devicegw.runtime.supervise import Restarts, spawn
 from devicegw.storage.audit import AuditTrail
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
@@ -99,6 +100,7 @@ class Gateway:
         self.clock = clock
         self.topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
         self.store = store if store is not None else Store.in_dir(config.gateway.data_dir)
+        self.restarts = Restarts()
         started = clock.now()
 
         def status_payload(online: bool) -> bytes:
@@ -180,18 +182,28 @@ class Gateway:
         )
         stop_reason = "error"
         try:
+            # Every task is supervised: a failure nobody expected is logged and that task
+            # restarted; the others, and the process, go on (docs: README "Guarantees").
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.publisher.run(), name="mqtt-publisher")
-                tg.create_task(health.run(self), name="health")
+                clock, restarts = self.clock, self.restarts
+                spawn(tg, "mqtt-publisher", self.publisher.run, clock=clock, restarts=restarts)
+                spawn(tg, "health", lambda: health.run(self), clock=clock, restarts=restarts)
                 if self.beds:
-                    tg.create_task(self._tick_beds(), name="spo2-ticker")
+                    spawn(tg, "spo2-ticker", self._tick_beds, clock=clock, restarts=restarts)
                 for ox_runner in self.oximeter_runners:
-                    tg.create_task(ox_runner.run(), name=f"oximeter-{ox_runner.oximeter.id}")
+                    name = f"oximeter-{ox_runner.oximeter.id}"
+                    spawn(tg, name, ox_runner.run, clock=clock, restarts=restarts)
                 for runner in self.runners:
-                    tg.create_task(runner.run(), name=f"device-{runner.device.id}")
-                if self.notifier is not None:  # last: READY=1 once everything else runs
-                    tg.create_task(
-                        systemd_notify.run(self, self.notifier), name="systemd-notify"
+                    name = f"device-{runner.device.id}"
+                    spawn(tg, name, runner.run, clock=clock, restarts=restarts)
+                notifier = self.notifier
+                if notifier is not None:  # last: READY=1 once everything else runs
+                    spawn(
+                        tg,
+                        "systemd-notify",
+                        lambda: systemd_notify.run(self, notifier),
+                        clock=clock,
+                        restarts=restarts,
                     )
         except asyncio.CancelledError:
             stop_reason = "stopped"

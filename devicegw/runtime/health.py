@@ -71,6 +71,9 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
         "store_bytes": gw.store.size_bytes(),
         "devices": devices,
         "oximeters": oximeters,
+        # Supervised tasks restarted after an unexpected failure (a bug: see the log).
+        "task_restarts": dict(gw.restarts.counts),
+        "task_errors": dict(gw.restarts.last_error),
     }
 
 

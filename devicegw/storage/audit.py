@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devicegw.core.ports import AuditKind
+from devicegw.safe_text import printable
 from devicegw.storage.store import Store, StoreError
 from drivers.clock import Clock
 
@@ -716,8 +717,8 @@ def summarize_body(record: AuditRecord, *, width: int = 100) -> str:
             continue
         text = value if isinstance(value, str) else canonical_json(value)
         parts.append(f"{key}={text}")
-    line = " ".join(parts)
-    return line if len(line) <= width else line[: width - 1] + "…"
+    # Bodies hold what devices sent (serials, firmware): shown as data, never as control codes.
+    return printable(" ".join(parts), limit=width)
 
 
 def parse_since(text: str) -> datetime:
@@ -744,7 +745,7 @@ def records_table(records: Iterable[AuditRecord], *, width: int = 160) -> Render
 
     def cells(r: AuditRecord) -> tuple[str, str, str, str, str, str]:
         t = r.time
-        return (
+        raw = (
             str(r.seq),
             r.utc if t is None else t.strftime("%Y-%m-%d %H:%M:%SZ"),
             r.kind,
@@ -752,6 +753,8 @@ def records_table(records: Iterable[AuditRecord], *, width: int = 160) -> Render
             r.subject_id or "",
             "" if r.session_no is None else str(r.session_no),
         )
+        seq, utc, kind, dev, subject, session = (printable(v, limit=80) for v in raw)
+        return seq, utc, kind, dev, subject, session
 
     if width < 120:
         lines: list[RenderableType] = []
@@ -772,5 +775,6 @@ def records_table(records: Iterable[AuditRecord], *, width: int = 160) -> Render
         )
     table.add_column("details", overflow="fold", ratio=1)
     for r in records:
-        table.add_row(*cells(r), summarize_body(r, width=400))
+        # Text cells: rich never reads a stored string as markup.
+        table.add_row(*(Text(c) for c in cells(r)), Text(summarize_body(r, width=400)))
     return table
