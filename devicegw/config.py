@@ -38,23 +38,51 @@ from devicegw.safe_text import is_plain, printable
 #: A configuration file larger than this is not a gateway's configuration.
 MAX_FILE_BYTES = 1 << 20
 
-Ident = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-TopicSegment = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+def _matching(regex: str, what: str) -> AfterValidator:
+    """A pattern check whose message says what is wanted, not the regular expression."""
+    compiled = re.compile(regex)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+_NAME = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+Ident = Annotated[str, _matching(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", _NAME)]
+TopicSegment = Annotated[str, _matching(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", _NAME)]
 # Pseudonymous trial identifiers: letters, digits, dashes; no spaces, so no names.
-SubjectId = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9-]{2,31}$")]
-KitNumber = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9-]{0,31}$")]
+SubjectId = Annotated[
+    str,
+    _matching(r"[A-Z0-9][A-Z0-9-]{2,31}", "a pseudonym: 3-32 upper-case letters, digits, '-'"),
+]
+KitNumber = Annotated[
+    str, _matching(r"[A-Z0-9][A-Z0-9-]{0,31}", "a kit number: 1-32 upper-case letters, digits, '-'")
+]
 # MQTT topic levels under which everything is published: no wildcards, no empty
 # level, no leading "$" (reserved for the broker), at most 8 levels.
 TopicPrefix = Annotated[
     str,
-    StringConstraints(
-        max_length=200, pattern=r"^[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,7}$"
+    StringConstraints(max_length=200),
+    _matching(
+        r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,7}",
+        "1-8 MQTT topic levels joined by '/', each letters, digits, '.', '_', '-'"
+        " (no wildcard + or #, no empty level, no leading $ or /)",
     ),
 ]
 # What a VM-1 sends as serial_no in IDENT: up to 12 printable ASCII characters.
-Vm1Serial = Annotated[str, StringConstraints(pattern=r"^[!-~](?:[ -~]{0,10}[!-~])?$")]
-EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
-ClientId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+Vm1Serial = Annotated[
+    str,
+    _matching(r"[!-~](?:[ -~]{0,10}[!-~])?", "a VM-1 serial number: 1-12 printable ASCII"),
+]
+EnvName = Annotated[
+    str, _matching(r"[A-Za-z_][A-Za-z0-9_]{0,127}", "an environment variable name")
+]
+ClientId = Annotated[
+    str, _matching(r"[A-Za-z0-9._:-]{1,128}", "1-128 letters, digits, '.', '_', ':' or '-'")
+]
 
 #: The serial settings each device speaks (its vendor's interface document).
 VM1_BAUDRATES = (115200,)  # ICD section 1: 115200 8N1

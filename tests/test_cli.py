@@ -23,11 +23,34 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_check_config_ok() -> None:
-    res = run_cli("check-config", "config/ward.toml")
+def test_check_config_ok(tmp_path: Path) -> None:
+    """The example, with its CA file and data directory on this machine, passes whole."""
+    import trustme
+
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    text = (ROOT / "config" / "ward.toml").read_text()
+    assert '"/etc/devicegw/ca.pem"' in text and '"var/devicegw"' in text
+    local = tmp_path / "ward.toml"
+    local.write_text(
+        text.replace("/etc/devicegw/ca.pem", str(ca)).replace("var/devicegw", str(tmp_path / "d"))
+    )
+    res = run_cli("check-config", str(local))
     assert res.returncode == 0, res.stderr
     assert "OK" in res.stdout
     assert "neb-bed01" in res.stdout
+
+
+def test_check_config_checks_the_machine_as_run_does() -> None:
+    """The example as shipped names a CA file of the ward's machine: refused here, by both."""
+    for cmd in (("check-config", "config/ward.toml"), ("run", "--config", "config/ward.toml")):
+        res = run_cli(*cmd, timeout=20)
+        assert res.returncode == 2, res
+        assert "broker.tls.ca_file" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    res = run_cli("check-config", "--file-only", "config/ward.toml")
+    assert res.returncode == 0, res.stderr
+    assert "NOT checked" in res.stdout
 
 
 def test_bad_config_stops_the_daemon_with_one_message(tmp_path: Path) -> None:

@@ -163,3 +163,80 @@ def test_ble_oximeters_in_the_config(tmp_path: Path) -> None:
     )
     cfg = load_config(write(tmp_path, GOOD + nonin))
     assert isinstance(oximeter_source_factory(cfg.oximeters[0], ManualClock())(), NoninSerialSource)
+
+
+REMOTE_WITH_PASSWORD = GOOD + (
+    '\n[broker]\nhost = "mqtt.ward3.example.org"\npassword_env = "GW_TEST_PW"\n'
+)
+
+
+def test_plaintext_password_to_a_remote_broker_is_refused(tmp_path: Path) -> None:
+    """Issue 14 item 9: a password off loopback without TLS needs an explicit yes."""
+    with pytest.raises(ConfigError, match="allow_plaintext_password") as info:
+        load_config(write(tmp_path, REMOTE_WITH_PASSWORD))
+    assert info.value.field == "broker.tls.enabled"
+    yes = REMOTE_WITH_PASSWORD.replace("[broker]\n", "[broker]\nallow_plaintext_password = true\n")
+    allowed = load_config(write(tmp_path, yes))
+    assert allowed.broker.plaintext_password
+    # TLS on, or a broker on this machine: no question to ask.
+    tls = REMOTE_WITH_PASSWORD + '[broker.tls]\nenabled = true\n'
+    assert not load_config(write(tmp_path, tls)).broker.plaintext_password
+    for host in ("127.0.0.1", "127.0.0.53", "::1", "localhost"):
+        local = REMOTE_WITH_PASSWORD.replace("mqtt.ward3.example.org", host)
+        assert not load_config(write(tmp_path, local)).broker.plaintext_password
+
+
+def test_allowed_plaintext_password_is_said_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """check-config prints it; run logs it at WARNING before it starts anything.
+
+    ``run`` would connect to the configured remote broker, which a test must not do, so
+    the Gateway is replaced by a stand-in that stops at once (the only mock here).
+    """
+    import contextlib
+    import io
+
+    import devicegw.runtime.gateway as gateway_module
+    from devicegw.cli.main import main
+    from devicegw.errors import GatewayError
+
+    monkeypatch.setenv("GW_TEST_PW", "s3cret")
+    text = REMOTE_WITH_PASSWORD.replace("[broker]\n", "[broker]\nallow_plaintext_password = true\n")
+    text = text.replace("[gateway]\n", f'[gateway]\ndata_dir = "{tmp_path / "d"}"\n')
+    cfg = write(tmp_path, text)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["check-config", str(cfg)]) == 0
+    assert "WARNING: the broker password goes in PLAIN TEXT to mqtt.ward3.example.org" in (
+        out.getvalue()
+    )
+
+    class NoGateway:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            raise GatewayError("stand-in: not started")
+
+    monkeypatch.setattr(gateway_module, "Gateway", NoGateway)
+    import sys
+
+    monkeypatch.setattr(sys.modules["devicegw.cli.main"], "configure_logging", lambda *a: None)
+    with caplog.at_level("WARNING"), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["run", "--config", str(cfg)]) == 1
+    assert any(
+        r.levelname == "WARNING" and "INSECURE" in r.getMessage() and "PLAIN TEXT" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_config_strings_are_bounded_and_plain(tmp_path: Path) -> None:
+    for line, field in (
+        ('client_id = "' + "c" * 70_000 + '"', "broker.client_id"),
+        ('host = ""', "broker.host"),
+        ('topic_prefix = "a/#"', "broker.topic_prefix"),
+        ("port = true", "broker.port"),
+        ('port = "57185"', "broker.port"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, GOOD + f"\n[broker]\n{line}\n"))
+        assert info.value.field == field
+        assert len(str(info.value)) < 400

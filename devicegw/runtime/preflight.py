@@ -42,6 +42,11 @@ def preflight(config: Config) -> list[str]:
     if password is not None and not password.get_secret_value():
         field = "broker.password_env" if config.broker.password_env else "broker.password_file"
         raise ConfigError(f"{field}: the broker password is empty", field=field)
+    return insecure_settings(config)
+
+
+def insecure_settings(config: Config) -> list[str]:
+    """What the configuration allows that weakens security, to be said loudly."""
     warnings = []
     if config.broker.plaintext_password:
         warnings.append(
