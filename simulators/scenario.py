@@ -84,6 +84,9 @@ class DeviceSpec(_Strict):
     uptime_at_start_s: float = Field(default=0.0, ge=0, le=2**32 / 1000, allow_inf_nan=False)
     #: Seeds every random draw (rate noise, sensor noise, corruption), so a run is repeatable.
     seed: int = 0
+    #: false: a faulty device that acknowledges GET_INFO but never sends IDENT (not at
+    #: power-up, not on port open, not in reply), for testing identity before data.
+    sends_ident: bool = True
 
     @field_validator("model", "serial_no")
     @classmethod

@@ -870,7 +870,8 @@ class Vm1Model:
 
     def _execute(self, cmd: HostCommand, now: int) -> None:
         if isinstance(cmd, GetInfo):
-            self._out.append(self._ident(now))
+            if self.device.sends_ident:
+                self._out.append(self._ident(now))
         elif isinstance(cmd, SetClock):
             before = self._status_key()
             self._clock = (cmd.unix_s, now)

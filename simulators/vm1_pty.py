@@ -211,7 +211,7 @@ class Vm1PtySimulator(PtySimulator):
         self._loop = asyncio.get_running_loop()
         self._open_link()
         # Power-up IDENT (nobody may be listening yet; the pty buffers or drops it).
-        self._transmit([self.model.ident_message(0.0)])
+        self._send_ident(0.0)
 
     async def _run(self) -> None:
         clock = self._clock
@@ -288,7 +288,7 @@ class Vm1PtySimulator(PtySimulator):
             if int(arg) != self._drop_token or self._pty is not None:
                 return
             self._open_link()
-            self._transmit([self.model.ident_message(at)])
+            self._send_ident(at)
             log.info("%s: link back at %.3f s on %s", self._name, at, self.pts_path)
         elif kind == "garbage":
             self._inject_garbage(int(arg))
@@ -466,4 +466,9 @@ class Vm1PtySimulator(PtySimulator):
         if self._pty is None:
             return
         self.counters.port_opens += 1
-        self._transmit([self.model.ident_message(now)])
+        self._send_ident(now)
+
+    def _send_ident(self, t: float) -> None:
+        """An unsolicited IDENT (power-up, port open), unless the device is one that never does."""
+        if self.scenario.device.sends_ident:
+            self._transmit([self.model.ident_message(t)])

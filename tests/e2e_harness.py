@@ -78,7 +78,7 @@ class E2E:
 async def running(
     broker: MosquittoBroker,
     tmp_path: Path,
-    scenarios: list[str],
+    scenarios: list[str | Path],
     *,
     extra_devices: list[dict[str, Any]] | None = None,
     device_extra: dict[str, Any] | None = None,
@@ -89,7 +89,7 @@ async def running(
         sims = []
         for i, name in enumerate(scenarios):
             sim = Vm1PtySimulator(
-                load_scenario(SCENARIOS / f"{name}.toml"),
+                load_scenario(name if isinstance(name, Path) else SCENARIOS / f"{name}.toml"),
                 clock=clock,
                 link_dir=tmp_path,
                 name=f"vm1-{i}",

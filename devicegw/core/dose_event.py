@@ -40,15 +40,19 @@ def build_dose_event(
     assessment: Assessment,
     *,
     device: DeviceSettings,
-    ident: Ident | None,
+    ident: Ident,
     config: Config,
 ) -> DoseEvent:
+    """The event of a session of the device that identified itself as ``ident``.
+
+    The identity is required: an event id is made from the device's own model
+    and serial number, never from a placeholder (issue 14: ``unknown:<device>``
+    ids gave one dose two records once the device's log was fetched).
+    """
     rules = config.dose_rules
     vol = assessment.volumes
-    model = ident.model if ident else "VM-1"
-    serial = ident.serial_no if ident else f"unknown:{device.id}"
     return DoseEvent(
-        event_id=dose_event_id(model, serial, session.session_no),
+        event_id=dose_event_id(ident.model, ident.serial_no, session.session_no),
         gateway=GatewayRef(id=config.gateway.id, site=config.gateway.site, version=__version__),
         subject_id=device.subject_id,
         kit_number=device.kit_number,

@@ -1,16 +1,24 @@
 """A VM-1's bytes -> sessions -> dose events, with no I/O and no clock of its own.
 
-The live runner (``nebulizer.py``) and the replayer feed the same pipeline with
-received bytes and the gateway's clock readings at receipt, so a replayed
-recording yields byte-identical dose events. Outputs go to a
+The live runner (``nebulizer_runner.py``) and the replayer feed the same
+pipeline with received bytes and the gateway's clock readings at receipt, so a
+replayed recording yields byte-identical dose events. Outputs go to a
 :class:`GatewaySink`; requests for the device (fetch a session record) and
 ACKs are returned to the caller, who owns the link.
+
+Identity before data: nothing a device sends becomes part of a session until
+an IDENT has been received on that connection and accepted by the allow-list.
+Messages before it are held (at most ``PRE_IDENT_HOLD``, the oldest dropped
+and counted) and replayed, in order, once the IDENT arrives; a refused IDENT
+discards them. So a dose event always names the device that delivered it, and
+a session that starts just before the IDENT is kept (docs/vm1-interface-notes.md).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -79,16 +87,27 @@ class DeviceHealth:
     frames_lost: int = 0
     refused: str | None = None
     last_error: str | None = None
+    #: An IDENT was received and accepted on the current connection.
+    identified: bool = False
+    #: Messages held because they came before the connection's IDENT, and of those the
+    #: ones dropped because the device did not identify itself in time.
+    held_before_ident: int = 0
+    dropped_before_ident: int = 0
+    #: Why the device is not (yet) in use, when it is connected but has not identified.
+    identity_note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PipelineResult:
     acks: list[Ack]
     fetch: list[int]  # session numbers whose record must be fetched (GET_SESSION)
+    identified: bool = False  # this feed carried the connection's first accepted IDENT
 
 
 JOURNAL_INTERVAL_S = 5.0
 RECONCILE_MAX = 16  # the device keeps its last 16 sessions
+#: Messages held until a connection's IDENT: ~45 s of a VM-1 at 10 Hz OUTPUT + 1 Hz STATUS.
+PRE_IDENT_HOLD = 512
 
 
 class Vm1Pipeline:
@@ -127,18 +146,24 @@ class Vm1Pipeline:
         self._last_telemetry = float("-inf")
         self._last_status_key: tuple[object, ...] | None = None
         self._utc: datetime | None = None
+        self._held: deque[Rx] = deque()
 
     # -- link lifecycle ----------------------------------------------------------
 
     def link_up(self, utc: datetime) -> None:
         self._decoder = Vm1StreamDecoder()  # nothing half-received survives a reopen
         self._bad_seen = self._lost_seen = 0
+        self._held.clear()
+        self.health.identified = False  # whoever is on the port must say who it is again
+        self.health.identity_note = None
         self.health.connected = True
         self.health.connects += 1
         self.health.last_error = None
         self.tracker.link_up(utc)
 
     def link_down(self, utc: datetime) -> None:
+        self._held.clear()
+        self.health.identified = False
         if self.health.connected:
             self.health.connected = False
             self.tracker.link_down(utc)
@@ -162,17 +187,60 @@ class Vm1Pipeline:
             self._lost_seen = stats.frames_lost
         acks: list[Ack] = []
         fetch: list[int] = []
+        identified = False
         for msg in messages:
             if isinstance(msg, HOST_COMMAND_TYPES):
                 continue  # a host command echoed back is not from the device
             self.health.frames_ok += 1
             self.health.last_frame_mono = mono
             if isinstance(msg, Ack):
-                acks.append(msg)
+                acks.append(msg)  # transport level: the handshake needs them before IDENT
+            elif isinstance(msg, Ident) and not self.health.identified:
+                self._identify(msg, utc, mono, fetch)
+                identified = True
+            elif not self.health.identified:
+                self._hold(Rx(msg=msg, utc=utc, mono=mono))
             else:
                 self._on_message(msg, utc, mono, fetch)
         self._journal(utc, mono)
-        return PipelineResult(acks, fetch)
+        return PipelineResult(acks, fetch, identified)
+
+    @property
+    def identified(self) -> bool:
+        """Has the device on the current connection identified itself (and been accepted)?"""
+        return self.health.identified
+
+    def _hold(self, rx: Rx) -> None:
+        """Keep a message until the connection's IDENT; beyond the bound, drop the oldest."""
+        if len(self._held) >= PRE_IDENT_HOLD:
+            self._held.popleft()
+            dropped = self.health.dropped_before_ident = self.health.dropped_before_ident + 1
+            if dropped == 1 or dropped % 1000 == 0:
+                log.warning(
+                    "device has not identified itself: %d message(s) before its IDENT dropped",
+                    dropped,
+                    extra={"device_id": self.device.id},
+                )
+        self._held.append(rx)
+        self.health.held_before_ident += 1
+
+    def _identify(self, ident: Ident, utc: datetime, mono: float, fetch: list[int]) -> None:
+        """The connection's first IDENT: allow-list, then what was held, then the IDENT itself."""
+        held, self._held = self._held, deque()
+        self._check_allowed(ident)  # raises UnexpectedDeviceError: the held messages go with it
+        self.health.identified = True
+        self.health.identity_note = None
+        # Sessions the held messages finish are this device's: its identity is known now.
+        self.tracker.identity = ident
+        if held:
+            log.info(
+                "device identified; replaying %d message(s) received before its IDENT",
+                len(held),
+                extra={"device_id": self.device.id},
+            )
+        for rx in held:
+            self._on_message(rx.msg, rx.utc, rx.mono, fetch)
+        self._on_message(ident, utc, mono, fetch)
 
     def _journal(self, utc: datetime, mono: float) -> None:
         """Keep the open session's state on disk, at least every JOURNAL_INTERVAL_S."""
@@ -307,6 +375,8 @@ class Vm1Pipeline:
         session = event.session
         assessment = assess(session, self.config.dose_rules)
         ident = self.tracker.identity
+        if ident is None:  # unreachable: nothing becomes a session before an accepted IDENT
+            raise RuntimeError("a session finished on a device that has not identified itself")
         dose = build_dose_event(
             session, assessment, device=self.device, ident=ident, config=self.config
         )
@@ -337,8 +407,7 @@ class Vm1Pipeline:
             self.sink.dose_event(self.device.id, dose)
             if self.audit is not None:
                 self.audit.record_session_finished(dose)
-            if ident is not None:
-                self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+            self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
 
     def _spo2_summary(
         self, session: FinishedSession, event_id: uuid.UUID, mono: float

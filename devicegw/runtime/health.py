@@ -40,6 +40,10 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
             "frames_lost": h.frames_lost,
             "refused": h.refused,
             "last_error": h.last_error,
+            "identified": h.identified,
+            "identity_note": h.identity_note,
+            "held_before_ident": h.held_before_ident,
+            "dropped_before_ident": h.dropped_before_ident,
             "open_session": runner.tracker.open_session_no,
         }
     oximeters = {}

@@ -3,7 +3,10 @@
 Bytes come from a :class:`~drivers.transport.base.ByteLink` and go through the
 device's :class:`Vm1Pipeline` (the same one replays use). The link is reopened
 by itself with capped, jittered backoff; on every (re)connect the gateway sends
-GET_INFO and SET_CLOCK.
+GET_INFO until the device has identified itself (IDENT), then SET_CLOCK. A
+device that acknowledges GET_INFO but never sends IDENT is asked again, with
+backoff, for as long as the link is up; its data is held meanwhile, never used
+(see :mod:`devicegw.core.vm1_pipeline`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT_DEVICE_S = 0.5  # ICD: resend a command that got no ACK after 500 ms
 ACK_TIMEOUT_MIN_REAL_S = 0.25  # floor in real time, so a fast clock does not starve the pty
 COMMAND_ATTEMPTS = 3
+IDENT_TIMEOUT_DEVICE_S = 1.0  # IDENT follows GET_INFO's ACK at once (ICD section 2)
+NOT_IDENTIFIED = "device does not identify itself (no IDENT after GET_INFO); its data is not used"
 
 
 class NebulizerRunner:
@@ -77,6 +82,7 @@ class NebulizerRunner:
         self._link: ByteLink | None = None
         self._host_seq = 0
         self._pending_acks: dict[tuple[int, int], asyncio.Future[Ack]] = {}
+        self._identified = asyncio.Event()
 
     @property
     def tracker(self) -> SessionTracker:
@@ -131,6 +137,7 @@ class NebulizerRunner:
 
     async def _session_on(self, link: ByteLink) -> None:
         self._link = link
+        self._identified.clear()
         utc, mono = self._clock.now(), self._clock.monotonic()
         self.pipeline.link_up(utc)
         for obs in self.observers:
@@ -163,16 +170,54 @@ class NebulizerRunner:
 
     async def _handshake(self) -> None:
         """On every (re)connect: identify the device and set its clock (ICD section 2)."""
+        await self._until_identified()
         try:
-            await self.command(GetInfo())
             await self.command(SetClock(unix_s=int(self._clock.now().timestamp())))
             if self.device.output_rate_hz is not None:
                 await self.command(SetRate(hz=self.device.output_rate_hz))
         except DeviceTimeoutError as exc:
-            # The link stays up: the device may still be streaming; the next reconnect retries.
+            # The device is identified and its data used; its clock stays as it was.
             log.warning("device handshake: %s", exc, extra={"device_id": self.device.id})
             return
         self._backoff.reset()
+
+    async def _until_identified(self) -> None:
+        """GET_INFO until an IDENT arrives (the port-open IDENT may already have)."""
+        retry = Backoff(1.0, 30.0)
+        said = False
+        while not self.pipeline.identified:
+            try:
+                await self.command(GetInfo())
+            except DeviceTimeoutError as exc:
+                problem = f"no answer to GET_INFO: {exc}"
+            else:
+                problem = NOT_IDENTIFIED
+            if await self._wait_identified():
+                break
+            if not said:
+                said = True
+                log.warning(
+                    "device not identified: %s", problem, extra={"device_id": self.device.id}
+                )
+                self.health.identity_note = problem
+                self.pipeline.publish_status(error=problem)
+            else:
+                log.debug("device still not identified", extra={"device_id": self.device.id})
+            await self._clock.sleep(retry.next_delay())
+        if said:
+            log.info("device identified after all", extra={"device_id": self.device.id})
+            self.pipeline.publish_status()
+
+    async def _wait_identified(self) -> bool:
+        timeout = max(IDENT_TIMEOUT_DEVICE_S / self._clock.scale, ACK_TIMEOUT_MIN_REAL_S)
+        if self.pipeline.identified:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._identified.wait()
+        except TimeoutError:
+            return self.pipeline.identified
+        return True
 
     async def _read_loop(self, link: ByteLink, tg: asyncio.TaskGroup) -> None:
         while True:
@@ -181,6 +226,8 @@ class NebulizerRunner:
             for obs in self.observers:
                 obs.bytes_received(self.device.id, data, utc, mono)
             result = self.pipeline.feed(data, utc, mono)
+            if result.identified:
+                self._identified.set()
             for ack in result.acks:
                 fut = self._pending_acks.get((ack.acked_seq, ack.cmd))
                 if fut is not None and not fut.done():
