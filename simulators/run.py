@@ -65,10 +65,10 @@ async def simulate_main(
     try:
         async with run_scenarios(paths, clock, link_dir) as sims:
             for sim in sims:
-                out.write(
-                    f"{sim.scenario.device.serial_no}  {sim.path} -> {sim.pts_path}"
-                    f"  ({sim.scenario.name})\n"
-                )
+                # A scenario's serial may hold control characters (hostile-device tests).
+                serial = sim.scenario.device.serial_no.encode("unicode_escape").decode("ascii")
+                name = sim.scenario.name.encode("unicode_escape").decode("ascii")
+                out.write(f"{serial}  {sim.path} -> {sim.pts_path}  ({name})\n")
             out.flush()
             await asyncio.Event().wait()
     except ScenarioError as exc:

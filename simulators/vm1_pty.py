@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import random
+import re
 import termios
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,16 @@ _COMMAND_TYPE_BYTES = frozenset(
 
 
 def default_link_name(scenario: Scenario) -> str:
-    """The symlink name udev would give the device: ``usb-VM-1_<serial>-if00``."""
-    return f"usb-{scenario.device.model}_{scenario.device.serial_no}-if00"
+    """The symlink name udev would give the device: ``usb-VM-1_<serial>-if00``.
+
+    As udev does, every character outside ``0-9A-Za-z#+-.:=@_`` becomes ``_``, so a
+    device's strings never make an odd path.
+    """
+    d = scenario.device
+    return _UDEV_UNSAFE.sub("_", f"usb-{d.model}_{d.serial_no}-if00")
+
+
+_UDEV_UNSAFE = re.compile(r"[^0-9A-Za-z#+\-.:=@_]")
 
 
 @dataclass(slots=True)

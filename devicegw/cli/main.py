@@ -362,13 +362,20 @@ def _status_view(snap: dict[str, Any], stale: bool) -> list[RenderableType]:
                     text(errors.get(name, ""), limit=200),
                 )
             )
-    table = Table("device", "port", "connected", "last frame", "frames ok", "bad", "lost", "note")
+    table = Table(
+        "device", "port", "identity", "connected", "last frame", "frames ok", "bad", "lost", "note"
+    )
     for dev_id, d in snap["devices"].items():
         age_s = d["last_frame_age_s"]
         note = d["refused"] or d.get("identity_note") or d["last_error"] or ""
+        ident = d.get("identity")
+        shown = "—"
+        if ident:
+            shown = f"{ident['model']} {ident['serial_no']} fw {ident['firmware']}"
         table.add_row(
             text(dev_id),
             text(d["port"]),
+            text(shown, limit=60),
             text("yes" if d["connected"] else "no"),
             text("—" if age_s is None else f"{float(age_s):.1f} s ago"),
             text(d["frames_ok"]),

@@ -28,7 +28,12 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
     devices = {}
     for runner in gw.runners:
         h = runner.health
+        ident = runner.tracker.identity
         devices[runner.device.id] = {
+            # As the device sent it: data, shown escaped by `devicegw status`.
+            "identity": None
+            if ident is None
+            else {"model": ident.model, "serial_no": ident.serial_no, "firmware": ident.firmware},
             "port": runner.device.link.port_name,
             "connected": h.connected,
             "connects": h.connects,
