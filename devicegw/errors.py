@@ -6,12 +6,19 @@ here so the gateway's code catches by meaning from one place.
 
 from __future__ import annotations
 
-from drivers.errors import DeviceTimeoutError, GatewayError, ProtocolError, TransportError
+from drivers.errors import (
+    DeviceTimeoutError,
+    GatewayError,
+    PortAbsentError,
+    ProtocolError,
+    TransportError,
+)
 
 __all__ = [
     "ConfigError",
     "DeviceTimeoutError",
     "GatewayError",
+    "PortAbsentError",
     "ProtocolError",
     "TransportError",
 ]

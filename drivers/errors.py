@@ -33,3 +33,11 @@ class DeviceTimeoutError(GatewayError, TimeoutError):
         self.device_id = device_id
         self.command = command
         super().__init__(message)
+
+
+class PortAbsentError(TransportError):
+    """The port's path does not exist (unplugged): wait for it rather than retry."""
+
+    def __init__(self, message: str, *, path: str, device_id: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, device_id=device_id)

@@ -87,6 +87,8 @@ class DeviceHealth:
     frames_lost: int = 0
     refused: str | None = None
     last_error: str | None = None
+    open_failures: int = 0  # attempts to open the link that failed
+    refusals: int = 0  # connections refused by the allow-list
     #: An IDENT was received and accepted on the current connection.
     identified: bool = False
     #: Messages held because they came before the connection's IDENT, and of those the

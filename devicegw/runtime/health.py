@@ -37,6 +37,8 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
             "port": runner.device.link.port_name,
             "connected": h.connected,
             "connects": h.connects,
+            "open_failures": h.open_failures,
+            "refusals": h.refusals,
             "last_frame_age_s": (
                 None if h.last_frame_mono is None else round(now_mono - h.last_frame_mono, 3)
             ),
@@ -88,6 +90,7 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
 
 def write(gw: Gateway) -> None:
     path = Path(gw.config.gateway.data_dir) / FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(snapshot(gw), indent=2) + "\n")
     os.replace(tmp, path)

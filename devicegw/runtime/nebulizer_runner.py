@@ -112,6 +112,7 @@ class NebulizerRunner:
             except UnexpectedDeviceError as exc:
                 reason = "refused"
                 self.health.refused = str(exc)
+                self.health.refusals += 1
                 # A refusal, not a crash: no traceback wanted.
                 log.error("device refused: %s", exc, extra={"device_id": self.device.id})  # noqa: TRY400
                 self.pipeline.publish_status(error=str(exc))
@@ -131,6 +132,7 @@ class NebulizerRunner:
             await self._clock.sleep(self._backoff.next_delay())
 
     def _open_failed(self, exc: TransportError, first: bool) -> None:
+        self.health.open_failures += 1
         self.health.last_error = str(exc)
         if first:
             self.pipeline.publish_status(error=str(exc))

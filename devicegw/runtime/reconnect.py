@@ -1,4 +1,9 @@
-"""The runners' reconnect loop: open a fresh link until one opens, backing off between tries."""
+"""The runners' reconnect loop: open a fresh link until one opens, backing off between tries.
+
+A port whose path is gone (unplugged) is not retried on a timer: the loop
+waits for the path to come back and opens it at once (replug in well under a
+second), then starts its backoff afresh.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from devicegw.errors import TransportError
+from devicegw.errors import PortAbsentError, TransportError
 from drivers.backoff import Backoff
 from drivers.clock import Clock
+from drivers.transport.port_watch import wait_for_path
 
 
 class Openable(Protocol):
@@ -55,6 +61,11 @@ async def open_until_up(
             first = False
             with contextlib.suppress(TransportError):
                 await link.close()
+            if isinstance(exc, PortAbsentError):
+                await wait_for_path(exc.path)
+                log.info("%s is back: opening it", what, extra={"device_id": device_id})
+                backoff.reset()
+                continue
             await clock.sleep(backoff.next_delay())
             continue
         return link

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 
 import serial
 import serial_asyncio_fast
 
-from drivers.errors import TransportError
+from drivers.errors import PortAbsentError, TransportError
+from drivers.transport.port_watch import port_present
 
 _READ_CHUNK = 4096
 
@@ -33,9 +33,9 @@ class SerialLink:
         return f"serial:{self.path}@{self.baudrate}"
 
     async def open(self) -> None:
-        if not os.path.exists(self.path):  # noqa: ASYNC240 - one stat, no real blocking
-            raise TransportError(
-                f"serial port {self.path} does not exist", device_id=self.device_id
+        if not port_present(self.path):
+            raise PortAbsentError(
+                f"serial port {self.path} does not exist", path=self.path, device_id=self.device_id
             )
         try:
             reader, writer = await serial_asyncio_fast.open_serial_connection(
