@@ -161,3 +161,21 @@ def test_demo_shows_session_and_event() -> None:
     assert "verdict: complete" in res.stdout
     assert "SpO2 alert" in res.stdout  # the demo bed has an oximeter with a scripted dip
     assert "1 alert(s)" in res.stdout
+
+
+def test_fatal_start_error_is_one_line(tmp_path: Path) -> None:
+    """Issue 14 item 1: at start, what stops the gateway is said in one line, no traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "devicegw.sqlite3").write_bytes(b"this is not a database\n" * 100)
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "gw-fatal"\nsite = "s1"\ndata_dir = "{data}"\nlog_format = "text"\n'
+        '[broker]\nhost = "127.0.0.1"\nport = 1\n'
+    )
+    res = run_cli("run", "--config", str(cfg), timeout=30)
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("devicegw:")]
+    assert len(lines) == 1, res.stderr
+    assert "cannot start" in lines[0] and "devicegw.sqlite3" in lines[0]

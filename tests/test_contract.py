@@ -315,3 +315,19 @@ def test_cli_schema_export_writes_every_file(tmp_path: Path) -> None:
         assert (out / name).read_text(encoding="utf-8") == (SCHEMAS / name).read_text(
             encoding="utf-8"
         )
+
+
+@pytest.mark.parametrize(
+    "hostile", ["\x1b[2J\x1b[31mX", "[/]\n", "a/b", "+", "#", "", "dev ice", "$SYS", "x" * 65]
+)
+def test_no_device_string_becomes_a_topic_level(hostile: str) -> None:
+    """Issue 14 item 6: topics are made of configured ids only, and checked again here."""
+    t = Topics("devicegw/v1", "site-042", "gw-1")
+    for make in (t.dose, t.device_status, t.telemetry, t.safety):
+        with pytest.raises(ValueError, match="not a topic level"):
+            make(hostile)
+    with pytest.raises(ValueError):
+        Topics("devicegw/v1", hostile, "gw-1")
+    if hostile != "a/b":  # two good levels make a good prefix
+        with pytest.raises(ValueError):
+            Topics(f"devicegw/{hostile}", "site-042", "gw-1")
