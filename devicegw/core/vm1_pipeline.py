@@ -232,6 +232,7 @@ class Vm1Pipeline:
         self._check_allowed(ident)  # raises UnexpectedDeviceError: the held messages go with it
         self.health.identified = True
         self.health.identity_note = None
+        self.health.refused = None
         # Sessions the held messages finish are this device's: its identity is known now.
         self.tracker.identity = ident
         if held:

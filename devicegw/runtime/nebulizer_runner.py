@@ -111,11 +111,7 @@ class NebulizerRunner:
                 await self._session_on(link)
             except UnexpectedDeviceError as exc:
                 reason = "refused"
-                self.health.refused = str(exc)
-                self.health.refusals += 1
-                # A refusal, not a crash: no traceback wanted.
-                log.error("device refused: %s", exc, extra={"device_id": self.device.id})  # noqa: TRY400
-                self.pipeline.publish_status(error=str(exc))
+                self._refused(exc)
             except TransportError as exc:
                 reason = str(exc)
                 self.health.last_error = str(exc)
@@ -130,6 +126,22 @@ class NebulizerRunner:
             finally:
                 await self._on_link_closed(link, reason)
             await self._clock.sleep(self._backoff.next_delay())
+
+    def _refused(self, exc: UnexpectedDeviceError) -> None:
+        """ERROR the first time (and when the answer changes), DEBUG while it repeats."""
+        h = self.health
+        repeated = h.refused == str(exc)
+        h.refused = str(exc)
+        h.refusals += 1
+        extra = {"device_id": self.device.id, "refusals": h.refusals}
+        if not repeated:
+            # A refusal, not a crash: no traceback wanted.
+            log.error("device refused: %s", exc, extra=extra)
+        elif h.refusals % 1000 == 0:
+            log.warning("device still refused (%d times): %s", h.refusals, exc, extra=extra)
+        else:
+            log.debug("device refused again: %s", exc, extra=extra)
+        self.pipeline.publish_status(error=str(exc))
 
     def _open_failed(self, exc: TransportError, first: bool) -> None:
         self.health.open_failures += 1
