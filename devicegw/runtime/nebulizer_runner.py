@@ -196,10 +196,12 @@ class NebulizerRunner:
         self._backoff.reset()
 
     async def _until_identified(self) -> None:
-        """GET_INFO until an IDENT arrives (the port-open IDENT may already have)."""
+        """GET_INFO, and again until an IDENT has arrived (the port-open one counts)."""
         retry = Backoff(1.0, 30.0)
         said = False
-        while not self.pipeline.identified:
+        first = True  # GET_INFO at least once per connection, as always (ICD section 2)
+        while first or not self.pipeline.identified:
+            first = False
             try:
                 await self.command(GetInfo())
             except DeviceTimeoutError as exc:
