@@ -44,15 +44,21 @@ sys.path.insert(0, str(ROOT))
 import aiomqtt  # noqa: E402
 
 from devicegw.config import BrokerSettings  # noqa: E402
-from devicegw.contract.payloads import DoseEvent, GatewayStatus, dose_event_id  # noqa: E402
+from devicegw.contract.payloads import (  # noqa: E402
+    DoseDetail,
+    DoseEvent,
+    GatewayStatus,
+    dose_event_id,
+)
 from devicegw.contract.topics import Topics  # noqa: E402
 from devicegw.mqtt.publisher import MqttPublisher, encode  # noqa: E402
 from devicegw.storage.store import Store  # noqa: E402
 from drivers.clock import SystemClock  # noqa: E402
 from tests.mqtt_helpers import MosquittoBroker, mosquitto_binary  # noqa: E402
+from tests.test_contract import real_dose_record  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "data" / "export" / "events.jsonl"
-TOPICS = Topics("devicegw/v1", "site-bench", "gw-bench")
+TOPICS = Topics("devicegw/v2", "site-bench", "gw-bench")
 EDC_CLIENT_ID = "bench-edc"
 BEDS = 40
 
@@ -94,6 +100,13 @@ def synthetic_events(n: int) -> list[DoseEvent]:
         )
     assert len({e.event_id for e in events}) == n
     return events
+
+
+def detail_for(event: DoseEvent, template: DoseDetail) -> DoseDetail:
+    """The restricted detail committed with ``event`` (a real one, re-keyed)."""
+    return template.model_copy(
+        update={"event_id": event.event_id, "session_no": event.session_no, "device": event.device}
+    )
 
 
 def identity(record: dict[str, Any]) -> str:
@@ -170,13 +183,19 @@ class Run:
 
 async def feed(run: Run, rate: float) -> None:
     start = time.monotonic()
+    template = real_dose_record().detail
     for i, event in enumerate(run.events):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         device_id = event.device.device_id
         run.publisher.publish_dose(
-            TOPICS.dose(device_id), event, device_id=device_id, event_id=str(event.event_id)
+            TOPICS.dose(device_id),
+            event,
+            device_id=device_id,
+            event_id=str(event.event_id),
+            detail_topic=TOPICS.dose_detail(device_id),
+            detail=detail_for(event, template),
         )
     run.feed_done_at = time.monotonic()
 

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import zoneinfo
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, Self
 
@@ -31,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from devicegw.contract.base import TOPIC_VERSION
 from devicegw.contract.spo2 import Spo2RulesOut
 from devicegw.errors import ConfigError
 from devicegw.safe_text import is_plain, printable
@@ -227,12 +229,23 @@ class BrokerSettings(_Strict):
     # otherwise (then the gateway says so loudly at every start).
     allow_plaintext_password: bool = False
     keepalive_s: int = Field(default=30, ge=5, le=3600)
-    topic_prefix: TopicPrefix = "devicegw/v1"
+    # Ends in the contract's major version (docs/contract.md); another version is refused.
+    topic_prefix: TopicPrefix = f"devicegw/{TOPIC_VERSION}"
     # "auto" tries MQTT 5 and falls back to 3.1.1 if the broker refuses it.
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     tls: TlsSettings = TlsSettings()
     reconnect_initial_s: float = Field(default=0.5, gt=0, le=60)
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _prefix_version(self) -> Self:
+        for level in self.topic_prefix.split("/"):
+            if re.fullmatch(r"v\d+", level) and level != TOPIC_VERSION:
+                raise ValueError(
+                    f"topic_prefix {self.topic_prefix!r} names contract {level}, but this gateway "
+                    f"publishes contract {TOPIC_VERSION} (docs/contract.md, 'Migrating to v2')"
+                )
+        return self
 
     @model_validator(mode="after")
     def _one_password_source(self) -> Self:
@@ -441,8 +454,36 @@ class Spo2Rules(_Strict):
         return Spo2RulesOut(**self.model_dump())
 
 
+def _known_zone(name: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. Europe/Berlin)") from exc
+    return name
+
+
+TimeZoneName = Annotated[str, AfterValidator(_known_zone)]
+StudyId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")]
+
+
+class TrialSettings(_Strict):
+    """The study the records belong to: what the exports need (docs/contract.md, "Exports")."""
+
+    #: SDTM STUDYID; the FHIR output references the study by it.
+    study_id: StudyId
+    #: The site's IANA time zone: SDTM dates are given as local times with their offset.
+    time_zone: TimeZoneName
+    #: Other sites' zones, by ``gateway.site``, for an export over several sites.
+    site_time_zones: dict[TopicSegment, TimeZoneName] = Field(default_factory=dict)
+
+    def zone_for(self, site: str) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.site_time_zones.get(site, self.time_zone))
+
+
 class Config(_Strict):
     gateway: GatewaySettings
+    # Optional for the daemon; required by `devicegw export`.
+    trial: TrialSettings | None = None
     broker: BrokerSettings = BrokerSettings()
     dose_rules: DoseRules = DoseRules()
     spo2_rules: Spo2Rules = Spo2Rules()

@@ -19,7 +19,7 @@ from devicegw.contract.topics import Topics
 from devicegw.edc.tail import TailProcessor
 from devicegw.runtime.gateway import Gateway
 from drivers.clock import ScaledClock
-from simulators.scenario import load_scenario
+from simulators.scenario import Scenario, load_scenario
 from simulators.vm1_pty import Vm1PtySimulator
 from tests.mqtt_helpers import Collector, MosquittoBroker, collecting
 
@@ -40,7 +40,10 @@ def device_entry(index: int, port: str, **extra: Any) -> dict[str, Any]:
 
 
 def gateway_config(
-    broker: MosquittoBroker, devices: list[dict[str, Any]], data_dir: Path
+    broker: MosquittoBroker,
+    devices: list[dict[str, Any]],
+    data_dir: Path,
+    broker_extra: dict[str, Any] | None = None,
 ) -> Config:
     return parse_config(
         {
@@ -50,6 +53,7 @@ def gateway_config(
                 "port": broker.port,
                 "reconnect_initial_s": 0.2,
                 "reconnect_max_s": 2.0,
+                **(broker_extra or {}),
             },
             "devices": devices,
         },
@@ -65,7 +69,24 @@ class E2E:
     topics: Topics
 
     def dose_events(self) -> list[dict[str, Any]]:
+        """The blinded dose events (the EDC's feed)."""
         return [m.json() for m in self.collector.matching("/dose/")]
+
+    def dose_details(self) -> list[dict[str, Any]]:
+        """The restricted dose details (the engineering feed)."""
+        return [m.json() for m in self.collector.matching("/dose-detail/")]
+
+    async def detail_of(self, event: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """The restricted detail with the same event_id as ``event`` (waits for it)."""
+
+        def found(msgs: list[Any]) -> bool:
+            return any(
+                "/dose-detail/" in m.topic and m.json()["event_id"] == event["event_id"]
+                for m in msgs
+            )
+
+        await self.collector.wait_for(found, timeout)
+        return next(d for d in self.dose_details() if d["event_id"] == event["event_id"])
 
     async def wait_dose_events(self, n: int, timeout: float = 60.0) -> list[dict[str, Any]]:
         await self.collector.wait_for(
@@ -78,31 +99,43 @@ class E2E:
 async def running(
     broker: MosquittoBroker,
     tmp_path: Path,
-    scenarios: list[str | Path],
+    scenarios: list[str | Path | Scenario],
     *,
     extra_devices: list[dict[str, Any]] | None = None,
     device_extra: dict[str, Any] | None = None,
     time_scale: float = TIME_SCALE,
+    broker_extra: dict[str, Any] | None = None,
+    collector_auth: tuple[str, str] | None = None,
 ) -> AsyncIterator[E2E]:
+    """Simulators (scenario names under simulators/scenarios, or Scenario objects) on ptys,
+    the gateway, and a collector subscribed to everything the gateway publishes."""
     clock = ScaledClock(time_scale)
     async with contextlib.AsyncExitStack() as stack:
         sims = []
         for i, name in enumerate(scenarios):
-            sim = Vm1PtySimulator(
-                load_scenario(name if isinstance(name, Path) else SCENARIOS / f"{name}.toml"),
-                clock=clock,
-                link_dir=tmp_path,
-                name=f"vm1-{i}",
-            )
+            if isinstance(name, str):
+                scenario = load_scenario(SCENARIOS / f"{name}.toml")
+            elif isinstance(name, Path):
+                scenario = load_scenario(name)
+            else:
+                scenario = name
+            sim = Vm1PtySimulator(scenario, clock=clock, link_dir=tmp_path, name=f"vm1-{i}")
             sims.append(await stack.enter_async_context(sim))
         devices = [
             device_entry(i + 1, str(sim.path), **(device_extra or {})) for i, sim in enumerate(sims)
         ]
         devices += extra_devices or []
-        config = gateway_config(broker, devices, tmp_path / "gw-data")
+        config = gateway_config(broker, devices, tmp_path / "gw-data", broker_extra)
         gateway = Gateway(config, clock=clock)
+        username, password = collector_auth or (None, None)
         collector = await stack.enter_async_context(
-            collecting(broker.host, broker.port, [f"{gateway.topics.base}/#"])
+            collecting(
+                broker.host,
+                broker.port,
+                [f"{gateway.topics.base}/#"],
+                username=username,
+                password=password,
+            )
         )
         task = asyncio.create_task(gateway.run(), name="gateway-under-test")
         try:
@@ -115,8 +148,12 @@ async def running(
 
 
 def assert_all_valid(collector: Collector) -> None:
-    """Every message the gateway published in the run validates against its schema."""
-    checker = TailProcessor(check_sequence=False)
+    """Every message the gateway published in the run validates against its *strict* schema.
+
+    Strict (``devicegw tail``'s default): a field the models do not declare is an
+    error here, although the published schemas allow it for consumers.
+    """
+    checker = TailProcessor(check_sequence=False, unknown_fields="error")
     invalid = [
         (m.topic, result.errors)
         for m in collector.messages

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from devicegw.config import Config, parse_config
-from devicegw.contract.payloads import DoseEvent
 from devicegw.storage.audit import (
     GENESIS_HASH,
     AuditError,
@@ -38,7 +37,7 @@ from devicegw.storage.audit import (
 )
 from devicegw.storage.store import Store, StoreError
 from drivers.clock import ManualClock
-from tests.test_contract import real_dose_event_json
+from tests.test_contract import real_dose_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICEGW = [sys.executable, "-m", "devicegw.cli"]
@@ -547,9 +546,10 @@ def test_a_body_is_plain_json(store: Store, clock: ManualClock, body: dict[Any, 
     assert trail.head().count == 0
 
 
-def test_session_finished_from_a_dose_event(store: Store, clock: ManualClock) -> None:
-    event = DoseEvent.model_validate_json(real_dose_event_json())
-    rec = AuditTrail(store, clock=clock, gateway_id="gw1").record_session_finished(event)
+def test_session_finished_from_a_dose_record(store: Store, clock: ManualClock) -> None:
+    record = real_dose_record()
+    event = record.event
+    rec = AuditTrail(store, clock=clock, gateway_id="gw1").record_session_finished(record)
     assert (rec.kind, rec.device_id, rec.subject_id, rec.session_no) == (
         "session_finished",
         "neb-bed01",
@@ -561,6 +561,9 @@ def test_session_finished_from_a_dose_event(store: Store, clock: ManualClock) ->
     assert rec.body["delivered_ml"] == event.volume.delivered_ml
     assert rec.body["data_source"] == "live"
     assert set(rec.body) >= {"reasons", "end_reason", "kit_number", "config_sha256"}
+    # The gateway's own trail keeps the restricted facts (engineering reads it).
+    assert rec.body["end_reason"] == record.detail.end_reason
+    assert rec.body["delivered_basis"] == record.detail.volume.delivered_basis
     assert verify(store).ok
 
 

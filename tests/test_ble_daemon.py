@@ -185,7 +185,9 @@ async def test_daemon_over_ble_publishes_the_live_dose_event(
     assert dose["session_no"] == 42
     assert dose["device"]["serial_no"] == SERIAL
     assert dose["verdict"] == "complete", dose["reasons"]
-    assert dose["end_reason"] == "COMPLETE"
+    [detail] = [m.json() for m in messages if "/dose-detail/" in m.topic]
+    assert detail["event_id"] == dose["event_id"]
+    assert detail["end_reason"] == "COMPLETE"
     assert dose["data_source"] == "live", "the gateway was connected before the session started"
     statuses = [m.json() for m in messages if m.topic.endswith("/device/neb1/status")]
     assert any(s["connected"] and s["identity"]["serial_no"] == SERIAL for s in statuses)
@@ -194,7 +196,7 @@ async def test_daemon_over_ble_publishes_the_live_dose_event(
     assert errors == []
     assert notes == []
     kinds = {m.json()["event_type"] for m in messages}
-    assert {"gateway_status", "device_status", "dose_completion"} <= kinds
+    assert {"gateway_status", "device_status", "dose_completion", "dose_detail"} <= kinds
 
 
 # --------------------------------------------------------------------------- missing parts

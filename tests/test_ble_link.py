@@ -337,18 +337,21 @@ class ListSink:
     """GatewaySink that keeps what the gateway would publish."""
 
     def __init__(self) -> None:
-        self.dose_events: list[Any] = []
+        self.dose_records: list[Any] = []
         self.statuses: list[Any] = []
         self.got_dose_event = asyncio.Event()
 
-    def dose_event(self, device_id: str, event: Any) -> None:
-        self.dose_events.append(event)
+    def dose_record(self, device_id: str, record: Any) -> None:
+        self.dose_records.append(record)
         self.got_dose_event.set()
 
     def device_status(self, device_id: str, status: Any) -> None:
         self.statuses.append(status)
 
-    def telemetry(self, device_id: str, telemetry: Any) -> None:
+    def device_detail(self, device_id: str, detail: Any) -> None:
+        pass
+
+    def telemetry(self, device_id: str, telemetry: Any, detail: Any) -> None:
         pass
 
 
@@ -398,9 +401,10 @@ async def test_nebulizer_runner_over_ble_yields_the_dose_event(bluez: BluezooEnv
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    [event] = sink.dose_events
+    [record] = sink.dose_records
+    event = record.event
     assert event.session_no == 9
-    assert event.end_reason == "COMPLETE"
+    assert record.detail.end_reason == "COMPLETE"
     # A short 0.4 mL session, on purpose: the dose rules' verdict, not a link problem.
     assert event.verdict == "partial"
     assert event.reasons == ["duration_below_minimum", "delivered_below_minimum"]

@@ -34,7 +34,7 @@ VM1_NAME = "VM-1 VM1-000417"
 PLX_NAME = "Nonin3230 PLX-0417"
 OBSERVATION_S = 120.0  # shortened from 30 minutes: the summary ~2.4 s after the session end
 GATEWAY, SITE = "gw-ble-spo2", "s1"
-BASE = f"devicegw/v1/{SITE}/{GATEWAY}"
+BASE = f"devicegw/v2/{SITE}/{GATEWAY}"
 
 
 def gateway_config(

@@ -52,7 +52,7 @@ def gateway(broker: MosquittoBroker, tmp_path: Path, password: str) -> Gateway:
 async def test_password_login_publishes_birth(auth_broker: MosquittoBroker, tmp_path: Path) -> None:
     gw = gateway(auth_broker, tmp_path, "right-pw")
     async with collecting(
-        auth_broker.host, auth_broker.port, ["devicegw/v1/#"], username="edc", password="edc-pw"
+        auth_broker.host, auth_broker.port, ["devicegw/v2/#"], username="edc", password="edc-pw"
     ) as col:
         task = asyncio.create_task(gw.run())
         try:

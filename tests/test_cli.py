@@ -103,7 +103,7 @@ async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_pa
             f'[[devices]]\nid = "neb1"\ntype = "vm1"\nbed = "B1"\nsubject_id = "CVD-001"\n'
             f'kit_number = "K-1"\nlink = {{ kind = "serial", port = "{port}" }}\n'
         )
-        async with collecting("127.0.0.1", mosquitto.port, ["devicegw/v1/#"]) as col:
+        async with collecting("127.0.0.1", mosquitto.port, ["devicegw/v2/#"]) as col:
             gw = await asyncio.create_subprocess_exec(
                 *DEVICEGW,
                 "run",

@@ -15,10 +15,11 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
 from devicegw.config import parse_config
+from devicegw.contract.payloads import DoseRecord
 from devicegw.contract.schemas import MODELS, render, schemas
 from devicegw.contract.topics import Topics
 from devicegw.core.dose_check import assess
-from devicegw.core.dose_event import build_dose_event
+from devicegw.core.dose_event import build_dose_record
 from devicegw.core.session_tracker import SessionFinished, SessionTracker
 from drivers.vm1.messages import DeviceState, EndReason, Ident
 from tests.session_stream import StreamBuilder
@@ -70,7 +71,7 @@ def test_schemas_are_deterministic_and_identified() -> None:
     ids = set()
     for name, schema in first.items():
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-        assert schema["$id"] == f"https://devicegw.invalid/schemas/v1/{name}"
+        assert schema["$id"] == f"https://devicegw.invalid/schemas/v2/{name}"
         assert schema["title"]
         ids.add(schema["$id"])
     assert len(ids) == len(first)
@@ -81,20 +82,23 @@ def test_schemas_are_deterministic_and_identified() -> None:
 
 def topic_patterns() -> dict[str, str]:
     """Channel address (AsyncAPI `{param}` form, default prefix) per Topics method."""
-    t = Topics("devicegw/v1", "{site}", "{gateway}")
+    t = Topics("devicegw/v2", "{site}", "{gateway}")
     return {
         "dose": t.dose("{device}"),
         "gateway_status": t.gateway_status(),
         "device_status": t.device_status("{device}"),
         "telemetry": t.telemetry("{device}"),
         "safety": t.safety("{device}"),
+        "dose_detail": t.dose_detail("{device}"),
+        "device_detail": t.device_detail("{device}"),
+        "telemetry_detail": t.telemetry_detail("{device}"),
     }
 
 
 def test_asyncapi_version_and_info() -> None:
     doc = load_asyncapi()
     assert doc["asyncapi"] == "3.0.0"
-    assert doc["info"]["version"] == "1.0.0"
+    assert doc["info"]["version"] == "2.0.0"
     assert "keep the first of each `event_id`" in doc["info"]["description"]
 
 
@@ -139,6 +143,9 @@ def test_internal_refs_resolve_and_operations_have_mqtt_bindings() -> None:
         "device_status": (1, True),
         "telemetry": (0, False),
         "safety": (1, False),
+        "dose_detail": (1, False),
+        "device_detail": (1, True),
+        "telemetry_detail": (0, False),
     }
     by_address = {v: k for k, v in topic_patterns().items()}
     for name, op in doc["operations"].items():
@@ -216,7 +223,7 @@ def test_examples_never_name_an_arm() -> None:
 # -- (d) a dose event from the real code path validates --------------------------
 
 
-def real_dose_event_json() -> str:
+def real_dose_record() -> DoseRecord:
     config = parse_config(
         {
             "gateway": {"id": "gw1", "site": "site-042"},
@@ -251,21 +258,28 @@ def real_dose_event_json() -> str:
         reservoir_capacity_ul=6000,
         last_session_no=41,
     )
-    event = build_dose_event(
+    return build_dose_record(
         session,
         assess(session, config.dose_rules),
         device=config.devices[0],
         ident=ident,
         config=config,
     )
-    return event.model_dump_json()
+
+
+def real_dose_event_json() -> str:
+    return real_dose_record().event.model_dump_json()
 
 
 def test_real_dose_event_validates_against_exported_schema() -> None:
-    payload = json.loads(real_dose_event_json())
+    record = real_dose_record()
+    payload = json.loads(record.event.model_dump_json())
+    detail = json.loads(record.detail.model_dump_json())
     assert payload["verdict"] == "complete"
-    assert payload["pauses"]["count"] == 1
+    assert detail["pauses"]["count"] == 1
+    assert detail["event_id"] == payload["event_id"]
     assert_valid(validator("dose_completion.schema.json"), payload)
+    assert_valid(validator("dose_detail.schema.json"), detail)
 
 
 # -- (e) the CLI check passes on the committed schemas ---------------------------

@@ -26,7 +26,8 @@ from tests.process_harness import (
 pytestmark = pytest.mark.e2e
 
 SCALE = 60.0
-EDC_TOPIC = "devicegw/v1/+/+/dose/+"
+EDC_TOPIC = "devicegw/v2/+/+/dose/+"
+DETAIL_TOPIC = "devicegw/v2/+/+/dose-detail/+"
 
 
 def identity(event: dict[str, Any]) -> dict[str, Any]:
@@ -36,6 +37,13 @@ def identity(event: dict[str, Any]) -> dict[str, Any]:
 
 def doses(col: Collector) -> list[dict[str, Any]]:
     return [m.json() for m in col.matching("/dose/")]
+
+
+def detail_of(col: Collector, event: dict[str, Any]) -> dict[str, Any]:
+    """The restricted dose detail of ``event`` (same event_id)."""
+    return next(
+        m.json() for m in col.matching("/dose-detail/") if m.json()["event_id"] == event["event_id"]
+    )
 
 
 def assert_one_record_per_event(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -60,7 +68,7 @@ async def test_gateway_sigkill_mid_session(mosquitto: MosquittoBroker, tmp_path:
         collecting(
             mosquitto.host,
             mosquitto.port,
-            [EDC_TOPIC, "devicegw/v1/+/+/telemetry/+"],
+            [EDC_TOPIC, DETAIL_TOPIC, "devicegw/v2/+/+/telemetry/+"],
             client_id="edc-kill",
             persistent=True,
         ) as col,
@@ -81,18 +89,19 @@ async def test_gateway_sigkill_mid_session(mosquitto: MosquittoBroker, tmp_path:
         await asyncio.sleep(1.0)  # a minute of device time with no gateway
         gw2 = await start_gateway(cfg, SCALE, tmp_path / "gw2.log")
         try:
-            await col.wait_for(lambda m: any("/dose/" in x.topic for x in m), 60)
+            await col.wait_for(lambda m: any("/dose-detail/" in x.topic for x in m), 60)
             await asyncio.sleep(1.0)
         finally:
             await stop(gw2)
         events = doses(col)
-    [event] = assert_one_record_per_event(events).values()
+        [event] = assert_one_record_per_event(events).values()
+        detail = detail_of(col, event)
     assert event["session_no"] == 21
     assert "gateway_restart" in event["reasons"]
-    assert "link_interrupted" in event["reasons"]
+    assert "link_interrupted" in detail["reasons"]
     assert event["verdict"] == "complete"  # still right: level drop from start fill + end
-    assert event["volume"]["fill_ml"] == pytest.approx(3.0, abs=0.1)
-    assert event["link"]["down_s"] > 30
+    assert detail["volume"]["fill_ml"] == pytest.approx(3.0, abs=0.1)
+    assert detail["link"]["down_s"] > 30
     # The audit trail survived the kill, verifies, and holds the session's record once.
     cfg = tmp_path / "gw.toml"
     verify = run_cli("audit", "verify", "--config", str(cfg))
@@ -112,24 +121,25 @@ async def test_link_down_across_a_whole_session_is_reconciled(
 ) -> None:
     async with (
         simulator("link_down_whole_session", tmp_path, SCALE) as port,
-        collecting(mosquitto.host, mosquitto.port, [EDC_TOPIC]) as col,
+        collecting(mosquitto.host, mosquitto.port, [EDC_TOPIC, DETAIL_TOPIC]) as col,
     ):
         cfg = write_config(
             tmp_path / "gw.toml", broker_port=mosquitto.port, port=port, data_dir=tmp_path / "data"
         )
         gw = await start_gateway(cfg, SCALE, tmp_path / "gw.log")
         try:
-            await col.wait_for(lambda m: len(m) >= 1, 60)
+            await col.wait_for(lambda m: len(m) >= 2, 60)
             await asyncio.sleep(1.0)
         finally:
             await stop(gw)
         events = doses(col)
-    [event] = assert_one_record_per_event(events).values()
+        [event] = assert_one_record_per_event(events).values()
+        detail = detail_of(col, event)
     assert event["session_no"] == 10
     assert event["data_source"] == "device_log"
     assert "reconciled_from_device_log" in event["reasons"]
     assert event["verdict"] == "complete"
-    assert event["volume"]["output_integral_ml"] is None
+    assert detail["volume"]["output_integral_ml"] is None
 
 
 async def test_broker_killed_repeatedly_while_sessions_finish(

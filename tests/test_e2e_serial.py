@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from devicegw.contract.payloads import DoseEvent, dose_event_id
+from devicegw.contract.payloads import DoseDetail, DoseEvent, dose_event_id
 from tests.e2e_harness import running
 from tests.mqtt_helpers import MosquittoBroker
 
@@ -24,43 +24,51 @@ pytestmark = pytest.mark.e2e
 ARM_WORDS = ("arm", "exosome", "saline", "placebo", "sham", "treatment", "active")
 
 
-async def one_event(mosquitto: MosquittoBroker, tmp_path: Path, scenario: str) -> dict[str, Any]:
+async def one_event(
+    mosquitto: MosquittoBroker, tmp_path: Path, scenario: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The blinded dose event and its restricted detail."""
     async with running(mosquitto, tmp_path, [scenario]) as e2e:
         [event] = await e2e.wait_dose_events(1)
+        detail = await e2e.detail_of(event)
         # Wait for the device to settle and make sure no second event follows.
         await asyncio.wait_for(e2e.sims[0].wait_until_idle(), 30)
         await asyncio.sleep(0.5)
         assert len(e2e.dose_events()) == 1
         DoseEvent.model_validate(event)  # the wire JSON is a valid payload
-        return event
+        DoseDetail.model_validate(detail)
+        return event, detail
 
 
 async def test_complete_session(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    event = await one_event(mosquitto, tmp_path, "complete")
+    event, detail = await one_event(mosquitto, tmp_path, "complete")
     assert event["verdict"] == "complete"
     assert event["reasons"] == []
-    assert event["end_reason"] == "COMPLETE"
     assert event["session_no"] == 42
     assert event["subject_id"] == "CVD-042-0001"
     assert event["kit_number"] == "K-10001"
     assert event["device"]["serial_no"] == "VM1-000123"
     assert event["device"]["firmware"] == "1.4.2"
     assert uuid.UUID(event["event_id"]) == dose_event_id("VM-1", "VM1-000123", 42)
-    vol = event["volume"]
+    assert event["volume"]["delivered_fraction"] >= 0.9
+    assert event["times"]["duration_s"] == pytest.approx(438, abs=5)
+    assert event["times"]["device_start_utc"] is not None  # the gateway set the device clock
+    assert detail["end_reason"] == "COMPLETE"
+    vol = detail["volume"]
     assert vol["fill_ml"] == pytest.approx(3.0, abs=0.1)
     assert vol["reservoir_drop_ml"] == pytest.approx(2.895, abs=0.15)
     assert vol["output_integral_ml"] == pytest.approx(2.98, abs=0.15)
     assert vol["estimates_agree"] is True
-    assert vol["delivered_fraction"] >= 0.9
-    assert event["times"]["duration_s"] == pytest.approx(438, abs=5)
-    assert event["times"]["device_start_utc"] is not None  # the gateway set the device clock
-    assert event["link"]["bad_frames"] == 0
-    assert event["link"]["frames_lost"] == 0
-    assert event["link"]["sample_count"] > 4000  # 10 Hz for ~7 minutes
+    assert vol["delivered_ml"] == event["volume"]["delivered_ml"]
+    assert detail["rate"]["samples"] > 4000
+    assert detail["rate"]["mean_ul_min"] == pytest.approx(400, rel=0.1)
+    assert detail["link"]["bad_frames"] == 0
+    assert detail["link"]["frames_lost"] == 0
+    assert detail["link"]["sample_count"] > 4000  # 10 Hz for ~7 minutes
 
 
 async def test_event_never_names_the_arm(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    event = await one_event(mosquitto, tmp_path, "complete")
+    event, detail = await one_event(mosquitto, tmp_path, "complete")
     keys: list[str] = []
 
     def walk(node: Any) -> None:
@@ -73,27 +81,29 @@ async def test_event_never_names_the_arm(mosquitto: MosquittoBroker, tmp_path: P
                 walk(v)
 
     walk(event)
-    text = json.dumps(event).lower()
+    walk(detail)
+    text = (json.dumps(event) + json.dumps(detail)).lower()
     for word in ARM_WORDS:
         assert not any(word == k or k.startswith(word + "_") for k in keys), word
         assert f'"{word}"' not in text, word
 
 
 async def test_user_stop_at_half_is_partial(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    event = await one_event(mosquitto, tmp_path, "user_stop_half")
+    event, detail = await one_event(mosquitto, tmp_path, "user_stop_half")
     assert event["verdict"] == "partial"
-    assert event["end_reason"] == "USER_STOP"
+    assert detail["end_reason"] == "USER_STOP"
     assert "ended_by_user" in event["reasons"]
     assert "delivered_below_minimum" in event["reasons"]
     assert event["volume"]["delivered_fraction"] == pytest.approx(0.5, abs=0.1)
 
 
 async def test_two_minute_pause_is_recorded(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    event = await one_event(mosquitto, tmp_path, "pause_2min")
+    event, detail = await one_event(mosquitto, tmp_path, "pause_2min")
     assert event["verdict"] == "complete"
-    assert event["pauses"]["count"] == 1
-    assert event["pauses"]["total_s"] == pytest.approx(120, abs=2)
-    assert event["times"]["duration_s"] - event["times"]["nebulizing_s"] == pytest.approx(
+    assert "pauses" not in event  # pause detail is restricted (docs/blinding.md)
+    assert detail["pauses"]["count"] == 1
+    assert detail["pauses"]["total_s"] == pytest.approx(120, abs=2)
+    assert detail["times"]["duration_s"] - detail["times"]["nebulizing_s"] == pytest.approx(
         120, abs=3
     )
 
@@ -103,19 +113,21 @@ async def test_corrupted_bytes_are_counted_and_verdict_holds(
 ) -> None:
     async with running(mosquitto, tmp_path, ["corrupt_bytes"]) as e2e:
         [event] = await e2e.wait_dose_events(1)
+        detail = await e2e.detail_of(event)
         sim = e2e.sims[0]
         runner = e2e.gateway.runners[0]
         assert sim.counters.garbage_bytes_injected + sim.counters.frames_corrupted > 0
     assert event["verdict"] == "complete"
-    assert event["link"]["bad_frames"] > 0
-    assert runner.health.frames_bad >= event["link"]["bad_frames"]
+    assert detail["link"]["bad_frames"] > 0
+    assert runner.health.frames_bad >= detail["link"]["bad_frames"]
     # Lost OUTPUT frames are bridged; the volume estimates still agree.
-    assert event["volume"]["estimates_agree"] is True
+    assert detail["volume"]["estimates_agree"] is True
 
 
 async def test_link_drop_mid_session_reconnects(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     async with running(mosquitto, tmp_path, ["link_drop"]) as e2e:
         [event] = await e2e.wait_dose_events(1)
+        detail = await e2e.detail_of(event)
         await asyncio.wait_for(e2e.sims[0].wait_until_idle(), 30)
         await asyncio.sleep(0.5)
         assert len(e2e.dose_events()) == 1
@@ -123,9 +135,10 @@ async def test_link_drop_mid_session_reconnects(mosquitto: MosquittoBroker, tmp_
         assert runner.health.connects >= 2
         statuses = [m.json() for m in e2e.collector.matching("/device/neb-bed01/status")]
     # The drop was seen and reported, never hidden; the dose is still right.
-    assert event["link"]["interruptions"] >= 1
-    assert event["link"]["down_s"] > 5
-    assert "link_interrupted" in event["reasons"]
+    assert detail["link"]["interruptions"] >= 1
+    assert detail["link"]["down_s"] > 5
+    assert "link_interrupted" in detail["reasons"]
+    assert "link_interrupted" not in event["reasons"]  # link detail is restricted
     assert event["verdict"] == "complete"
     assert event["volume"]["delivered_fraction"] >= 0.9
     assert any(s["connected"] is False for s in statuses)
@@ -189,7 +202,7 @@ async def test_broker_restart_mid_session(mosquitto: MosquittoBroker, tmp_path: 
     on a persistent session, still gets the session's event exactly once per event_id."""
     from tests.mqtt_helpers import collecting
 
-    edc_topic = "devicegw/v1/+/+/dose/+"
+    edc_topic = "devicegw/v2/+/+/dose/+"
     async with collecting(
         mosquitto.host, mosquitto.port, [edc_topic], client_id="edc-1", persistent=True
     ):

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from devicegw.contract.vocabulary import PAYLOAD_FEED, Feed, PayloadKind
 from devicegw.edc.tail import TailProcessor
 from tests.e2e_harness import running
 from tests.mqtt_helpers import Collector, MosquittoBroker, Received, collecting
@@ -27,8 +28,8 @@ from tests.process_harness import kill9, start_gateway, stop
 
 pytestmark = pytest.mark.e2e
 
-STATUS_TOPIC = "devicegw/v1/+/+/status"  # gateway statuses only (device statuses are deeper)
-GATEWAY_STATUS = "devicegw/v1/s1/gw-life/status"
+STATUS_TOPIC = "devicegw/v2/+/+/status"  # gateway statuses only (device statuses are deeper)
+GATEWAY_STATUS = "devicegw/v2/s1/gw-life/status"
 # The keepalive is 30 s: a will within this proves it came from the closed socket.
 PROMPT_S = 10.0
 
@@ -159,20 +160,25 @@ async def test_clean_stop_publishes_offline_itself(
     assert retained == goodbye
 
 
-def check_all(messages: list[Received]) -> tuple[list[str], list[str], dict[int, list[int]]]:
-    """Every message through the tail's contract checks: errors, seq notes, seqs per birth."""
+def check_all(
+    messages: list[Received],
+) -> tuple[list[str], list[str], dict[tuple[int, str], list[int]]]:
+    """Every message through the tail's contract checks: errors, seq notes, and the seqs
+    per (birth, feed): the blinded and the restricted feed are numbered apart."""
     processor = TailProcessor()
     errors: list[str] = []
     notes: list[str] = []
-    seqs: dict[int, list[int]] = {}
+    seqs: dict[tuple[int, str], list[int]] = {}
     for m in messages:
         result = processor.process(m.topic, m.payload, m.retain, m.qos)
         errors += [f"{m.topic}: {e}" for e in result.errors]
         notes += [f"{m.topic}: {w}" for w in result.warnings]
-        delivery = json.loads(m.payload).get("delivery")
+        payload = json.loads(m.payload)
+        delivery = payload.get("delivery")
         assert delivery is not None, f"{m.topic}: published without delivery metadata"
         if not m.retain:
-            seqs.setdefault(delivery["birth_seq"], []).append(delivery["seq"])
+            feed = PAYLOAD_FEED[PayloadKind(payload["event_type"])]
+            seqs.setdefault((delivery["birth_seq"], feed), []).append(delivery["seq"])
     return errors, notes, seqs
 
 
@@ -191,8 +197,12 @@ async def test_every_message_of_a_run_is_valid_and_gapless(
         stats = e2e.gateway.publisher.stats
 
         def published() -> int:  # the birth, the outbox rows acked, the telemetry sent
-            return 1 + stats.statuses_published + stats.dose_events_published + (
-                stats.telemetry_published
+            return (
+                1
+                + stats.statuses_published
+                + stats.dose_events_published
+                + stats.dose_details_published
+                + stats.telemetry_published
             )
 
         await asyncio.sleep(0.5)
@@ -202,15 +212,24 @@ async def test_every_message_of_a_run_is_valid_and_gapless(
         base = e2e.topics.base
     assert all(m.topic.startswith(f"{base}/") for m in messages)
     kinds = {json.loads(m.payload)["event_type"] for m in messages}
-    assert kinds == {"gateway_status", "device_status", "telemetry", "dose_completion"}
+    assert kinds == {
+        "gateway_status",
+        "device_status",
+        "telemetry",
+        "dose_completion",
+        # the restricted feed (docs/blinding.md)
+        "device_detail",
+        "telemetry_detail",
+        "dose_detail",
+    }
 
     errors, notes, seqs = check_all(messages)
     assert errors == []
     # Telemetry (QoS 0) may legitimately be dropped under pressure; not in this light run.
     assert stats.telemetry_dropped == 0
     assert notes == []
-    # One connection, and every seq of it from the birth's 0 up, each once, in order.
-    assert list(seqs) == [stats.birth_seq]
-    [received] = seqs.values()
-    assert received == list(range(len(received)))
-    assert len(received) == sent  # nothing lost at the end either
+    # One connection, and on each feed every seq from 0 up, each once, in order.
+    assert sorted(seqs) == [(stats.birth_seq, Feed.BLINDED), (stats.birth_seq, Feed.RESTRICTED)]
+    for received in seqs.values():
+        assert received == list(range(len(received)))
+    assert sum(map(len, seqs.values())) == sent  # nothing lost at the end either

@@ -15,7 +15,13 @@ import pytest
 
 from devicegw.cli.replay import Emitted, Player, simulate_record
 from devicegw.config import parse_config
-from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+)
 from devicegw.mqtt.publisher import encode
 from devicegw.recording.format import iter_records
 from devicegw.runtime.gateway import Gateway
@@ -31,9 +37,13 @@ DEVICEGW = [sys.executable, "-m", "devicegw.cli"]
 SCALE = 100.0
 
 
+#: What the golden files hold: each dose event followed by its restricted detail.
+RECORD_KINDS = ("dose", "dose-detail")
+
+
 def replay_lines(paths: list[Path]) -> list[bytes]:
     out: list[Emitted] = []
-    Player(paths, emit=out.append).run()
+    Player(paths, emit=out.append, kinds=RECORD_KINDS).run()
     return [e.encoded() for e in out]
 
 
@@ -72,8 +82,9 @@ def test_golden_verdicts_are_the_scenarios() -> None:
     verdicts = {}
     for path in golden_files():
         for line in path.with_name(path.stem + ".expected.jsonl").read_bytes().splitlines():
-            event = json.loads(line)
-            verdicts[event["device"]["serial_no"]] = (event["verdict"], event["end_reason"])
+            detail = json.loads(line)
+            if detail["event_type"] == "dose_detail":
+                verdicts[detail["device"]["serial_no"]] = (detail["verdict"], detail["end_reason"])
     assert verdicts["VM1-000123"] == ("complete", "COMPLETE")  # complete.toml
     assert verdicts["VM1-000187"] == ("partial", "USER_STOP")  # user_stop_half.toml
     assert verdicts["VM1-000201"] == ("complete", "COMPLETE")  # pause_2min.toml
@@ -105,8 +116,9 @@ def test_scenario_runner_is_deterministic(tmp_path: Path) -> None:
     [fb] = sorted((tmp_path / "b").iterdir())
     assert fa.read_bytes() == fb.read_bytes()
     # The device clock was set by the simulated handshake, as live.
-    [event] = [json.loads(line) for line in replay_lines([fa])]
+    [event, detail] = [json.loads(line) for line in replay_lines([fa])]
     assert event["times"]["device_start_utc"] is not None
+    assert detail["event_id"] == event["event_id"]
 
 
 # ----------------------------------------------------------------------------- live
@@ -116,13 +128,17 @@ class ListSink:
     def __init__(self) -> None:
         self.doses: list[bytes] = []
 
-    def dose_event(self, device_id: str, event: DoseEvent) -> None:
-        self.doses.append(encode(event))
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
+        self.doses.append(encode(record.event))
+        self.doses.append(encode(record.detail))
 
     def device_status(self, device_id: str, status: DeviceStatus) -> None:
         pass
 
-    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        pass
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
         pass
 
 
@@ -166,33 +182,37 @@ async def test_live_recording_replays_to_byte_identical_events(
         live = ListSink()
         gateway.sink.listeners.append(live)
         async with collecting(
-            mosquitto.host, mosquitto.port, [f"{gateway.topics.base}/dose/#"]
+            mosquitto.host,
+            mosquitto.port,
+            [f"{gateway.topics.base}/dose/#", f"{gateway.topics.base}/dose-detail/#"],
         ) as collector:
             task = asyncio.create_task(gateway.run(), name="gateway-under-test")
             try:
-                await collector.wait_for(lambda msgs: len(msgs) >= 1, 60)
+                await collector.wait_for(lambda msgs: len(msgs) >= 2, 60)
                 await asyncio.wait_for(sim.wait_until_idle(), 30)
                 await asyncio.sleep(0.3)
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            broker_copies = [m.payload for m in collector.matching("/dose/")]
+            broker_copies = [
+                m.payload for m in collector.messages if "/dose" in m.topic
+            ]  # the event, then its detail (committed together, published in order)
 
     files = sorted(rec_dir.glob("*.dgwrec"))
     assert [f.name.split("-2")[0] for f in files] == ["neb-bed01"]
     kinds = {r.kind for r in iter_records(files[0])}
     assert kinds == {"H", "O", "R", "T", "C"}  # the daemon's close on shutdown is recorded too
 
-    assert len(live.doses) == 1
-    assert [without_delivery(b) for b in broker_copies] == [without_delivery(live.doses[0])]
+    assert len(live.doses) == 2
+    assert [without_delivery(b) for b in broker_copies] == [without_delivery(d) for d in live.doses]
 
     # As fast as possible: byte for byte.
     assert replay_lines(files) == live.doses
 
     # At 100x the recorded pace: the same bytes, in about span/100 of real time.
     paced: list[Emitted] = []
-    player = Player(files, emit=paced.append)
+    player = Player(files, emit=paced.append, kinds=RECORD_KINDS)
     t0 = time.perf_counter()
     summary = await player.run_async(speed=SCALE)
     elapsed = time.perf_counter() - t0
@@ -226,8 +246,10 @@ def test_cli_simulate_record_then_replay(tmp_path: Path) -> None:
     ]
     res = run_cli("replay", "--as-fast-as-possible", "--progress", "off", *map(str, files))
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert sorted(lines) == sorted(replay_lines(files))
+    lines = res.stdout.splitlines()  # the default: dose events only (the blinded feed)
+    assert sorted(lines) == sorted(
+        line for line in replay_lines(files) if b'"event_type":"dose_completion"' in line
+    )
     verdicts = sorted(json.loads(line)["verdict"] for line in lines)
     assert verdicts == ["complete", "partial"]
     summary = res.stderr.decode()
@@ -238,7 +260,9 @@ def test_cli_simulate_record_then_replay(tmp_path: Path) -> None:
 def test_cli_replay_at_a_speed_takes_about_the_paced_time(tmp_path: Path) -> None:
     src = GOLDEN / "neb-VM1-000187-20260105.dgwrec"  # ~257 s recorded
     t0 = time.perf_counter()
-    res = run_cli("replay", "--speed", "200", "--progress", "off", str(src))
+    res = run_cli(
+        "replay", "--speed", "200", "--kinds", "dose,dose-detail", "--progress", "off", str(src)
+    )
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr
     assert (
@@ -259,7 +283,7 @@ def test_cli_replay_rejects_a_non_recording(tmp_path: Path) -> None:
 @pytest.mark.e2e
 async def test_cli_replay_publishes_dose_events(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
     files = golden_files()
-    async with collecting(mosquitto.host, mosquitto.port, ["devicegw/v1/#"]) as collector:
+    async with collecting(mosquitto.host, mosquitto.port, ["devicegw/v2/#"]) as collector:
         proc = await asyncio.create_subprocess_exec(
             *DEVICEGW,
             "replay",
@@ -276,14 +300,14 @@ async def test_cli_replay_publishes_dose_events(mosquitto: MosquittoBroker, tmp_
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err
         assert f"published {len(files)} dose event(s)".encode() in err
-        await collector.wait_for(lambda msgs: len(msgs) >= len(files), 10)
-    got = {m.topic: m.payload for m in collector.matching("/dose/")}
+        await collector.wait_for(lambda msgs: len(msgs) >= 2 * len(files), 10)
+    got = {m.topic: m.payload for m in collector.messages if "/dose" in m.topic}
     want = {}
     for f in files:
-        [line] = f.with_name(f.stem + ".expected.jsonl").read_bytes().splitlines()
-        event = json.loads(line)
-        device_id = event["device"]["device_id"]
-        want[f"devicegw/v1/site-sim/gw-sim/dose/{device_id}"] = line
+        [line, detail] = f.with_name(f.stem + ".expected.jsonl").read_bytes().splitlines()
+        device_id = json.loads(line)["device"]["device_id"]
+        want[f"devicegw/v2/site-sim/gw-sim/dose/{device_id}"] = line
+        want[f"devicegw/v2/site-sim/gw-sim/dose-detail/{device_id}"] = detail
     assert got == want
 
 

@@ -537,7 +537,7 @@ def test_payloads_round_trip_and_name_no_arm() -> None:
     for p in payloads:
         wire = p.model_dump_json()
         assert type(p).model_validate_json(wire) == p
-        assert json.loads(wire)["schema_version"] == "1.0"
+        assert json.loads(wire)["schema_version"] == "2.0"
     for model in (Spo2Summary, SafetyAlert, PostDoseSafetySummary):
         text = json.dumps(model.model_json_schema())
         for key in re.findall(r'"([a-z_0-9]+)":', text):

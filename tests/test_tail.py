@@ -14,8 +14,15 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from devicegw.contract.payloads import DeviceIdentity, DeviceStatus, GatewayStatus, Telemetry
-from devicegw.contract.schemas import MODELS, schemas
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceIdentity,
+    DeviceStatus,
+    GatewayStatus,
+    Telemetry,
+    TelemetryDetail,
+)
+from devicegw.contract.schemas import MODELS, schemas, strict_schemas
 from devicegw.edc import tail
 from devicegw.edc.tail import (
     AckStore,
@@ -33,7 +40,7 @@ from tests.mqtt_helpers import MosquittoBroker
 from tests.test_contract import real_dose_event_json
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "devicegw/v1/site-042/gw1"
+BASE = "devicegw/v2/site-042/gw1"
 DOSE_TOPIC = f"{BASE}/dose/neb-bed01"
 NOW = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 
@@ -70,10 +77,6 @@ def device_status(**changes: Any) -> dict[str, Any]:
         identity=DeviceIdentity(
             device_id="neb-bed01", model="VM-1", serial_no="VM1-00381", firmware="2.4.1"
         ),
-        battery_pct=80,
-        on_mains=False,
-        reservoir_ml=3.0,
-        active_alarms=[],
         last_seen_utc=NOW,
     )
     out: dict[str, Any] = json.loads(status.model_dump_json())
@@ -89,12 +92,45 @@ def telemetry() -> dict[str, Any]:
         state="NEBULIZING",
         session_no=42,
         elapsed_s=12.5,
+    )
+    out: dict[str, Any] = json.loads(t.model_dump_json())
+    return out
+
+
+def telemetry_detail() -> dict[str, Any]:
+    t = TelemetryDetail(
+        gateway_id="gw1",
+        device_id="neb-bed01",
+        utc=NOW,
+        session_no=42,
         rate_ul_min=400,
         delivered_ml=0.08,
         reservoir_ml=2.9,
         battery_pct=80,
     )
     out: dict[str, Any] = json.loads(t.model_dump_json())
+    return out
+
+
+def device_detail() -> dict[str, Any]:
+    d = DeviceDetail(
+        gateway_id="gw1",
+        device_id="neb-bed01",
+        connected=True,
+        battery_pct=80,
+        on_mains=False,
+        reservoir_ml=3.0,
+        fault_code=0,
+        active_alarms=["MESH_BLOCKED"],
+    )
+    out: dict[str, Any] = json.loads(d.model_dump_json())
+    return out
+
+
+def dose_detail() -> dict[str, Any]:
+    from tests.test_contract import real_dose_record
+
+    out: dict[str, Any] = json.loads(real_dose_record().detail.model_dump_json())
     return out
 
 
@@ -109,14 +145,18 @@ def wire(
 # -- schemas ------------------------------------------------------------------------
 
 
-def test_tail_validates_with_exactly_the_committed_schemas() -> None:
+def test_tail_validates_with_the_strict_form_of_the_committed_schemas() -> None:
     validators = contract_validators()
     assert len(validators) == len(MODELS)
+    strict = strict_schemas()
     for name, generated in schemas().items():
         committed = json.loads((ROOT / "docs" / "schemas" / name).read_text(encoding="utf-8"))
         assert committed == generated, f"docs/schemas/{name}: run `devicegw schema export`"
         event_type = committed["properties"]["event_type"]["const"]
-        assert validators[event_type].schema == committed
+        assert validators[event_type].schema == strict[name]
+        # The strict one is the published one with every object closed, nothing else.
+        assert '"additionalProperties": false' not in json.dumps(committed)
+        assert strict[name]["additionalProperties"] is False
 
 
 # -- TailProcessor ------------------------------------------------------------------
@@ -143,6 +183,9 @@ def test_every_payload_type_is_valid_on_its_topic() -> None:
         (f"{BASE}/status", gateway_status()),
         (f"{BASE}/device/neb-bed01/status", device_status()),
         (f"{BASE}/telemetry/neb-bed01", telemetry()),
+        (f"{BASE}/dose-detail/neb-bed01", dose_detail()),
+        (f"{BASE}/device-detail/neb-bed01/status", device_detail()),
+        (f"{BASE}/telemetry-detail/neb-bed01", telemetry_detail()),
     ):
         result = p.process(topic, wire(payload), retain=False)
         assert result.valid, (topic, result.errors)
@@ -184,6 +227,22 @@ def _without(key: str) -> dict[str, Any]:
             json.dumps(dose()),
             "topic carries telemetry payloads, got dose_completion",
         ),
+        (
+            DOSE_TOPIC,
+            json.dumps(dose_detail()),
+            "topic carries dose_completion payloads, got dose_",
+        ),
+        (
+            f"{BASE}/device/neb-bed01/status",
+            json.dumps(device_detail()),
+            "topic carries device_status payloads, got device_detail",
+        ),
+        (
+            f"{BASE}/telemetry/neb-bed01",
+            json.dumps(telemetry_detail()),
+            "topic carries telemetry payloads, got telemetry_detail",
+        ),
+        (DOSE_TOPIC, json.dumps(dose(fill_ml=3.0)), "Additional properties are not allowed"),
     ],
     ids=[
         "missing",
@@ -197,6 +256,10 @@ def _without(key: str) -> dict[str, Any]:
         "no-type",
         "unknown-type",
         "wrong-topic",
+        "detail-on-the-blinded-dose-topic",
+        "device-detail-on-the-blinded-status-topic",
+        "telemetry-detail-on-the-blinded-topic",
+        "a-physical-field-in-the-blinded-event",
     ],
 )
 def test_invalid_payloads_are_flagged(topic: str, payload: str, error: str) -> None:
@@ -207,12 +270,26 @@ def test_invalid_payloads_are_flagged(topic: str, payload: str, error: str) -> N
 
 
 def test_a_consumer_may_ignore_unknown_fields() -> None:
-    payload = wire(dose(field_from_v1_9={"x": 1}))
+    payload = wire(dose(field_from_v2_9={"x": 1}))
     strict = TailProcessor().process(DOSE_TOPIC, payload, retain=False)
     lenient = TailProcessor(unknown_fields="warn").process(DOSE_TOPIC, payload, retain=False)
     assert not strict.valid
     assert lenient.valid
-    assert "field_from_v1_9" in lenient.warnings[0]
+    assert "field_from_v2_9" in lenient.warnings[0]
+
+
+def test_the_published_schema_accepts_unknown_fields_the_strict_one_does_not() -> None:
+    """The settled question: published schemas are forward compatible; our checks strict."""
+    from jsonschema import Draft202012Validator
+
+    name = "dose_completion.schema.json"
+    newer = {**dose(field_from_v2_9={"x": 1})}
+    newer["times"] = {**newer["times"], "nested_from_v2_9": 1}
+    published = Draft202012Validator(schemas()[name])
+    strict = Draft202012Validator(strict_schemas()[name])
+    assert list(published.iter_errors(newer)) == []
+    assert {e.validator for e in strict.iter_errors(newer)} == {"additionalProperties"}
+    assert len(list(strict.iter_errors(newer))) == 2  # root and times
 
 
 # -- sequence gaps ------------------------------------------------------------------
@@ -303,6 +380,17 @@ def test_top_level_seq_with_birth_on_the_gateway_status() -> None:
         ]
     )
     assert notes == [None, "sequence gap: expected 2, got 3", None, None]
+
+
+def test_the_restricted_feed_is_numbered_apart() -> None:
+    """A restricted message (here a device alarm's detail) is no gap to a blinded reader."""
+    blinded = [stamped(telemetry(), 0), stamped(device_status(), 1), stamped(dose(), 2)]
+    restricted = [stamped(device_detail(), 0), stamped(dose_detail(), 1)]
+    everything = [blinded[0], restricted[0], blinded[1], restricted[1], blinded[2]]
+    assert run_seq([(p, False) for p in everything]) == [None] * 5
+    assert run_seq([(p, False) for p in blinded]) == [None] * 3
+    gap = run_seq([(blinded[0], False), (blinded[2], False)])
+    assert gap == [None, "sequence gap: expected 1, got 2"]
 
 
 def test_payloads_without_seq_are_ignored() -> None:

@@ -198,11 +198,14 @@ async def _watch(
                     async for msg in client.messages:
                         body = json.loads(bytes(msg.payload))  # type: ignore[arg-type,unused-ignore]
                         kind = body.get("event_type")
-                        if kind == PayloadKind.TELEMETRY:
+                        # The demo is an engineering view: it reads the restricted
+                        # feed too (rate, reservoir; docs/blinding.md).
+                        if kind in (PayloadKind.TELEMETRY, PayloadKind.TELEMETRY_DETAIL):
                             state.update(body)
                         elif kind == PayloadKind.DEVICE_STATUS:
                             state["connected"] = body["connected"]
                             state["state"] = body["state"]
+                        elif kind == PayloadKind.DEVICE_DETAIL:
                             if body.get("reservoir_ml") is not None:
                                 state["reservoir_ml"] = body["reservoir_ml"]
                         elif kind == PayloadKind.SAFETY_ALERT:

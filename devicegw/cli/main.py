@@ -188,7 +188,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     import os
 
-    from devicegw.edc.tail import AckStore, Printer, TailOptions, run_edc_client, run_tail
+    from devicegw.edc.tail import (
+        ALL_TOPICS,
+        AckStore,
+        Printer,
+        TailOptions,
+        run_edc_client,
+        run_tail,
+    )
 
     password = None
     if args.password_env:
@@ -202,7 +209,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     options = TailOptions(
         host=args.host,
         port=args.port,
-        topics=tuple(args.topic or ["devicegw/v1/#"]),
+        topics=tuple(args.topic or [ALL_TOPICS]),
         username=args.username,
         password=password,
         tls=args.tls,
@@ -220,11 +227,31 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from devicegw.edc.export import load_events, render
+    from devicegw.edc.export import ExportError, load_events, render
 
-    text = render(
-        load_events(Path(args.input)), args.format, study=args.study, dose_form=args.dose_form
+    config = load_config(args.config)
+    if config.trial is None:
+        raise ConfigError(
+            f"{args.config}: devicegw export needs a [trial] section with study_id and "
+            "time_zone (docs/contract.md, 'Exports')",
+            path=args.config,
+            field="trial",
+        )
+    files = render(
+        load_events(Path(args.input)), args.format, trial=config.trial, dose_form=args.dose_form
     )
+    if args.format == "sdtm-ec":
+        if not args.output:
+            raise ExportError("--format sdtm-ec writes two files: give --output DIR")
+        directory = Path(args.output)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for name, text in files.items():
+                (directory / name).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ExportError(f"{directory}: {exc.strerror}") from exc
+        return 0
+    [text] = files.values()
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
@@ -469,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--host", required=True)
     tail.add_argument("--port", type=int, default=1883)
     tail.add_argument(
-        "--topic", action="append", help="subscription (repeatable; default devicegw/v1/#)"
+        "--topic", action="append", help="subscription (repeatable; default devicegw/v2/#)"
     )
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
     tail.add_argument("--username", default=None)
@@ -495,13 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(func=cmd_tail)
 
     export = sub.add_parser(
-        "export", help="stored dose events (JSON lines) as SDTM EX-style CSV or FHIR R4"
+        "export",
+        help="stored dose events (JSON lines) as SDTM EC + SUPPEC (CSV) or FHIR R4",
+    )
+    export.add_argument(
+        "--config", required=True, help="gateway config with [trial] study_id and time_zone"
     )
     export.add_argument("--input", required=True, metavar="FILE.jsonl")
-    export.add_argument("--format", choices=["sdtm-ex", "fhir"], default="sdtm-ex")
-    export.add_argument("--output", default=None, metavar="FILE", help="default: stdout")
-    export.add_argument("--study", default="UNSPECIFIED", help="STUDYID (sdtm-ex)")
-    export.add_argument("--dose-form", default="SOLUTION", help="EXDOSFRM (sdtm-ex)")
+    export.add_argument("--format", choices=["sdtm-ec", "fhir"], default="sdtm-ec")
+    export.add_argument(
+        "--output",
+        default=None,
+        metavar="PATH",
+        help="sdtm-ec: a directory for ec.csv and suppec.csv (required); fhir: a file "
+        "(default: stdout)",
+    )
+    export.add_argument("--dose-form", default="SOLUTION", help="ECDOSFRM (sdtm-ec)")
     export.set_defaults(func=cmd_export)
 
     schema = sub.add_parser("schema", help="JSON Schemas of the MQTT payloads")

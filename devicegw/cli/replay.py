@@ -41,7 +41,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from devicegw.config import Config, DeviceSettings, GatewaySettings, load_config
-from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseDetail,
+    DoseEvent,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+)
 from devicegw.contract.topics import Topics
 from devicegw.contract.vocabulary import Verdict
 from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
@@ -85,7 +93,17 @@ __all__ = [
     "synthesized_device",
 ]
 
-OutputKind = Literal["dose", "status", "telemetry"]
+OutputKind = Literal[
+    "dose", "dose-detail", "status", "device-detail", "telemetry", "telemetry-detail"
+]
+OUTPUT_KINDS: tuple[OutputKind, ...] = (
+    "dose",
+    "dose-detail",
+    "status",
+    "device-detail",
+    "telemetry",
+    "telemetry-detail",
+)
 
 #: Virtual UTC at which ``simulate --record`` powers the devices on, unless told otherwise.
 DEFAULT_SIM_START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
@@ -103,7 +121,7 @@ class Emitted:
 
     device_id: str
     kind: OutputKind
-    payload: DoseEvent | DeviceStatus | Telemetry
+    payload: DoseEvent | DoseDetail | DeviceStatus | DeviceDetail | Telemetry | TelemetryDetail
 
     def encoded(self) -> bytes:
         return encode(self.payload)
@@ -162,19 +180,25 @@ class _Sink:
         self._kinds = kinds
         self._emit = emit
 
-    def dose_event(self, device_id: str, event: DoseEvent) -> None:
+    def _out(self, item: Emitted) -> None:
+        if self._emit is not None and item.kind in self._kinds:
+            self._emit(item)
+
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
         self._summary.sessions += 1
-        self._summary.verdicts[event.verdict] += 1
-        if self._emit is not None and "dose" in self._kinds:
-            self._emit(Emitted(device_id, "dose", event))
+        self._summary.verdicts[record.event.verdict] += 1
+        self._out(Emitted(device_id, "dose", record.event))
+        self._out(Emitted(device_id, "dose-detail", record.detail))
 
     def device_status(self, device_id: str, status: DeviceStatus) -> None:
-        if self._emit is not None and "status" in self._kinds:
-            self._emit(Emitted(device_id, "status", status))
+        self._out(Emitted(device_id, "status", status))
 
-    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
-        if self._emit is not None and "telemetry" in self._kinds:
-            self._emit(Emitted(device_id, "telemetry", telemetry))
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        self._out(Emitted(device_id, "device-detail", detail))
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
+        self._out(Emitted(device_id, "telemetry", telemetry))
+        self._out(Emitted(device_id, "telemetry-detail", detail))
 
 
 @dataclass(slots=True)
@@ -678,9 +702,15 @@ def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     rp.add_argument(
         "--kinds",
         default="dose",
-        help="comma-separated outputs to print: dose,status,telemetry (default dose)",
+        help=f"comma-separated outputs to print: {','.join(OUTPUT_KINDS)} (default dose; "
+        "the -detail kinds are the restricted feed, docs/blinding.md)",
     )
-    rp.add_argument("--publish", metavar="HOST:PORT", default=None, help="also publish dose events")
+    rp.add_argument(
+        "--publish",
+        metavar="HOST:PORT",
+        default=None,
+        help="also publish the dose events and their restricted details",
+    )
     rp.add_argument("--quiet", action="store_true", help="print no events (summary only)")
     rp.add_argument(
         "--progress",
@@ -720,7 +750,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def replay_cli(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in ("dose", "status", "telemetry")]
+    bad = [k for k in kinds if k not in OUTPUT_KINDS]
     if bad:
         raise ConfigError(f"--kinds: unknown output kind(s) {', '.join(bad)}")
     if args.speed is not None and args.speed <= 0:
@@ -763,12 +793,15 @@ async def _replay_main(
     queue: asyncio.Queue[Emitted | None] = asyncio.Queue()
 
     def emit(item: Emitted) -> None:
-        if not quiet:
+        if not quiet and item.kind in kinds:
             out.write(item.encoded() + b"\n")
-        if publish is not None and item.kind == "dose":
+        if publish is not None and item.kind in ("dose", "dose-detail"):
             queue.put_nowait(item)
 
-    player = Player(files, config=config, emit=emit, kinds=kinds)
+    played: list[OutputKind] = list(kinds)
+    if publish is not None:
+        played += [k for k in ("dose", "dose-detail") if k not in played]
+    player = Player(files, config=config, emit=emit, kinds=played)
     console = Console(stderr=True)
     bar = Progress(
         TextColumn("replay"),
@@ -813,8 +846,11 @@ async def _publish(
     ) as c:
         while (item := await queue.get()) is not None:
             topics = _topics_for(player, item.device_id)
-            await c.publish(topics.dose(item.device_id), item.encoded(), qos=1)
-            count += 1
+            if item.kind == "dose":
+                await c.publish(topics.dose(item.device_id), item.encoded(), qos=1)
+                count += 1
+            else:
+                await c.publish(topics.dose_detail(item.device_id), item.encoded(), qos=1)
     return count
 
 

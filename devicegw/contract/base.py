@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION: Literal["1.0"] = "1.0"
+#: The contract's version (docs/contract.md); its major part is the topics' ``v2``.
+SCHEMA_VERSION: Literal["2.0"] = "2.0"
+#: The topic version segment that goes with it (the default prefix ends in it).
+TOPIC_VERSION = "v2"
 
 
 class Payload(BaseModel):

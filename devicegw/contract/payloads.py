@@ -4,11 +4,20 @@ JSON on the wire. Each payload has a ``schema_version``; fields are added
 within a major version, never renamed or repurposed. Nothing here names or
 hints at the treatment arm: a dose is identified by kit number and
 pseudonymous subject ID only.
+
+Two feeds (docs/blinding.md). The blinded feed (:class:`DoseEvent`,
+:class:`DeviceStatus`, :class:`Telemetry`, gateway status, SpO2 safety) is what
+the EDC and blinded staff see: no rate, fill, residual, rate integral, device
+total, nebulizing time, pause detail or alarm code, since the two products
+may nebulize differently. The restricted feed (:class:`DoseDetail`,
+:class:`DeviceDetail`, :class:`TelemetryDetail`) carries that physical record
+for engineering roles, joined to the dose by the same ``event_id``.
 """
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
@@ -47,6 +56,69 @@ class DeviceIdentity(_Payload):
     firmware: str | None
 
 
+class DoseTimes(_Payload):
+    """When the dose was given: what the protocol needs, on the blinded feed."""
+
+    gateway_start_utc: datetime | None = Field(
+        description="gateway clock when it received SESSION_START; null if it never saw it"
+    )
+    gateway_end_utc: datetime = Field(description="gateway clock when it learned of the end")
+    device_start_utc: datetime | None = Field(
+        description="device clock at start; null if never set"
+    )
+    device_end_utc: datetime | None
+    duration_s: float | None = Field(description="SESSION_START to SESSION_END in device time")
+
+
+class DoseVolume(_Payload):
+    """How much was given: prescribed, delivered and their ratio; nothing physical."""
+
+    prescribed_ml: float
+    delivered_ml: float | None = Field(description="null when no estimate can be trusted")
+    delivered_fraction: float | None = Field(description="delivered_ml / prescribed_ml")
+
+
+class DoseRulesOut(_Payload):
+    prescribed_volume_ml: float
+    min_delivered_fraction: float
+    abort_below_fraction: float
+    min_duration_s: float
+    max_duration_s: float
+    max_total_pause_s: float
+    volume_tolerance_ml: float
+
+
+class DoseEvent(_Payload):
+    """One per nebulization session on the blinded ``dose`` topic: the record the EDC keeps."""
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.DOSE_COMPLETION] = PayloadKind.DOSE_COMPLETION
+    delivery: Delivery | None = None
+    event_id: uuid.UUID
+    gateway: GatewayRef
+    subject_id: str
+    kit_number: str
+    bed: str
+    device: DeviceIdentity
+    session_no: int
+    data_source: DataSource
+    verdict: Verdict
+    reasons: list[str] = Field(
+        description="blinded reason codes (docs/mqtt.md); consumers ignore codes they do not know"
+    )
+    times: DoseTimes
+    volume: DoseVolume
+    rules: DoseRulesOut
+    config_sha256: str
+    spo2: Spo2Summary | None = Field(
+        default=None,
+        description="SpO2 during the session from the bed's oximeter, or why it is unavailable",
+    )
+
+
+# -- the restricted feed: the physical record ------------------------------------------
+
+
 class PauseOut(_Payload):
     start_offset_s: float
     duration_s: float
@@ -65,7 +137,7 @@ class AlarmOut(_Payload):
     cleared_offset_s: float | None
 
 
-class VolumeOut(_Payload):
+class VolumeDetail(_Payload):
     prescribed_ml: float
     fill_ml: float | None
     residual_ml: float | None
@@ -84,6 +156,18 @@ class VolumeOut(_Payload):
     estimates_agree: bool | None
 
 
+class RateStats(_Payload):
+    """The OUTPUT rate samples of the session (device's instantaneous estimates)."""
+
+    samples: int
+    mean_ul_min: float | None = Field(
+        description="output integral / nebulizing time: the rate while the mesh was driven"
+    )
+    min_ul_min: int | None = Field(description="lowest sample, pauses included")
+    max_ul_min: int | None
+    nominal_ul_min: int | None = Field(description="the device's nominal rate (IDENT)")
+
+
 class LinkQuality(_Payload):
     interruptions: int
     down_s: float
@@ -94,65 +178,53 @@ class LinkQuality(_Payload):
     sample_gaps: int
 
 
-class DoseTimes(_Payload):
+class TimesDetail(_Payload):
     gateway_start_utc: datetime | None
     gateway_end_utc: datetime
-    device_start_utc: datetime | None = Field(
-        description="device clock at start; null if never set"
-    )
+    device_start_utc: datetime | None
     device_end_utc: datetime | None
     device_start_uptime_ms: int | None
     device_end_uptime_ms: int | None
-    duration_s: float | None = Field(description="SESSION_START to SESSION_END in device time")
-    nebulizing_s: float
+    duration_s: float | None
+    nebulizing_s: float = Field(description="time the mesh was driven (device's neb_ms)")
 
 
-class DoseRulesOut(_Payload):
-    prescribed_volume_ml: float
-    min_delivered_fraction: float
-    abort_below_fraction: float
-    min_duration_s: float
-    max_duration_s: float
-    max_total_pause_s: float
-    volume_tolerance_ml: float
+class DoseDetail(_Payload):
+    """The physical record of one session, restricted (``dose-detail`` topic).
 
+    Same ``event_id`` as the blinded :class:`DoseEvent`, committed in the same
+    transaction; no subject or kit: whoever may join the two does so by id.
+    """
 
-class DoseEvent(_Payload):
-    """One per nebulization session: the record the EDC keeps."""
-
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
-    event_type: Literal[PayloadKind.DOSE_COMPLETION] = PayloadKind.DOSE_COMPLETION
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.DOSE_DETAIL] = PayloadKind.DOSE_DETAIL
     delivery: Delivery | None = None
     event_id: uuid.UUID
     gateway: GatewayRef
-    subject_id: str
-    kit_number: str
-    bed: str
     device: DeviceIdentity
     session_no: int
     data_source: DataSource
-    end_reason: str
+    end_reason: str = Field(description="the device's SESSION_END reason")
     verdict: Verdict
-    reasons: list[str] = Field(
-        description="reason codes (docs/mqtt.md); consumers ignore codes they do not know"
-    )
-    times: DoseTimes
+    reasons: list[str] = Field(description="every reason code, restricted ones included")
+    times: TimesDetail
     pauses: PauseSummary
-    volume: VolumeOut
+    volume: VolumeDetail
+    rate: RateStats
     alarms: list[AlarmOut]
     link: LinkQuality
     rules: DoseRulesOut
     config_sha256: str
-    spo2: Spo2Summary | None = Field(
-        default=None,
-        description="SpO2 during the session from the bed's oximeter, or why it is unavailable",
-    )
 
 
 class DeviceStatus(_Payload):
-    """Retained per device; stale when the gateway's status says offline."""
+    """Retained per device (blinded); stale when the gateway's status says offline.
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    Whether a device is there and what it is doing; nothing that follows from
+    how the product nebulizes (battery drains with nebulizing time: restricted).
+    """
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
     event_type: Literal[PayloadKind.DEVICE_STATUS] = PayloadKind.DEVICE_STATUS
     delivery: Delivery | None = None
     gateway_id: str
@@ -160,18 +232,30 @@ class DeviceStatus(_Payload):
     connected: bool
     state: str | None
     identity: DeviceIdentity
-    battery_pct: int | None
-    on_mains: bool | None
-    reservoir_ml: float | None
-    active_alarms: list[str]
     last_seen_utc: datetime | None
     error: str | None = None
+
+
+class DeviceDetail(_Payload):
+    """Retained per device (restricted): battery, reservoir level, fault and active alarms."""
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.DEVICE_DETAIL] = PayloadKind.DEVICE_DETAIL
+    delivery: Delivery | None = None
+    gateway_id: str
+    device_id: str
+    connected: bool
+    battery_pct: int | None = Field(description="null on mains (0xFF) or not reported")
+    on_mains: bool | None
+    reservoir_ml: float | None = Field(description="null when unknown (0xFFFF) or not reported")
+    fault_code: int | None
+    active_alarms: list[str]
 
 
 class GatewayStatus(_Payload):
     """Retained; the broker publishes the offline form as the gateway's last will."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
     event_type: Literal[PayloadKind.GATEWAY_STATUS] = PayloadKind.GATEWAY_STATUS
     delivery: Delivery | None = None
     gateway_id: str
@@ -184,9 +268,9 @@ class GatewayStatus(_Payload):
 
 
 class Telemetry(_Payload):
-    """Live view of a device, at most once per telemetry interval (QoS 0, may be dropped)."""
+    """Live progress of a device (blinded), at most once per telemetry interval (QoS 0)."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
     event_type: Literal[PayloadKind.TELEMETRY] = PayloadKind.TELEMETRY
     delivery: Delivery | None = None
     gateway_id: str
@@ -195,7 +279,27 @@ class Telemetry(_Payload):
     state: str | None
     session_no: int | None
     elapsed_s: float | None
+
+
+class TelemetryDetail(_Payload):
+    """Live output of a device (restricted), sent with each :class:`Telemetry` (QoS 0)."""
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.TELEMETRY_DETAIL] = PayloadKind.TELEMETRY_DETAIL
+    delivery: Delivery | None = None
+    gateway_id: str
+    device_id: str
+    utc: datetime
+    session_no: int | None
     rate_ul_min: int | None
     delivered_ml: float | None = Field(description="device's cum_ul so far this session")
     reservoir_ml: float | None
     battery_pct: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DoseRecord:
+    """One session's two messages: the blinded event and its restricted detail (same id)."""
+
+    event: DoseEvent
+    detail: DoseDetail

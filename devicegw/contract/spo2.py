@@ -9,7 +9,8 @@
   is published once the post-dose observation window closes, for the same
   dose (same ``correlation_id``), covering session + observation window.
 
-JSON on the wire, ``schema_version`` "1.0": fields are added within a major
+JSON on the wire, ``schema_version`` "2.0" (the contract's, see
+:mod:`devicegw.contract.base`): fields are added within a major
 version, never renamed or repurposed. Offsets (``*_offset_s``) are seconds
 from the nebulization session's start on the gateway's monotonic clock. As in
 :mod:`devicegw.contract.payloads`, nothing here names or hints at the allocation: a dose
@@ -28,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from devicegw.contract.base import Delivery
+from devicegw.contract.base import SCHEMA_VERSION, Delivery
 from devicegw.contract.vocabulary import PayloadKind
 
 __all__ = [
@@ -44,8 +45,6 @@ __all__ = [
     "Spo2WindowStats",
     "UnavailableReason",
 ]
-
-SCHEMA_VERSION: Literal["1.0"] = "1.0"
 
 DesaturationKind = Literal["relative_drop", "absolute_below_90", "both"]
 BaselineSource = Literal["pre_session", "first_minute", "unavailable"]
@@ -147,7 +146,7 @@ class Spo2WindowStats(_Payload):
 class Spo2Summary(_Payload):
     """SpO2 monitoring of one nebulization session, for the dose-completion event."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
     correlation_id: uuid.UUID = Field(description="the dose event's event_id")
     spo2_monitoring: MonitoringState
     unavailable_reason: UnavailableReason | None
@@ -164,7 +163,7 @@ class Spo2Summary(_Payload):
 class SafetyAlert(_Payload):
     """A desaturation alert being raised or cleared (QoS 1, own topic)."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
     event_type: Literal[PayloadKind.SAFETY_ALERT] = PayloadKind.SAFETY_ALERT
     delivery: Delivery | None = None
     event_id: uuid.UUID = Field(description="unique per message; deterministic (UUIDv5)")
@@ -195,7 +194,7 @@ class SafetyAlert(_Payload):
 class PostDoseSafetySummary(_Payload):
     """After the observation window: the dose's SpO2 over session + observation window."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
     event_type: Literal[PayloadKind.POST_DOSE_SAFETY_SUMMARY] = PayloadKind.POST_DOSE_SAFETY_SUMMARY
     delivery: Delivery | None = None
     event_id: uuid.UUID = Field(description="deterministic (UUIDv5 of the correlation id)")

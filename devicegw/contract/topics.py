@@ -1,16 +1,26 @@
-"""The versioned MQTT topic layout (documented in docs/mqtt.md).
+"""The versioned MQTT topic layout (documented in docs/mqtt.md and docs/blinding.md).
+
+Blinded feed (the EDC, blinded staff):
 
 ``{prefix}/{site}/{gateway}/dose/{device}``       dose-completion events, QoS 1
 ``{prefix}/{site}/{gateway}/status``              gateway status, retained, last will
 ``{prefix}/{site}/{gateway}/device/{device}/status``  device status, retained, QoS 1
-``{prefix}/{site}/{gateway}/telemetry/{device}``  live telemetry, QoS 0
+``{prefix}/{site}/{gateway}/telemetry/{device}``  live progress, QoS 0
 ``{prefix}/{site}/{gateway}/safety/{device}``     SpO2 safety alerts and post-dose summaries, QoS 1
+
+Restricted feed (engineering roles only):
+
+``{prefix}/{site}/{gateway}/dose-detail/{device}``          a dose's physical record, QoS 1
+``{prefix}/{site}/{gateway}/device-detail/{device}/status`` reservoir and alarms, retained
+``{prefix}/{site}/{gateway}/telemetry-detail/{device}``     live rate and reservoir, QoS 0
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from devicegw.contract.vocabulary import Feed, PayloadKind, TopicKind
 
 # One topic level: what the configuration allows for ids (devicegw.config.TopicSegment),
 # or an AsyncAPI channel parameter such as "{device}" (docs/asyncapi.yaml). Checked again
@@ -44,7 +54,7 @@ class Topics:
         return f"{self.prefix}/{self.site}/{self.gateway}"
 
     def dose(self, device_id: str) -> str:
-        return f"{self.base}/dose/{level(device_id)}"
+        return f"{self.base}/{TopicKind.DOSE}/{level(device_id)}"
 
     def gateway_status(self) -> str:
         return f"{self.base}/status"
@@ -54,11 +64,65 @@ class Topics:
 
     def safety(self, device_id: str) -> str:
         """Safety alerts and post-dose safety summaries of the nebulizer's subject."""
-        return f"{self.base}/safety/{level(device_id)}"
+        return f"{self.base}/{TopicKind.SAFETY}/{level(device_id)}"
 
     def telemetry(self, device_id: str) -> str:
-        return f"{self.base}/telemetry/{level(device_id)}"
+        return f"{self.base}/{TopicKind.TELEMETRY}/{level(device_id)}"
+
+    # -- restricted ------------------------------------------------------------------
+
+    def dose_detail(self, device_id: str) -> str:
+        return f"{self.base}/{TopicKind.DOSE_DETAIL}/{level(device_id)}"
+
+    def device_detail(self, device_id: str) -> str:
+        return f"{self.base}/{TopicKind.DEVICE_DETAIL}/{level(device_id)}/status"
+
+    def telemetry_detail(self, device_id: str) -> str:
+        return f"{self.base}/{TopicKind.TELEMETRY_DETAIL}/{level(device_id)}"
 
     def all_dose_events(self) -> str:
         """Subscription for every dose event of every gateway under the prefix."""
-        return f"{self.prefix}/+/+/dose/+"
+        return f"{self.prefix}/+/+/{TopicKind.DOSE}/+"
+
+
+def feed_subscriptions(prefix: str) -> dict[Feed, list[str]]:
+    """Every topic filter of each feed under ``prefix`` (what an ACL grants, docs/blinding.md)."""
+    any_gw = f"{prefix}/+/+"
+    return {
+        Feed.BLINDED: [
+            f"{any_gw}/{TopicKind.DOSE}/+",
+            f"{any_gw}/status",
+            f"{any_gw}/device/+/status",
+            f"{any_gw}/{TopicKind.TELEMETRY}/+",
+            f"{any_gw}/{TopicKind.SAFETY}/+",
+        ],
+        Feed.RESTRICTED: [
+            f"{any_gw}/{TopicKind.DOSE_DETAIL}/+",
+            f"{any_gw}/{TopicKind.DEVICE_DETAIL}/+/status",
+            f"{any_gw}/{TopicKind.TELEMETRY_DETAIL}/+",
+        ],
+    }
+
+
+def topic_payloads(topic: str) -> frozenset[PayloadKind] | None:
+    """The payloads a topic of this layout may carry (by its last levels), or None."""
+    parts = topic.split("/")
+    if len(parts) >= 3 and parts[-1] == "status":
+        if parts[-3] == "device":
+            return frozenset({PayloadKind.DEVICE_STATUS})
+        if parts[-3] == TopicKind.DEVICE_DETAIL:
+            return frozenset({PayloadKind.DEVICE_DETAIL})
+    if len(parts) >= 2:
+        by_level: dict[str, set[PayloadKind]] = {
+            TopicKind.DOSE: {PayloadKind.DOSE_COMPLETION},
+            TopicKind.TELEMETRY: {PayloadKind.TELEMETRY},
+            TopicKind.SAFETY: {PayloadKind.SAFETY_ALERT, PayloadKind.POST_DOSE_SAFETY_SUMMARY},
+            TopicKind.DOSE_DETAIL: {PayloadKind.DOSE_DETAIL},
+            TopicKind.TELEMETRY_DETAIL: {PayloadKind.TELEMETRY_DETAIL},
+        }
+        kinds = by_level.get(parts[-2])
+        if kinds is not None:
+            return frozenset(kinds)
+    if parts[-1] == "status":
+        return frozenset({PayloadKind.GATEWAY_STATUS})
+    return None

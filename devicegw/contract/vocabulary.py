@@ -1,13 +1,26 @@
-"""The contract's words, defined once: verdicts, volume bases, data sources, reason codes.
+"""The contract's words, defined once: verdicts, volume bases, data sources, reason codes, feeds.
 
 Payloads, the dose check, the exports and replay summaries all use these
 enums; the strings are part of the published contract (docs/mqtt.md). Add
 members, never rename or repurpose one.
+
+Every reason code and payload belongs to one :class:`Feed` (docs/blinding.md):
+the blinded feed is what the EDC and blinded staff may see; the restricted feed
+carries the physical record (rates, reservoir levels, alarms, link detail),
+which could separate the arms and is for engineering roles only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
+
+
+class Feed(StrEnum):
+    """Who may read a message or a reason code (docs/blinding.md)."""
+
+    BLINDED = "blinded"  # the EDC, blinded data management and ward staff
+    RESTRICTED = "restricted"  # engineering roles cleared to see device physics
 
 
 class Verdict(StrEnum):
@@ -44,6 +57,9 @@ class Reason(StrEnum):
     ENDED_BY_TIMEOUT = "ended_by_timeout"
     ENDED_BY_FAULT = "ended_by_fault"
     ENDED_BY_LOW_BATTERY = "ended_by_low_battery"
+    # The blinded stand-in for ended_by_low_battery / _timeout / _fault (never produced
+    # by the dose check itself): the device ended it; which physical cause is restricted.
+    ENDED_BY_DEVICE = "ended_by_device"
     # Dose rules.
     DURATION_UNKNOWN = "duration_unknown"
     DURATION_BELOW_MINIMUM = "duration_below_minimum"
@@ -62,6 +78,58 @@ class Reason(StrEnum):
     RECONCILED_FROM_DEVICE_LOG = "reconciled_from_device_log"
 
 
+#: The feed of every reason code. A reason is blinded only when the protocol needs
+#: it to read the verdict and its occurrence cannot follow from how the product
+#: behaves in the device (rate, residual, foaming, mesh clogging): those are the
+#: differences that could split subjects into two groups (docs/blinding.md).
+REASON_FEED: dict[Reason, Feed] = {
+    Reason.ENDED_BY_USER: Feed.BLINDED,  # staff or subject stopped it
+    Reason.ENDED_BY_HOST: Feed.BLINDED,  # the gateway or a ward system stopped it
+    Reason.ENDED_BY_LOW_BATTERY: Feed.RESTRICTED,  # battery drains with nebulizing time
+    Reason.ENDED_BY_DEVICE: Feed.BLINDED,  # stand-in for the three device endings
+    Reason.ENDED_BY_TIMEOUT: Feed.RESTRICTED,  # a slow nebulization times out more often
+    Reason.ENDED_BY_FAULT: Feed.RESTRICTED,  # e.g. a blocked mesh (output below nominal)
+    Reason.DURATION_UNKNOWN: Feed.BLINDED,  # protocol rules ...
+    Reason.DURATION_BELOW_MINIMUM: Feed.BLINDED,
+    Reason.DURATION_ABOVE_MAXIMUM: Feed.BLINDED,
+    Reason.PAUSE_ABOVE_MAXIMUM: Feed.BLINDED,
+    Reason.DELIVERED_BELOW_MINIMUM: Feed.BLINDED,
+    Reason.VOLUME_UNKNOWN: Feed.BLINDED,
+    Reason.VOLUME_ESTIMATES_DISAGREE: Feed.RESTRICTED,  # level sensor vs rate: physics
+    Reason.TELEMETRY_GAP: Feed.RESTRICTED,  # rate samples: engineering
+    Reason.LINK_INTERRUPTED: Feed.RESTRICTED,  # link detail: engineering
+    Reason.DEVICE_ALARM: Feed.RESTRICTED,  # alarm codes include MESH_BLOCKED (rate-derived)
+    Reason.GATEWAY_RESTART: Feed.BLINDED,  # how the record was made (ALCOA) ...
+    Reason.SESSION_END_MISSED: Feed.BLINDED,
+    Reason.RECONCILED_FROM_DEVICE_LOG: Feed.BLINDED,
+}
+
+#: Restricted reasons the blinded record still accounts for, in a coarser word.
+BLINDED_STAND_IN: dict[Reason, Reason] = {
+    Reason.ENDED_BY_LOW_BATTERY: Reason.ENDED_BY_DEVICE,
+    Reason.ENDED_BY_TIMEOUT: Reason.ENDED_BY_DEVICE,
+    Reason.ENDED_BY_FAULT: Reason.ENDED_BY_DEVICE,
+}
+
+
+def blinded_reasons(reasons: Iterable[str]) -> list[Reason]:
+    """The reason codes the blinded feed may carry, in order, without repeats.
+
+    Restricted codes are replaced by their stand-in or dropped; a code this
+    version does not know is dropped too (unknown means not reviewed).
+    """
+    out: list[Reason] = []
+    for text in reasons:
+        try:
+            reason = Reason(text)
+        except ValueError:
+            continue
+        reason = BLINDED_STAND_IN.get(reason, reason)
+        if REASON_FEED.get(reason) is Feed.BLINDED and reason not in out:
+            out.append(reason)
+    return out
+
+
 class PayloadKind(StrEnum):
     """``event_type`` of every published payload."""
 
@@ -71,6 +139,24 @@ class PayloadKind(StrEnum):
     TELEMETRY = "telemetry"
     SAFETY_ALERT = "safety_alert"
     POST_DOSE_SAFETY_SUMMARY = "post_dose_safety_summary"
+    # The restricted feed (docs/blinding.md).
+    DOSE_DETAIL = "dose_detail"
+    DEVICE_DETAIL = "device_detail"
+    TELEMETRY_DETAIL = "telemetry_detail"
+
+
+#: The feed of every payload.
+PAYLOAD_FEED: dict[PayloadKind, Feed] = {
+    PayloadKind.DOSE_COMPLETION: Feed.BLINDED,
+    PayloadKind.DEVICE_STATUS: Feed.BLINDED,
+    PayloadKind.GATEWAY_STATUS: Feed.BLINDED,
+    PayloadKind.TELEMETRY: Feed.BLINDED,
+    PayloadKind.SAFETY_ALERT: Feed.BLINDED,
+    PayloadKind.POST_DOSE_SAFETY_SUMMARY: Feed.BLINDED,
+    PayloadKind.DOSE_DETAIL: Feed.RESTRICTED,
+    PayloadKind.DEVICE_DETAIL: Feed.RESTRICTED,
+    PayloadKind.TELEMETRY_DETAIL: Feed.RESTRICTED,
+}
 
 
 class TopicKind(StrEnum):
@@ -80,3 +166,7 @@ class TopicKind(StrEnum):
     STATUS = "status"  # retained device / gateway status, latest wins
     SAFETY = "safety"  # SpO2 safety alerts and post-dose summaries, durable
     TELEMETRY = "telemetry"  # live progress, best effort
+    # The restricted feed: the physical record of a dose, device and live output.
+    DOSE_DETAIL = "dose-detail"  # durable, committed with its dose event
+    DEVICE_DETAIL = "device-detail"  # retained, latest wins
+    TELEMETRY_DETAIL = "telemetry-detail"  # best effort

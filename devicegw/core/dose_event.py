@@ -1,7 +1,13 @@
-"""Turns a finished session and its assessment into the published dose event.
+"""Turns a finished session and its assessment into the published dose record.
+
+One decision, two messages (docs/blinding.md): the blinded :class:`DoseEvent`
+for the EDC, and the restricted :class:`DoseDetail` with the physical record,
+both with the same ``event_id``. Every physical fact goes to the detail only;
+the blinded event gets what the protocol needs, and only blinded reason codes
+(:func:`devicegw.contract.vocabulary.blinded_reasons`).
 
 Deterministic: the same session facts give byte-identical JSON, so a
-republished or replayed event can be compared with the original.
+republished or replayed record can be compared with the original.
 """
 
 from __future__ import annotations
@@ -11,16 +17,22 @@ from devicegw.config import Config, DeviceSettings
 from devicegw.contract.payloads import (
     AlarmOut,
     DeviceIdentity,
+    DoseDetail,
     DoseEvent,
+    DoseRecord,
     DoseRulesOut,
     DoseTimes,
+    DoseVolume,
     GatewayRef,
     LinkQuality,
     PauseOut,
     PauseSummary,
-    VolumeOut,
+    RateStats,
+    TimesDetail,
+    VolumeDetail,
     dose_event_id,
 )
+from devicegw.contract.vocabulary import blinded_reasons
 from devicegw.core.dose_check import Assessment
 from devicegw.core.session_tracker import FinishedSession, wall_to_utc
 from drivers.vm1.messages import Ident, alarm_name
@@ -35,15 +47,33 @@ def device_identity(device: DeviceSettings, ident: Ident | None) -> DeviceIdenti
     )
 
 
-def build_dose_event(
+def _rate_stats(session: FinishedSession, assessment: Assessment, ident: Ident | None) -> RateStats:
+    rates = session.sample_rates_ul_min
+    vol = assessment.volumes
+    neb_s = assessment.nebulizing_s
+    mean = (
+        vol.output_integral_ml * 1000.0 * 60.0 / neb_s
+        if vol.output_integral_ml is not None and neb_s > 0
+        else None
+    )
+    return RateStats(
+        samples=len(rates),
+        mean_ul_min=None if mean is None else round(mean, 1),
+        min_ul_min=min(rates) if rates else None,
+        max_ul_min=max(rates) if rates else None,
+        nominal_ul_min=ident.nominal_rate_ul_min if ident else None,
+    )
+
+
+def build_dose_record(
     session: FinishedSession,
     assessment: Assessment,
     *,
     device: DeviceSettings,
     ident: Ident,
     config: Config,
-) -> DoseEvent:
-    """The event of a session of the device that identified itself as ``ident``.
+) -> DoseRecord:
+    """The record of a session of the device that identified itself as ``ident``.
 
     The identity is required: an event id is made from the device's own model
     and serial number, never from a placeholder (issue 14: ``unknown:<device>``
@@ -51,26 +81,64 @@ def build_dose_event(
     """
     rules = config.dose_rules
     vol = assessment.volumes
-    return DoseEvent(
-        event_id=dose_event_id(ident.model, ident.serial_no, session.session_no),
-        gateway=GatewayRef(id=config.gateway.id, site=config.gateway.site, version=__version__),
+    event_id = dose_event_id(ident.model, ident.serial_no, session.session_no)
+    gateway = GatewayRef(id=config.gateway.id, site=config.gateway.site, version=__version__)
+    identity = device_identity(device, ident)
+    duration_s = None if session.duration_s is None else round(session.duration_s, 3)
+    device_start_utc = wall_to_utc(session.device_start_wall_s)
+    device_end_utc = wall_to_utc(session.device_end_wall_s)
+    rules_out = DoseRulesOut(
+        prescribed_volume_ml=rules.prescribed_volume_ml,
+        min_delivered_fraction=rules.min_delivered_fraction,
+        abort_below_fraction=rules.abort_below_fraction,
+        min_duration_s=rules.min_duration_s,
+        max_duration_s=rules.max_duration_s,
+        max_total_pause_s=rules.max_total_pause_s,
+        volume_tolerance_ml=rules.volume_tolerance_ml,
+    )
+    event = DoseEvent(
+        event_id=event_id,
+        gateway=gateway,
         subject_id=device.subject_id,
         kit_number=device.kit_number,
         bed=device.bed,
-        device=device_identity(device, ident),
+        device=identity,
+        session_no=session.session_no,
+        data_source=session.data_source,
+        verdict=assessment.verdict,
+        reasons=list(blinded_reasons(assessment.reasons)),
+        times=DoseTimes(
+            gateway_start_utc=session.gateway_start_utc,
+            gateway_end_utc=session.gateway_end_utc,
+            device_start_utc=device_start_utc,
+            device_end_utc=device_end_utc,
+            duration_s=duration_s,
+        ),
+        volume=DoseVolume(
+            prescribed_ml=rules.prescribed_volume_ml,
+            delivered_ml=vol.delivered_ml,
+            delivered_fraction=vol.delivered_fraction,
+        ),
+        rules=rules_out,
+        config_sha256=config.source_sha256,
+    )
+    detail = DoseDetail(
+        event_id=event_id,
+        gateway=gateway,
+        device=identity,
         session_no=session.session_no,
         data_source=session.data_source,
         end_reason=session.end_reason.name,
         verdict=assessment.verdict,
         reasons=list(assessment.reasons),
-        times=DoseTimes(
+        times=TimesDetail(
             gateway_start_utc=session.gateway_start_utc,
             gateway_end_utc=session.gateway_end_utc,
-            device_start_utc=wall_to_utc(session.device_start_wall_s),
-            device_end_utc=wall_to_utc(session.device_end_wall_s),
+            device_start_utc=device_start_utc,
+            device_end_utc=device_end_utc,
             device_start_uptime_ms=session.device_start_ms,
             device_end_uptime_ms=session.device_end_ms,
-            duration_s=None if session.duration_s is None else round(session.duration_s, 3),
+            duration_s=duration_s,
             nebulizing_s=round(assessment.nebulizing_s, 3),
         ),
         pauses=PauseSummary(
@@ -81,7 +149,7 @@ def build_dose_event(
                 for p in session.pauses
             ],
         ),
-        volume=VolumeOut(
+        volume=VolumeDetail(
             prescribed_ml=rules.prescribed_volume_ml,
             fill_ml=vol.fill_ml,
             residual_ml=vol.residual_ml,
@@ -95,6 +163,7 @@ def build_dose_event(
             tolerance_ml=rules.volume_tolerance_ml,
             estimates_agree=vol.estimates_agree,
         ),
+        rate=_rate_stats(session, assessment, ident),
         alarms=[
             AlarmOut(
                 code=a.code,
@@ -113,14 +182,7 @@ def build_dose_event(
             sample_gap_s=round(vol.integral.gap_s, 3),
             sample_gaps=vol.integral.gaps,
         ),
-        rules=DoseRulesOut(
-            prescribed_volume_ml=rules.prescribed_volume_ml,
-            min_delivered_fraction=rules.min_delivered_fraction,
-            abort_below_fraction=rules.abort_below_fraction,
-            min_duration_s=rules.min_duration_s,
-            max_duration_s=rules.max_duration_s,
-            max_total_pause_s=rules.max_total_pause_s,
-            volume_tolerance_ml=rules.volume_tolerance_ml,
-        ),
+        rules=rules_out,
         config_sha256=config.source_sha256,
     )
+    return DoseRecord(event=event, detail=detail)

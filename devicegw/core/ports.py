@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from devicegw.contract.payloads import DoseEvent
+from devicegw.contract.payloads import DoseRecord
 
 __all__ = ["AuditKind", "AuditLog", "SessionJournalPort"]
 
@@ -58,7 +58,7 @@ class AuditLog(Protocol):
         body: Mapping[str, object],
     ) -> object: ...
 
-    def record_session_finished(self, event: DoseEvent) -> object: ...
+    def record_session_finished(self, record: DoseRecord) -> object: ...
 
 
 class SessionJournalPort(Protocol):

@@ -24,11 +24,18 @@ from datetime import datetime
 from typing import Protocol
 
 from devicegw.config import Config, DeviceSettings
-from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry, dose_event_id
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+    dose_event_id,
+)
 from devicegw.contract.spo2 import Spo2Summary, UnavailableReason
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.dose_check import assess
-from devicegw.core.dose_event import build_dose_event, device_identity
+from devicegw.core.dose_event import build_dose_record, device_identity
 from devicegw.core.ports import AuditKind, AuditLog, SessionJournalPort
 from devicegw.core.session_tracker import (
     AlarmChanged,
@@ -64,13 +71,21 @@ HOST_COMMAND_TYPES = (GetInfo, SetClock, SetRate, GetSession, Start, Stop, Ping)
 
 
 class GatewaySink(Protocol):
-    """Where a device's outputs go (MQTT in the daemon; a list in tests and replays)."""
+    """Where a device's outputs go (MQTT in the daemon; a list in tests and replays).
 
-    def dose_event(self, device_id: str, event: DoseEvent) -> None: ...
+    Each blinded message has a restricted counterpart (docs/blinding.md): a dose
+    record is both, committed together; telemetry comes as a pair at the same
+    cadence; device status and device detail are sent each when its own content
+    changes, so nothing restricted (an alarm) shows as a blinded message.
+    """
+
+    def dose_record(self, device_id: str, record: DoseRecord) -> None: ...
 
     def device_status(self, device_id: str, status: DeviceStatus) -> None: ...
 
-    def telemetry(self, device_id: str, telemetry: Telemetry) -> None: ...
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None: ...
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None: ...
 
 
 class UnexpectedDeviceError(TransportError):
@@ -147,6 +162,7 @@ class Vm1Pipeline:
         self._lost_seen = 0
         self._last_telemetry = float("-inf")
         self._last_status_key: tuple[object, ...] | None = None
+        self._last_detail_key: tuple[object, ...] | None = None
         self._utc: datetime | None = None
         self._held: deque[Rx] = deque()
 
@@ -380,10 +396,12 @@ class Vm1Pipeline:
         ident = self.tracker.identity
         if ident is None:  # unreachable: nothing becomes a session before an accepted IDENT
             raise RuntimeError("a session finished on a device that has not identified itself")
-        dose = build_dose_event(
+        record = build_dose_record(
             session, assessment, device=self.device, ident=ident, config=self.config
         )
+        dose = record.event
         dose = dose.model_copy(update={"spo2": self._spo2_summary(session, dose.event_id, mono)})
+        record = DoseRecord(event=dose, detail=record.detail)
         if self.journal is not None and self.journal.is_recorded(str(dose.event_id)):
             # Already recorded before a restart or by an earlier fetch: the first record stands.
             log.info(
@@ -398,18 +416,18 @@ class Vm1Pipeline:
                 "device_id": self.device.id,
                 "session_no": session.session_no,
                 "verdict": dose.verdict,
-                "reasons": ",".join(dose.reasons),
+                "reasons": ",".join(record.detail.reasons),
                 "delivered_ml": dose.volume.delivered_ml,
                 "event_id": str(dose.event_id),
             },
         )
         if self.journal is None:
-            self.sink.dose_event(self.device.id, dose)
+            self.sink.dose_record(self.device.id, record)
             return
         with self.journal.finishing(self.device.id, session.session_no):
-            self.sink.dose_event(self.device.id, dose)
+            self.sink.dose_record(self.device.id, record)
             if self.audit is not None:
-                self.audit.record_session_finished(dose)
+                self.audit.record_session_finished(record)
             self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
 
     def _spo2_summary(
@@ -444,6 +462,7 @@ class Vm1Pipeline:
         self._last_telemetry = mono
         o = self.tracker.open_session
         status = self.tracker.status
+        session_no = o.session_no if o else None
         self.sink.telemetry(
             self.device.id,
             Telemetry(
@@ -451,8 +470,14 @@ class Vm1Pipeline:
                 device_id=self.device.id,
                 utc=utc,
                 state=status.state.name if status else None,
-                session_no=o.session_no if o else None,
+                session_no=session_no,
                 elapsed_s=round(o.last_dev - o.start_dev, 3) if o else None,
+            ),
+            TelemetryDetail(
+                gateway_id=self.config.gateway.id,
+                device_id=self.device.id,
+                utc=utc,
+                session_no=session_no,
                 rate_ul_min=msg.rate_ul_min,
                 delivered_ml=round(msg.cum_ul / 1000.0, 3),
                 reservoir_ml=_ml(status.reservoir_ul if status else None),
@@ -461,37 +486,48 @@ class Vm1Pipeline:
         )
 
     def publish_status(self, *, error: str | None = None) -> None:
-        """Send the device status if anything a ward system cares about changed."""
+        """Send the device status / detail if anything its audience cares about changed."""
         t = self.tracker
         status = t.status
-        alarms = sorted(alarm_name(c) for c in t.active_alarms)
         key = (
             self.health.connected,
             status.state if status else None,
-            status.battery_pct if status else None,
-            tuple(alarms),
             t.identity.serial_no if t.identity else None,
             error,
         )
-        if key == self._last_status_key:
-            return
-        self._last_status_key = key
-        self.sink.device_status(
-            self.device.id,
-            DeviceStatus(
-                gateway_id=self.config.gateway.id,
-                device_id=self.device.id,
-                connected=self.health.connected,
-                state=status.state.name if status else None,
-                identity=device_identity(self.device, t.identity),
-                battery_pct=status.battery_pct if status else None,
-                on_mains=status.on_mains if status else None,
-                reservoir_ml=_ml(status.reservoir_ul if status else None),
-                active_alarms=alarms,
-                last_seen_utc=self._utc if self.health.last_frame_mono is not None else None,
-                error=error,
-            ),
-        )
+        if key != self._last_status_key:
+            self._last_status_key = key
+            self.sink.device_status(
+                self.device.id,
+                DeviceStatus(
+                    gateway_id=self.config.gateway.id,
+                    device_id=self.device.id,
+                    connected=self.health.connected,
+                    state=status.state.name if status else None,
+                    identity=device_identity(self.device, t.identity),
+                    last_seen_utc=self._utc if self.health.last_frame_mono is not None else None,
+                    error=error,
+                ),
+            )
+        alarms = sorted(alarm_name(c) for c in t.active_alarms)
+        fault = status.fault_code if status else None
+        battery = status.battery_pct if status else None
+        detail_key = (self.health.connected, battery, fault, tuple(alarms))
+        if detail_key != self._last_detail_key:
+            self._last_detail_key = detail_key
+            self.sink.device_detail(
+                self.device.id,
+                DeviceDetail(
+                    gateway_id=self.config.gateway.id,
+                    device_id=self.device.id,
+                    connected=self.health.connected,
+                    battery_pct=battery,
+                    on_mains=status.on_mains if status else None,
+                    reservoir_ml=_ml(status.reservoir_ul if status else None),
+                    fault_code=fault,
+                    active_alarms=alarms,
+                ),
+            )
 
 
 def _ml(ul: int | None) -> float | None:

@@ -37,8 +37,10 @@ from jsonschema import Draft202012Validator, FormatChecker
 from rich.console import Console
 from rich.text import Text
 
-from devicegw.contract.schemas import MODELS, schemas
-from devicegw.contract.vocabulary import PayloadKind, TopicKind
+from devicegw.contract.base import TOPIC_VERSION
+from devicegw.contract.schemas import MODELS, strict_schemas
+from devicegw.contract.topics import topic_payloads
+from devicegw.contract.vocabulary import PAYLOAD_FEED, Feed, PayloadKind
 from devicegw.edc.export import record_identity
 from devicegw.errors import GatewayError, TransportError
 from devicegw.safe_text import printable
@@ -46,7 +48,7 @@ from drivers.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "devicegw/v1"
+DEFAULT_PREFIX = f"devicegw/{TOPIC_VERSION}"
 ALL_TOPICS = f"{DEFAULT_PREFIX}/#"
 DOSE_TOPICS = f"{DEFAULT_PREFIX}/+/+/dose/+"
 EDC_CLIENT_ID = "edc-reference"
@@ -85,33 +87,30 @@ def _format_checker() -> FormatChecker:
 
 
 def contract_validators() -> dict[str, Draft202012Validator]:
-    """``event_type`` -> validator, built from the schemas the models generate.
+    """``event_type`` -> validator of the *strict* schemas the models generate.
 
-    These are byte for byte the committed ``docs/schemas`` (the test suite
-    checks it), but generated at run time so an installed package needs no
-    data files.
+    Strict: every object closed, so an undeclared field is reported (as an
+    error, or as a warning for a consumer that ignores unknown fields). The
+    published ``docs/schemas`` are the same with the objects left open (the
+    test suite checks both); generated at run time so an installed package
+    needs no data files.
     """
     checker = _format_checker()
     out: dict[str, Draft202012Validator] = {}
-    for name, schema in schemas().items():
+    for name, schema in strict_schemas().items():
         model, _ = MODELS[name]
         event_type = model.model_fields["event_type"].default
         out[str(event_type)] = Draft202012Validator(schema, format_checker=checker)
     return out
 
 
-def topic_event_type(topic: str) -> str | None:
-    """The payload a topic of the v1 layout carries (docs/mqtt.md), or None."""
-    parts = topic.split("/")
-    if len(parts) >= 2 and parts[-2] == TopicKind.DOSE:
-        return PayloadKind.DOSE_COMPLETION
-    if len(parts) >= 2 and parts[-2] == TopicKind.TELEMETRY:
-        return PayloadKind.TELEMETRY
-    if len(parts) >= 3 and parts[-3] == "device" and parts[-1] == "status":
-        return PayloadKind.DEVICE_STATUS
-    if parts[-1] == "status":
-        return PayloadKind.GATEWAY_STATUS
-    return None
+def feed_of(payload: Mapping[str, Any]) -> Feed | None:
+    """The feed of a payload by its ``event_type`` (None when it has no known one)."""
+    event_type = payload.get("event_type")
+    try:
+        return PAYLOAD_FEED[PayloadKind(event_type)] if isinstance(event_type, str) else None
+    except ValueError:
+        return None
 
 
 def _short(message: str, limit: int = 160) -> str:
@@ -164,10 +163,11 @@ class _GatewaySeq:
 
 
 class SequenceChecker:
-    """Per-gateway ``seq`` counter: flags gaps in what this subscriber received.
+    """Per-gateway, per-feed ``seq`` counter: flags gaps in what this subscriber received.
 
-    ``seq`` increases by one per message a gateway publishes, so gaps are only
-    meaningful when subscribed to *everything* the gateway publishes; telemetry
+    ``seq`` increases by one per message a gateway publishes on one feed
+    (blinded and restricted are numbered apart, docs/blinding.md), so gaps are
+    only meaningful when subscribed to *everything* of that feed; telemetry
     is QoS 0 and may legitimately be dropped. Payloads without ``seq`` or a
     gateway id are ignored. Retained copies replayed on subscribe are old
     snapshots: never a gap, and they set no baseline. A higher ``birth_seq``
@@ -185,7 +185,7 @@ class SequenceChecker:
         birth, seq = sequence_of(payload)
         if gateway is None or seq is None:
             return None
-        state = self._gateways.setdefault(gateway, _GatewaySeq())
+        state = self._gateways.setdefault(f"{gateway}/{feed_of(payload)}", _GatewaySeq())
         if birth is not None and state.birth_seq is not None and birth < state.birth_seq:
             return None
         if birth is not None and (state.birth_seq is None or birth > state.birth_seq):
@@ -274,9 +274,10 @@ class TailProcessor:
             event_type = None
         if not errors:
             self._validate(body, event_type, errors, warnings)
-        expected_type = topic_event_type(topic)
-        if event_type and expected_type and event_type != expected_type:
-            errors.append(f"topic carries {expected_type} payloads, got {event_type}")
+        expected = topic_payloads(topic)
+        if event_type and expected is not None and event_type not in expected:
+            carried = " or ".join(sorted(expected))
+            errors.append(f"topic carries {carried} payloads, got {event_type}")
         if self._sequence is not None and isinstance(body, dict):
             note = self._sequence.check(body, retained=retain)
             if note:
@@ -463,16 +464,30 @@ def _summary(payload: Mapping[str, Any], event_type: str | None) -> str:
                 parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
         return " ".join(parts)
 
+    event = f" event={str(payload.get('event_id'))[:8]}" if payload.get("event_id") else ""
     if event_type == PayloadKind.DOSE_COMPLETION:
-        return pick(
-            "subject_id", "kit_number", "verdict", "volume.delivered_ml", "volume.prescribed_ml"
-        ) + (f" event={str(payload.get('event_id'))[:8]}" if payload.get("event_id") else "")
+        return (
+            pick(
+                "subject_id",
+                "kit_number",
+                "verdict",
+                "volume.delivered_ml",
+                "volume.prescribed_ml",
+            )
+            + event
+        )
+    if event_type == PayloadKind.DOSE_DETAIL:
+        return pick("device.device_id", "verdict", "volume.delivered_basis") + event
     if event_type == PayloadKind.DEVICE_STATUS:
-        return pick("device_id", "connected", "state", "battery_pct", "active_alarms")
+        return pick("device_id", "connected", "state")
+    if event_type == PayloadKind.DEVICE_DETAIL:
+        return pick("device_id", "battery_pct", "reservoir_ml", "active_alarms")
     if event_type == PayloadKind.GATEWAY_STATUS:
         return pick("gateway_id", "site", "online", "version")
     if event_type == PayloadKind.TELEMETRY:
-        return pick("device_id", "state", "elapsed_s", "delivered_ml", "rate_ul_min")
+        return pick("device_id", "state", "elapsed_s")
+    if event_type == PayloadKind.TELEMETRY_DETAIL:
+        return pick("device_id", "delivered_ml", "rate_ul_min")
     return ""
 
 

@@ -12,9 +12,11 @@ PUBACK; after a reconnect whatever was not acknowledged is sent again, with
 effort: a bounded in-memory buffer that drops the oldest and counts the drops.
 
 Every message carries ``delivery = {birth_seq, seq}``: ``birth_seq`` grows on
-every connection (persisted), ``seq`` counts messages within it (the birth is
-0), so a subscriber detects gaps. The last will is the offline gateway status
-of the same ``birth_seq``.
+every connection (persisted), ``seq`` counts messages within it, per feed
+(docs/blinding.md): the blinded feed (the birth is its 0) and the restricted
+feed are numbered apart, so a restricted message (a device alarm, say) never
+shows as a gap to a blinded subscriber. The last will is the offline gateway
+status of the same ``birth_seq``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel
 
 from devicegw.config import BrokerSettings
-from devicegw.contract.vocabulary import TopicKind
+from devicegw.contract.vocabulary import PAYLOAD_FEED, Feed, PayloadKind, TopicKind
 from devicegw.errors import ConfigError
 from devicegw.storage.outbox import AddResult, Kind, Outbox, OutboxRow
 from devicegw.storage.store import Store
@@ -54,6 +56,15 @@ def encode(payload: BaseModel) -> bytes:
     return payload.model_dump_json().encode("utf-8")
 
 
+def feed_of(payload: bytes) -> Feed:
+    """The feed a payload belongs to, by its ``event_type`` (unknown: restricted, the safe side)."""
+    try:
+        event_type = json.loads(payload).get("event_type")
+        return PAYLOAD_FEED[PayloadKind(event_type)]
+    except (ValueError, AttributeError, KeyError):
+        return Feed.RESTRICTED
+
+
 def stamp(payload: bytes, *, birth_seq: int, seq: int, redelivery: int = 0) -> bytes:
     """The payload with its delivery metadata; the record's own bytes are untouched otherwise."""
     obj = json.loads(payload)
@@ -68,6 +79,7 @@ class PublisherStats:
     connect_failures: int = 0
     birth_seq: int = 0
     dose_events_published: int = 0
+    dose_details_published: int = 0
     statuses_published: int = 0
     telemetry_published: int = 0
     telemetry_dropped: int = 0
@@ -134,7 +146,7 @@ class MqttPublisher:
         self._max_inflight = max_inflight
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
-        self._seq = 0
+        self._seq: dict[Feed, int] = {}
         self.stats = PublisherStats(birth_seq=int(store.get_meta("birth_seq", "0") or 0))
         self._tls = build_tls_context(settings)
         self._password = settings.password()
@@ -166,12 +178,29 @@ class MqttPublisher:
         return result
 
     def publish_dose(
-        self, topic: str, payload: BaseModel, *, device_id: str, event_id: str
+        self,
+        topic: str,
+        payload: BaseModel,
+        *,
+        device_id: str,
+        event_id: str,
+        detail_topic: str,
+        detail: BaseModel,
     ) -> AddResult:
-        """A dose event: unique by ``event_id``, sent when the broker is up."""
-        return self._commit(
-            TopicKind.DOSE, topic, payload, retain=False, device_id=device_id, event_id=event_id
+        """A dose event and its restricted detail: one transaction, unique by ``event_id``."""
+        result = self.outbox.add(
+            TopicKind.DOSE,
+            topic,
+            encode(payload),
+            qos=1,
+            retain=False,
+            now=self._clock.now(),
+            device_id=device_id,
+            event_id=event_id,
+            detail=(detail_topic, encode(detail)),
         )
+        self._wake.set()
+        return result
 
     def publish_status(
         self, topic: str, payload: BaseModel, *, device_id: str | None = None
@@ -287,22 +316,26 @@ class MqttPublisher:
             await self._clock.sleep(backoff.next_delay())
 
     async def _say_goodbye(self, client: aiomqtt.Client, birth_seq: int) -> None:
-        payload = stamp(self._status_payload(False), birth_seq=birth_seq, seq=self._take_seq())
+        payload = stamp(
+            self._status_payload(False), birth_seq=birth_seq, seq=self._take_seq(Feed.BLINDED)
+        )
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(2.0):
                 await client.publish(self._status_topic, payload, qos=1, retain=True)
 
-    def _take_seq(self) -> int:
-        seq = self._seq
-        self._seq += 1
+    def _take_seq(self, feed: Feed) -> int:
+        seq = self._seq.get(feed, 0)
+        self._seq[feed] = seq + 1
         return seq
 
     async def _send_loop(self, client: aiomqtt.Client, birth_seq: int) -> None:
         pruned = self.outbox.prune()  # bound the disk: old sent records beyond retention
         if pruned:
             log.info("pruned sent records from the outbox", extra={"rows": pruned})
-        self._seq = 0
-        birth = stamp(self._status_payload(True), birth_seq=birth_seq, seq=self._take_seq())
+        self._seq = {}
+        birth = stamp(
+            self._status_payload(True), birth_seq=birth_seq, seq=self._take_seq(Feed.BLINDED)
+        )
         await client.publish(self._status_topic, birth, qos=1, retain=True)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -325,7 +358,10 @@ class MqttPublisher:
             for row in rows:
                 last_id = row.id
                 payload = stamp(
-                    row.payload, birth_seq=birth_seq, seq=self._take_seq(), redelivery=row.attempts
+                    row.payload,
+                    birth_seq=birth_seq,
+                    seq=self._take_seq(feed_of(row.payload)),
+                    redelivery=row.attempts,
                 )
                 if row.attempts:
                     self.stats.redeliveries += 1
@@ -340,7 +376,7 @@ class MqttPublisher:
                 if self._use_v5:
                     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                     props.MessageExpiryInterval = TELEMETRY_EXPIRY_S
-                payload = stamp(body, birth_seq=birth_seq, seq=self._take_seq())
+                payload = stamp(body, birth_seq=birth_seq, seq=self._take_seq(feed_of(body)))
                 await client.publish(topic, payload, qos=0, properties=props)
                 self.stats.telemetry_published += 1
             _raise_if_cancelling()
@@ -359,6 +395,8 @@ class MqttPublisher:
         self.outbox.mark_sent(row, self._clock.now())
         if row.kind == TopicKind.DOSE:
             self.stats.dose_events_published += 1
+        elif row.kind == TopicKind.DOSE_DETAIL:
+            self.stats.dose_details_published += 1
         elif row.kind == TopicKind.STATUS:
             self.stats.statuses_published += 1
 

@@ -20,7 +20,14 @@ from pydantic import BaseModel
 
 from devicegw import __version__
 from devicegw.config import Config, DeviceSettings
-from devicegw.contract.payloads import DeviceStatus, DoseEvent, GatewayStatus, Telemetry
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseRecord,
+    GatewayStatus,
+    Telemetry,
+    TelemetryDetail,
+)
 from devicegw.contract.topics import Topics
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.ports import AuditKind
@@ -43,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 class MqttSink:
-    """Routes device outputs to their topics, then to any listeners."""
+    """Routes device outputs to their topics (blinded or restricted), then to any listeners."""
 
     def __init__(self, publisher: MqttPublisher, topics: Topics) -> None:
         self._pub = publisher
@@ -54,22 +61,34 @@ class MqttSink:
         """Safety alerts and post-dose summaries: durable, QoS 1, on the bed's safety topic."""
         self._pub.publish_event(self._topics.safety(device_id), payload, device_id=device_id)
 
-    def dose_event(self, device_id: str, event: DoseEvent) -> None:
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
+        """The blinded event and its restricted detail, committed in one transaction."""
         self._pub.publish_dose(
-            self._topics.dose(device_id), event, device_id=device_id, event_id=str(event.event_id)
+            self._topics.dose(device_id),
+            record.event,
+            device_id=device_id,
+            event_id=str(record.event.event_id),
+            detail_topic=self._topics.dose_detail(device_id),
+            detail=record.detail,
         )
         for listener in self.listeners:
-            listener.dose_event(device_id, event)
+            listener.dose_record(device_id, record)
 
     def device_status(self, device_id: str, status: DeviceStatus) -> None:
         self._pub.publish_status(self._topics.device_status(device_id), status, device_id=device_id)
         for listener in self.listeners:
             listener.device_status(device_id, status)
 
-    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
-        self._pub.publish_telemetry(self._topics.telemetry(device_id), telemetry)
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        self._pub.publish_status(self._topics.device_detail(device_id), detail, device_id=device_id)
         for listener in self.listeners:
-            listener.telemetry(device_id, telemetry)
+            listener.device_detail(device_id, detail)
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
+        self._pub.publish_telemetry(self._topics.telemetry(device_id), telemetry)
+        self._pub.publish_telemetry(self._topics.telemetry_detail(device_id), detail)
+        for listener in self.listeners:
+            listener.telemetry(device_id, telemetry, detail)
 
 
 def gateway_status(config: Config, *, online: bool, since: datetime | None) -> GatewayStatus:

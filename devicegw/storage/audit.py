@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from rich.console import RenderableType
 
     from devicegw.config import Config, DeviceSettings
-    from devicegw.contract.payloads import DoseEvent
+    from devicegw.contract.payloads import DoseRecord
 
 log = logging.getLogger(__name__)
 
@@ -445,8 +445,13 @@ class AuditTrail:
                     )
         return appended
 
-    def record_session_finished(self, event: DoseEvent) -> AuditRecord:
-        """Append ``session_finished`` for a dose event (the verdict and how it was reached)."""
+    def record_session_finished(self, record: DoseRecord) -> AuditRecord:
+        """Append ``session_finished`` for a dose record (the verdict and how it was reached).
+
+        The gateway's own trail keeps the full reasons and the end reason (from the
+        restricted detail): it is read by engineering roles, like the detail feed.
+        """
+        event, detail = record.event, record.detail
         return self.append(
             AuditKind.session_finished,
             device_id=event.device.device_id,
@@ -457,10 +462,10 @@ class AuditTrail:
                 "kit_number": event.kit_number,
                 "serial_no": event.device.serial_no,
                 "verdict": event.verdict,
-                "reasons": list(event.reasons),
+                "reasons": list(detail.reasons),
                 "delivered_ml": event.volume.delivered_ml,
-                "delivered_basis": event.volume.delivered_basis,
-                "end_reason": event.end_reason,
+                "delivered_basis": detail.volume.delivered_basis,
+                "end_reason": detail.end_reason,
                 "data_source": event.data_source,
                 "config_sha256": event.config_sha256,
             },

@@ -4,7 +4,10 @@ A dose event or device status is committed here (SQLite, WAL,
 synchronous=FULL) before any network I/O, and marked sent only after the
 broker's PUBACK. Rows are published in insertion order (so per device in
 order). Dose events are unique by ``event_id``: a second, different record for
-the same session is refused and reported, never published. Device statuses are
+the same session is refused and reported, never published. A dose event's
+restricted detail (docs/blinding.md) is committed in the same transaction,
+right after it, keyed ``<event_id>/detail``: both or neither, and a later
+record differing in either half is a conflict. Device statuses are
 latest-wins per topic. Sent statuses are deleted; sent dose events are kept
 (they are the gateway's record of what it delivered, and the dedupe key) up to
 a retention limit.
@@ -23,7 +26,10 @@ from devicegw.storage.store import Store
 log = logging.getLogger(__name__)
 
 #: What the outbox holds: every durable kind (telemetry never enters it).
-Kind = Literal[TopicKind.DOSE, TopicKind.STATUS, TopicKind.SAFETY]
+Kind = Literal[TopicKind.DOSE, TopicKind.DOSE_DETAIL, TopicKind.STATUS, TopicKind.SAFETY]
+
+#: The ``event_id`` column of a dose event's detail row: ``<event_id>`` + this.
+DETAIL_KEY_SUFFIX = "/detail"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -79,27 +85,56 @@ class Outbox:
         now: datetime,
         device_id: str | None = None,
         event_id: str | None = None,
+        detail: tuple[str, bytes] | None = None,
     ) -> AddResult:
+        """Commit one record; ``detail`` is a dose event's restricted (topic, payload).
+
+        The detail needs ``event_id``; it is inserted in the same transaction,
+        with the same qos and retain flag, or not at all.
+        """
+        if detail is not None and event_id is None:
+            raise ValueError("a detail record needs the event_id of its dose event")
         with self.store.transaction() as db:
+            rows = [(kind, topic, payload, event_id)]
+            if detail is not None and event_id is not None:
+                rows.append(
+                    (TopicKind.DOSE_DETAIL, detail[0], detail[1], event_id + DETAIL_KEY_SUFFIX)
+                )
             if event_id is not None:
-                row = db.execute(
-                    "SELECT payload FROM outbox WHERE event_id = ?", (event_id,)
-                ).fetchone()
-                if row is not None:
-                    conflict = bytes(row[0]) != payload
-                    if conflict:
-                        log.error(
-                            "a different record for an already recorded dose was refused",
-                            extra={"event_id": event_id, "device_id": device_id},
-                        )
-                    return AddResult(added=False, conflict=conflict)
+                stored = [
+                    db.execute("SELECT payload FROM outbox WHERE event_id = ?", (key,)).fetchone()
+                    for _, _, _, key in rows
+                ]
+                if any(
+                    row is not None and bytes(row[0]) != new[2]
+                    for row, new in zip(stored, rows, strict=True)
+                ):
+                    log.error(
+                        "a different record for an already recorded dose was refused",
+                        extra={"event_id": event_id, "device_id": device_id},
+                    )
+                    return AddResult(added=False, conflict=True)
+                if stored[0] is not None:
+                    # Recorded. A half pruned by retention is not published again.
+                    return AddResult(added=False, conflict=False)
+                rows = [new for row, new in zip(stored, rows, strict=True) if row is None]
             if kind == TopicKind.STATUS:
                 db.execute("DELETE FROM outbox WHERE topic = ? AND sent_utc IS NULL", (topic,))
-            db.execute(
-                "INSERT INTO outbox (kind, device_id, topic, qos, retain, payload, event_id,"
-                " created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, device_id, topic, qos, int(retain), payload, event_id, now.isoformat()),
-            )
+            for row_kind, row_topic, row_payload, row_key in rows:
+                db.execute(
+                    "INSERT INTO outbox (kind, device_id, topic, qos, retain, payload, event_id,"
+                    " created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        row_kind,
+                        device_id,
+                        row_topic,
+                        qos,
+                        int(retain),
+                        row_payload,
+                        row_key,
+                        now.isoformat(),
+                    ),
+                )
         return AddResult(added=True, conflict=False)
 
     def pending(self, *, after_id: int = 0, limit: int = 100) -> list[OutboxRow]:
@@ -139,10 +174,21 @@ class Outbox:
         return int(row[0])
 
     def prune(self) -> int:
-        """Drop the oldest sent dose events beyond the retention limit; never unsent ones."""
-        cur = self.store.conn.execute(
-            "DELETE FROM outbox WHERE sent_utc IS NOT NULL AND id NOT IN"
-            " (SELECT id FROM outbox WHERE sent_utc IS NOT NULL ORDER BY id DESC LIMIT ?)",
-            (self.keep_sent,),
-        )
-        return cur.rowcount
+        """Drop the oldest sent dose events beyond the retention limit; never unsent ones.
+
+        Details are not counted: a sent detail goes with its dose event.
+        """
+        with self.store.transaction() as db:
+            events = db.execute(
+                "DELETE FROM outbox WHERE sent_utc IS NOT NULL AND kind != ? AND id NOT IN"
+                " (SELECT id FROM outbox WHERE sent_utc IS NOT NULL AND kind != ?"
+                " ORDER BY id DESC LIMIT ?)",
+                (TopicKind.DOSE_DETAIL, TopicKind.DOSE_DETAIL, self.keep_sent),
+            ).rowcount
+            details = db.execute(
+                "DELETE FROM outbox WHERE kind = ? AND sent_utc IS NOT NULL"
+                " AND substr(event_id, 1, length(event_id) - ?) NOT IN"
+                " (SELECT event_id FROM outbox WHERE kind = ?)",
+                (TopicKind.DOSE_DETAIL, len(DETAIL_KEY_SUFFIX), TopicKind.DOSE),
+            ).rowcount
+        return int(events + details)
