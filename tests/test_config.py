@@ -240,3 +240,47 @@ def test_config_strings_are_bounded_and_plain(tmp_path: Path) -> None:
             load_config(write(tmp_path, GOOD + f"\n[broker]\n{line}\n"))
         assert info.value.field == field
         assert len(str(info.value)) < 400
+
+
+# -- contract version and trial (exports) ------------------------------------------------
+
+
+def test_the_topic_prefix_must_be_the_contracts_version(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD)).broker.topic_prefix == "devicegw/v2"
+    old = GOOD + '[broker]\ntopic_prefix = "devicegw/v1"\n'
+    with pytest.raises(ConfigError, match="names contract v1, but this gateway publishes") as info:
+        load_config(write(tmp_path, old))
+    assert info.value.field == "broker"
+    ours = GOOD + '[broker]\ntopic_prefix = "hospital/trials/devicegw/v2"\n'
+    assert load_config(write(tmp_path, ours)).broker.topic_prefix.endswith("/v2")
+
+
+def test_trial_section(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, GOOD)).trial is None  # the daemon does not need it
+    text = GOOD + (
+        '[trial]\nstudy_id = "CVD-042"\ntime_zone = "Europe/Berlin"\n'
+        '[trial.site_time_zones]\nsite-043 = "America/New_York"\n'
+    )
+    trial = load_config(write(tmp_path, text)).trial
+    assert trial is not None
+    assert (trial.study_id, trial.zone_for("site-042").key) == ("CVD-042", "Europe/Berlin")
+    assert trial.zone_for("site-043").key == "America/New_York"
+    example = load_config(EXAMPLE).trial
+    assert example is not None and example.study_id == "CVD-042"
+
+
+@pytest.mark.parametrize(
+    ("trial", "field"),
+    [
+        ('time_zone = "Europe/Berlin"', "trial.study_id"),
+        ('study_id = "CVD-042"', "trial.time_zone"),
+        ('study_id = "CVD-042"\ntime_zone = "CET+1"', "trial.time_zone"),
+        ('study_id = "CVD-042"\ntime_zone = "../../etc/passwd"', "trial.time_zone"),
+        ('study_id = "CVD 042"\ntime_zone = "UTC"', "trial.study_id"),
+        ('study_id = "CVD-042"\ntime_zone = "UTC"\narm = "A"', "trial.arm"),
+    ],
+)
+def test_bad_trial_section_names_the_field(tmp_path: Path, trial: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD + "[trial]\n" + trial + "\n"))
+    assert info.value.field == field

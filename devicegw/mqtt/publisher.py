@@ -129,7 +129,7 @@ class MqttPublisher:
         status_topic: str,
         status_payload: Callable[[bool], bytes],
         protocol: Literal["auto", "5", "3.1.1"] = "auto",
-        telemetry_buffer: int = 256,
+        telemetry_buffer: int = 512,  # messages: a telemetry tick is two (blinded + detail)
         max_inflight: int = 20,
     ) -> None:
         self._settings = settings
