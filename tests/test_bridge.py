@@ -55,7 +55,7 @@ pytestmark = pytest.mark.e2e
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
 SCALE = 20.0
 CUT_S = 60.0  # how long the uplink is down, in real seconds
-EDC_TOPIC = "devicegw/v1/+/+/dose/+"
+EDC_TOPIC = "devicegw/v2/+/+/dose/+"
 BRIDGE_ID = "devicegw-ward3-bridge"  # remote_clientid in the shipped file = the cert's CN
 # One VM-1 each; two_sessions has two sessions, the others one: 6 dose events. At
 # SCALE the first ends ~12 s after the start, the last ~65 s (during the cut).
@@ -308,7 +308,7 @@ async def test_uplink_cut_for_a_minute_while_sessions_finish(tmp_path: Path) -> 
             collecting(
                 ward.host,
                 ward.port,
-                ["devicegw/v1/#", "$SYS/broker/connection/#"],
+                ["devicegw/v2/#", "$SYS/broker/connection/#"],
                 username="devicegw-monitor",
                 password=passwords["devicegw-monitor"],
             )

@@ -357,6 +357,10 @@ def test_bridge_carries_every_topic_of_the_contract_at_its_qos() -> None:
         topics.gateway_status(): 1,
         topics.device_status("neb-bed01"): 1,
         topics.telemetry("neb-bed01"): 0,
+        # the restricted feed (docs/blinding.md), for engineering accounts centrally
+        topics.dose_detail("neb-bed01"): 1,
+        topics.device_detail("neb-bed01"): 1,
+        topics.telemetry_detail("neb-bed01"): 0,
     }
     for topic, qos in want.items():
         routes = [b for b in bridged if _mqtt_match(b[0], topic)]
