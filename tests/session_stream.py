@@ -10,6 +10,7 @@ from drivers.vm1.messages import (
     DeviceMessage,
     DeviceState,
     EndReason,
+    Ident,
     Output,
     SessionEnd,
     SessionStart,
@@ -33,6 +34,18 @@ class StreamBuilder:
         self.seq = (self.seq + 1) % 256
         self.out.append(
             Rx(msg=msg, utc=T0 + timedelta(milliseconds=self.t_ms), mono=self.t_ms / 1e3)
+        )
+
+    def ident(self, serial: str = "VM1-000123", last_session_no: int = 41) -> None:
+        """The device's IDENT: the gateway uses nothing from a device before it."""
+        self._rx(
+            Ident,
+            model="VM-1",
+            serial_no=serial,
+            firmware="1.4.2",
+            nominal_rate_ul_min=400,
+            reservoir_capacity_ul=6000,
+            last_session_no=last_session_no,
         )
 
     def status(self, state: DeviceState, reservoir: int = 3000, flags: int = 0x09) -> None:

@@ -217,6 +217,7 @@ def test_an_alarm_is_never_a_blinded_message() -> None:
     sink = ListSink()
     pipeline = Vm1Pipeline(config.devices[0], config, sink)
     s = StreamBuilder()
+    s.ident()
     s.status(DeviceState.READY)
     s.start()
     s.nebulize(5)
