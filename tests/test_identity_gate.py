@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 
 from devicegw.config import Config, parse_config
-from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry, dose_event_id
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseEvent,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+    dose_event_id,
+)
 from devicegw.core.vm1_pipeline import PRE_IDENT_HOLD, UnexpectedDeviceError, Vm1Pipeline
 from devicegw.runtime.nebulizer_runner import NOT_IDENTIFIED
 from devicegw.storage.journal import SessionJournal
@@ -50,15 +58,20 @@ def config(expected_serial: str | None = SERIAL) -> Config:
 class Sink:
     def __init__(self) -> None:
         self.events: list[DoseEvent] = []
+        self.records: list[DoseRecord] = []
         self.statuses: list[DeviceStatus] = []
 
-    def dose_event(self, device_id: str, event: DoseEvent) -> None:
-        self.events.append(event)
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
+        self.events.append(record.event)
+        self.records.append(record)
 
     def device_status(self, device_id: str, status: DeviceStatus) -> None:
         self.statuses.append(status)
 
-    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        pass
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
         pass
 
 
@@ -120,8 +133,9 @@ def test_frames_before_ident_are_replayed_once_it_arrives() -> None:
     [event] = sink.events
     assert event.event_id == dose_event_id("VM-1", SERIAL, 42)
     assert event.device.serial_no == SERIAL
-    assert event.link.sample_count == 3000  # the held samples count too
-    assert event.link.frames_lost == 0  # replayed in order: no gap from the IDENT's seq
+    [record] = sink.records
+    assert record.detail.link.sample_count == 3000  # the held samples count too
+    assert record.detail.link.frames_lost == 0  # replayed in order: no gap from the IDENT's seq
     assert p.health.dropped_before_ident == 0
 
 

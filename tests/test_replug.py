@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 
 from devicegw.config import parse_config
-from devicegw.contract.payloads import DeviceStatus, DoseEvent, Telemetry
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+)
 from devicegw.runtime.link_factory import link_factory
 from devicegw.runtime.nebulizer_runner import NebulizerRunner
 from devicegw.runtime.reconnect import open_until_up
@@ -40,13 +46,16 @@ SCALE = 2.5  # so a window is 2 s of real time
 
 
 class NullSink:
-    def dose_event(self, device_id: str, event: DoseEvent) -> None:
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
         pass
 
     def device_status(self, device_id: str, status: DeviceStatus) -> None:
         pass
 
-    def telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        pass
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
         pass
 
 
