@@ -249,7 +249,8 @@ async def test_ten_thousand_failures_of_every_kind_and_still_serving(tmp_path: P
             # Still serving: the broker appears, the good device finishes a session.
             broker.start()
             try:
-                async with collecting(broker.host, broker.port, ["devicegw/v1/#"]) as col:
+                everything = [f"{gateway.topics.base}/#"]
+                async with collecting(broker.host, broker.port, everything) as col:
                     await until(lambda: gateway.publisher.stats.connected, 60, "broker connect")
                     b = StreamBuilder()
                     b.seq = 100
