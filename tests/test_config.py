@@ -219,7 +219,8 @@ def test_allowed_plaintext_password_is_said_loudly(
     monkeypatch.setattr(gateway_module, "Gateway", NoGateway)
     import sys
 
-    monkeypatch.setattr(sys.modules["devicegw.cli.main"], "configure_logging", lambda *a: None)
+    run_command = sys.modules["devicegw.cli.commands.run"]
+    monkeypatch.setattr(run_command, "configure_logging", lambda *a: None)
     with caplog.at_level("WARNING"), contextlib.redirect_stderr(io.StringIO()):
         assert main(["run", "--config", str(cfg)]) == 1
     assert any(

@@ -1,0 +1,59 @@
+"""``devicegw run``: the ward-side daemon."""
+
+from __future__ import annotations
+
+import argparse
+
+from devicegw.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FATAL,
+    SubParsers,
+    checked,
+    log,
+    make_clock,
+    run_until_signalled,
+)
+from devicegw.cli.terminal import error
+from devicegw.errors import ConfigError, GatewayError
+from devicegw.runtime.logging_setup import configure_logging
+
+
+def register(sub: SubParsers) -> None:
+    run = sub.add_parser("run", help="run the gateway daemon")
+    run.add_argument("--config", required=True, help="TOML configuration file")
+    run.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="run the clock N times faster (simulated devices only)",
+    )
+    run.add_argument("--record", metavar="DIR", default=None, help="record raw link events in DIR")
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from devicegw.runtime.gateway import Gateway
+    from devicegw.runtime.systemd_notify import Notifier
+
+    config, warnings = checked(args.config, record=args.record)
+    configure_logging(args.log_level or config.gateway.log_level, config.gateway.log_format)
+    for warning in warnings:
+        log.warning("INSECURE: %s", warning)
+    scale = args.time_scale if args.time_scale is not None else config.gateway.time_scale
+    try:
+        # Under systemd (Type=notify): READY=1, WATCHDOG=1, STATUS= (deploy/systemd).
+        gateway = Gateway(config, clock=make_clock(scale), notifier=Notifier.from_environment())
+    except ConfigError as exc:
+        error(exc)
+        return EXIT_CONFIG
+    except (GatewayError, OSError) as exc:
+        error(f"cannot start: {exc}")
+        return EXIT_FATAL
+    try:
+        return run_until_signalled(gateway.run())
+    except Exception as exc:  # noqa: BLE001 - one line for anything before the tasks run
+        # Every running task is supervised (devicegw/runtime/supervise.py); what arrives
+        # here failed before the tasks started. One line here, the traceback in the log.
+        log.critical("gateway could not start", exc_info=True)
+        error(f"cannot start: {type(exc).__name__}: {exc}")
+        return EXIT_FATAL
