@@ -144,7 +144,7 @@ async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> i
             config = demo_config(
                 broker.port, str(sim.path), time_scale, Path(tmp) / "data", ox_port
             )
-            gateway = Gateway(config, clock=clock)
+            gateway = await stack.enter_async_context(Gateway(config, clock=clock))
             topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
             gw_task = asyncio.create_task(gateway.run(), name="gateway")
             try:
