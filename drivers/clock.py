@@ -121,11 +121,6 @@ class ManualClock:
             if not fut.done():
                 fut.set_result(None)
 
-    def next_deadline(self) -> float | None:
-        """Earliest time a sleeper is waiting for, if any."""
-        pending = [t for t, f in self._waiters if not f.done()]
-        return min(pending) if pending else None
-
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)

@@ -70,7 +70,7 @@ class MqttSink:
 
     def dose_record(self, device_id: str, record: DoseRecord) -> None:
         """The blinded event and its restricted detail, committed in one transaction."""
-        self._pub.publish_dose(
+        self._pub.commit_dose(
             self._topics.dose(device_id),
             record.event,
             device_id=device_id,
