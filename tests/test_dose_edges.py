@@ -8,12 +8,17 @@ and its restricted detail (docs/blinding.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from devicegw.config import Config, parse_config
-from devicegw.contract.payloads import DoseRecord
-from devicegw.contract.vocabulary import REASON_FEED, Feed, Verdict
+from devicegw.contract.payloads import DoseRecord, dose_event_id
+from devicegw.contract.vocabulary import REASON_FEED, Feed, TopicKind, Verdict
 from devicegw.core.vm1_pipeline import Vm1Pipeline
+from devicegw.storage.journal import SessionJournal
+from devicegw.storage.outbox import Outbox
+from devicegw.storage.store import Store
 from drivers.vm1.messages import AckResult, DeviceState, EndReason, GetSession, MsgType
 from drivers.vm1.stream import encode_message_frame
 from tests.session_stream import T0, ListSink, StreamBuilder, feed
@@ -396,3 +401,101 @@ def test_an_ack_mid_session_is_not_a_lost_frame() -> None:
     feed(p, b)
     record = only_record(sink)
     assert record.detail.link.frames_lost == 0 == p.health.frames_lost
+
+
+# -- session-counter resets -------------------------------------------------------------
+
+
+class OutboxSink(ListSink):
+    """Commits each dose record to a real outbox, as the daemon's publisher does."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        super().__init__()
+        self.outbox = outbox
+
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
+        super().dose_record(device_id, record)
+        self.outbox.add(
+            TopicKind.DOSE,
+            f"dose/{device_id}",
+            record.event.model_dump_json().encode(),
+            qos=1,
+            retain=False,
+            now=record.event.times.gateway_end_utc,
+            device_id=device_id,
+            event_id=str(record.event.event_id),
+            detail=(f"dose-detail/{device_id}", record.detail.model_dump_json().encode()),
+        )
+
+
+def stored_pipeline(tmp_path: Path) -> tuple[Vm1Pipeline, OutboxSink, Store]:
+    store = Store(tmp_path / "gw.sqlite3")
+    sink = OutboxSink(Outbox(store))
+    cfg = config()
+    p = Vm1Pipeline(cfg.devices[0], cfg, sink, journal=SessionJournal(store))
+    p.link_up(T0)
+    return p, sink, store
+
+
+def test_counter_reset_seen_in_ident_gives_new_ids_and_drops_nothing(tmp_path: Path) -> None:
+    p, sink, store = stored_pipeline(tmp_path)
+    b = StreamBuilder()
+    b.ident(last_session_no=41)
+    run_session(b, fill=3000, residual=105, seconds=435)  # session 42
+    n = feed(p, b)
+    p.link_down(b.out[-1].utc)
+    # Board swapped: the device's counter starts again from 0.
+    b.reboot()
+    b.ident(last_session_no=0)
+    b.start(session_no=1)
+    b.nebulize(435)
+    b.end(EndReason.COMPLETE, residual=105, neb_ms=435_000, session_no=1)
+    p.link_up(b.out[n].utc)
+    feed(p, b, n)
+    first, second = sink.records
+    assert first.event.event_id == dose_event_id("VM-1", "VM1-000123", 42)  # unchanged
+    assert second.event.event_id == dose_event_id("VM-1", "VM1-000123", 1, epoch=1)
+    assert "device_counter_reset" in second.event.reasons
+    assert "device_counter_reset" not in first.event.reasons
+    store.close()
+
+
+def test_recorded_session_number_starting_again_is_a_new_dose(tmp_path: Path) -> None:
+    """The device reports session 42 again, after 42 was recorded: published, not dropped."""
+    p, sink, store = stored_pipeline(tmp_path)
+    b = StreamBuilder()
+    b.ident(last_session_no=41)
+    run_session(b, fill=3000, residual=105, seconds=435)
+    b.status(DeviceState.READY)
+    b.skip(3600)
+    run_session(b, fill=3000, residual=1605, seconds=220)  # 42 again: another dose
+    feed(p, b)
+    first, second = sink.records
+    assert first.event.event_id != second.event.event_id
+    assert second.event.event_id == dose_event_id("VM-1", "VM1-000123", 42, epoch=1)
+    assert "device_counter_reset" in second.event.reasons
+    assert second.event.verdict is Verdict.PARTIAL
+    store.close()
+
+
+def test_the_same_session_fetched_again_is_still_recorded_once(tmp_path: Path) -> None:
+    """Not a reset: the device's record of a session already recorded live."""
+    p, sink, store = stored_pipeline(tmp_path)
+    b = StreamBuilder()
+    b.ident(last_session_no=41)
+    run_session(b, fill=3000, residual=105, seconds=435)
+    b.record(
+        {
+            "session_no": 42,
+            "start_wall_s": 1_795_507_200,
+            "fill_ul": 3000,
+            "reason": EndReason.COMPLETE,
+            "neb_ms": 435_000,
+            "cum_ul": 2900,
+            "residual_ul": 105,
+            "end_wall_s": 1_795_507_635,
+        }
+    )
+    feed(p, b)
+    assert len(sink.records) == 1
+    store.close()

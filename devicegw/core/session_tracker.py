@@ -406,8 +406,11 @@ class SessionTracker:
                 events.append(FetchSessionRecord(prev.session_no))
             self._awaiting[prev.session_no] = prev
             self._open = None
-        if msg.session_no in self._finished:
-            return events
+        reused = msg.session_no in self._finished
+        if reused:
+            # A device sends SESSION_START once, when a treatment starts: a finished number
+            # starting again means its counter started again (board swap, re-flash).
+            self._finished.clear()
         fill = None if msg.fill_ul == RESERVOIR_UNKNOWN_UL else msg.fill_ul
         self._open = _Open(
             session_no=msg.session_no,
@@ -418,6 +421,8 @@ class SessionTracker:
             start_utc=utc,
             last_dev=dev,
         )
+        if reused:
+            self._open.flags.append(Reason.DEVICE_COUNTER_RESET)
         events.append(SessionStarted(msg.session_no, fill))
         return events
 
