@@ -239,7 +239,9 @@ class Gateway:
         runners += self.runners
         notifier = self.notifier
         if notifier is not None:  # last: READY=1 once everything else runs
-            runners.append(Task("systemd-notify", lambda: systemd_notify.run(self, notifier)))
+            runners.append(
+                Task("systemd-notify", lambda: systemd_notify.run(self.snapshot, notifier))
+            )
         return runners
 
     def snapshot(self) -> health.GatewaySnapshot:
