@@ -159,16 +159,21 @@ class Gateway:
         def status_payload(online: bool) -> bytes:
             return encode(gateway_status(config, online=online, since=started if online else None))
 
-        self.publisher = MqttPublisher(
-            config.broker,
-            client_id=config.broker.client_id
-            or f"devicegw-{config.gateway.site}-{config.gateway.id}",
-            clock=clock,
-            store=self.store,
-            status_topic=self.topics.gateway_status(),
-            status_payload=status_payload,
-            protocol=config.broker.protocol,
-        )
+        try:  # a broker setting refused here (e.g. an unreadable CA file): close the store
+            self.publisher = MqttPublisher(
+                config.broker,
+                client_id=config.broker.client_id
+                or f"devicegw-{config.gateway.site}-{config.gateway.id}",
+                clock=clock,
+                store=self.store,
+                status_topic=self.topics.gateway_status(),
+                status_payload=status_payload,
+                protocol=config.broker.protocol,
+            )
+        except BaseException:
+            if self._owns_store:
+                self.store.close()
+            raise
         self.sink = MqttSink(self.publisher, self.topics)
         self.journal = SessionJournal(self.store)
         self.audit = AuditTrail(self.store, clock=clock, gateway_id=config.gateway.id)
