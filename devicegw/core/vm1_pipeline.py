@@ -1,4 +1,10 @@
-"""A VM-1's bytes -> sessions -> dose events, with no I/O and no clock of its own.
+"""A VM-1's bytes -> sessions -> dose events; no link, no clock and no database of its own.
+
+It reads nothing and opens nothing: the caller hands it bytes and clock
+readings. Its outputs do cause I/O, through what the runtime injects: the
+sink (dose records, statuses, telemetry -> the outbox, SQLite), the session
+journal and the audit trail (SQLite), all reached only through the small
+protocols of :mod:`devicegw.core.ports` and :class:`GatewaySink`.
 
 The live runner (``nebulizer_runner.py``) and the replayer feed the same
 pipeline with received bytes and the gateway's clock readings at receipt, so a

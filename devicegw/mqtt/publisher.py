@@ -177,7 +177,7 @@ class MqttPublisher:
         self._wake.set()
         return result
 
-    def publish_dose(
+    def commit_dose(
         self,
         topic: str,
         payload: BaseModel,
@@ -187,7 +187,8 @@ class MqttPublisher:
         detail_topic: str,
         detail: BaseModel,
     ) -> AddResult:
-        """A dose event and its restricted detail: one transaction, unique by ``event_id``."""
+        """Commit a dose event and its restricted detail to the outbox, in one transaction,
+        unique by ``event_id``; the connection loop publishes them (now, or after an outage)."""
         result = self.outbox.add(
             TopicKind.DOSE,
             topic,
@@ -224,9 +225,6 @@ class MqttPublisher:
     @property
     def connected(self) -> asyncio.Event:
         return self._connected
-
-    def is_drained(self) -> bool:
-        return self.outbox.depth() == 0
 
     # -- connection loop -------------------------------------------------------
 

@@ -85,6 +85,10 @@ class NebulizerRunner:
         self._identified = asyncio.Event()
 
     @property
+    def task_name(self) -> str:
+        return f"device-{self.device.id}"
+
+    @property
     def tracker(self) -> SessionTracker:
         return self.pipeline.tracker
 
@@ -116,16 +120,18 @@ class NebulizerRunner:
                 reason = str(exc)
                 self.health.last_error = str(exc)
                 log.warning("device link lost: %s", exc, extra={"device_id": self.device.id})
-            except Exception as exc:
-                # A bug must not take the other devices down, and must not be hidden either.
+            except Exception:
+                # Anything else (a bug) is the supervisor's: logged once, this runner restarted
+                # with backoff, no other device affected (devicegw/runtime/supervise.py).
                 reason = "internal error"
-                self.health.last_error = f"internal error: {exc!r}"
-                log.exception(
-                    "device runner failed; restarting", extra={"device_id": self.device.id}
-                )
+                raise
             finally:
                 await self._on_link_closed(link, reason)
             await self._clock.sleep(self._backoff.next_delay())
+
+    def crashed(self, error: str) -> None:
+        """The supervisor restarts this runner after an unexpected failure; status says why."""
+        self.health.last_error = f"internal error: {error}"
 
     def _refused(self, exc: UnexpectedDeviceError) -> None:
         """ERROR the first time (and when the answer changes), DEBUG while it repeats."""

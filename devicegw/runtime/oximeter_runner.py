@@ -97,7 +97,16 @@ class OximeterRunner:
         self._clock = clock
         self._backoff = backoff or Backoff(0.5, 30.0)
 
+    @property
+    def task_name(self) -> str:
+        return f"oximeter-{self.oximeter.id}"
+
+    def crashed(self, error: str) -> None:
+        """The supervisor restarts this runner after an unexpected failure; status says why."""
+        self.health.last_error = f"internal error: {error}"
+
     async def run(self) -> None:
+        """Keep the oximeter connected until cancelled; a bug is the supervisor's (supervise.py)."""
         while True:
             source = await open_until_up(
                 self._source_factory,

@@ -159,14 +159,6 @@ class Outbox:
                 "UPDATE outbox SET sent_utc = ? WHERE id = ?", (now.isoformat(), row.id)
             )
 
-    def has_event(self, event_id: str) -> bool:
-        return (
-            self.store.conn.execute(
-                "SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)
-            ).fetchone()
-            is not None
-        )
-
     def depth(self) -> int:
         row = self.store.conn.execute(
             "SELECT COUNT(*) FROM outbox WHERE sent_utc IS NULL"

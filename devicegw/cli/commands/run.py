@@ -49,8 +49,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (GatewayError, OSError) as exc:
         error(f"cannot start: {exc}")
         return EXIT_FATAL
+
+    async def serve() -> None:
+        async with gateway:  # closes the store and the recorder on the way out
+            await gateway.run()
+
     try:
-        return run_until_signalled(gateway.run())
+        return run_until_signalled(serve())
     except Exception as exc:  # noqa: BLE001 - one line for anything before the tasks run
         # Every running task is supervised (devicegw/runtime/supervise.py); what arrives
         # here failed before the tasks started. One line here, the traceback in the log.
