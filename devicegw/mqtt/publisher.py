@@ -12,10 +12,11 @@ PUBACK; after a reconnect whatever was not acknowledged is sent again, with
 effort: a bounded in-memory buffer that drops the oldest and counts the drops.
 
 Every message carries ``delivery = {birth_seq, seq}``: ``birth_seq`` grows on
-every connection (persisted), ``seq`` counts messages within it, per feed
-(docs/blinding.md): the blinded feed (the birth is its 0) and the restricted
-feed are numbered apart, so a restricted message (a device alarm, say) never
-shows as a gap to a blinded subscriber. The last will is the offline gateway
+every successful connection (persisted; a failed attempt uses no number),
+``seq`` counts messages within it, per feed (docs/blinding.md): the blinded
+feed (the birth is its 0) and the restricted feed are numbered apart, so a
+restricted message (a device alarm, say) never shows as a gap to a blinded
+subscriber. The last will is the offline gateway
 status of the same ``birth_seq``.
 """
 
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -230,11 +232,20 @@ class MqttPublisher:
 
     # -- connection loop -------------------------------------------------------
 
-    def _next_birth(self) -> int:
-        birth = self.stats.birth_seq + 1
-        self._store.set_meta("birth_seq", str(birth))
+    def _candidate_birth(self) -> int:
+        """The ``birth_seq`` this connection will have if it succeeds (its will carries it)."""
+        return self.stats.birth_seq + 1
+
+    def _born(self, birth: int) -> None:
+        """The broker accepted the connection: ``birth`` is used, persist it (docs/mqtt.md).
+
+        A failed attempt uses no number: ``birth_seq`` counts connections, not attempts.
+        """
         self.stats.birth_seq = birth
-        return birth
+        try:
+            self._store.set_meta("birth_seq", str(birth))
+        except sqlite3.Error as exc:  # a full disk: the next birth is still higher in memory
+            log.error("cannot persist birth_seq %d: %s", birth, exc)  # noqa: TRY400 - no traceback
 
     def _make_client(self, birth_seq: int) -> aiomqtt.Client:
         s = self._settings
@@ -264,10 +275,11 @@ class MqttPublisher:
         backoff = Backoff(self._settings.reconnect_initial_s, self._settings.reconnect_max_s)
         first_failure = True
         while True:
-            birth_seq = self._next_birth()
+            birth_seq = self._candidate_birth()
             client = self._make_client(birth_seq)
             try:
                 async with client:
+                    self._born(birth_seq)
                     self.stats.connected = True
                     self.stats.connects += 1
                     self.stats.protocol = "5" if self._use_v5 else "3.1.1"
