@@ -451,7 +451,13 @@ def test_reopening_restores_dropped_triggers_and_warns(
 
 def test_the_api_has_no_way_to_change_a_record() -> None:
     public = {name for name in dir(AuditTrail) if not name.startswith("_")}
-    assert public == {"append", "record_assignments", "record_session_finished", "head"}
+    assert public == {
+        "append",
+        "flush_coalesced",
+        "record_assignments",
+        "record_session_finished",
+        "head",
+    }
 
 
 def test_append_joins_an_outer_transaction(store: Store, clock: ManualClock) -> None:

@@ -43,6 +43,9 @@ class AuditKind(StrEnum):
     session_finished = "session_finished"
     #: body: what was fetched from the device log (session numbers, why).
     reconciliation = "reconciliation"
+    #: body: kind, count, first_utc, last_utc, limit, window_s: a device's records of
+    #: one kind beyond the rate limit, counted instead of written (issue 14 item 7).
+    audit_coalesced = "audit_coalesced"
 
 
 class AuditLog(Protocol):

@@ -231,5 +231,6 @@ class Gateway:
             if self.recorder is not None:
                 self.recorder.close()
             with contextlib.suppress(Exception):
+                self.audit.flush_coalesced(everything=True)
                 self.audit.append(AuditKind.gateway_stop, body={"reason": stop_reason})
             log.info("gateway stopped", extra={"gateway_id": self.config.gateway.id})

@@ -342,6 +342,7 @@ class AuditTrail:
         self._clock = clock
         self.gateway_id = gateway_id
         self._lock = threading.Lock()
+        self._coalescer = _Coalescer()
         with self._transaction() as cur:
             existed = _has_table(store.conn)
             present = {
@@ -371,9 +372,55 @@ class AuditTrail:
         subject_id: str | None = None,
         session_no: int | None = None,
         body: Mapping[str, object],
-    ) -> AuditRecord:
-        """Append one record and return it once it is on disk."""
+    ) -> AuditRecord | None:
+        """Append one record and return it once it is on disk.
+
+        A device's repeated identification/refusal records are rate limited
+        (:class:`_Coalescer`): above the limit nothing is appended (``None``) and
+        the suppressed records are summarised in one ``audit_coalesced`` record.
+        """
         kind = AuditKind(kind)
+        if device_id is not None and kind in COALESCED_KINDS:
+            for summary in self._coalescer.flush_due(self._clock.monotonic()):
+                self._append_summary(summary)
+            if not self._coalescer.admit(device_id, kind, self._clock.monotonic(), self._now()):
+                return None
+        return self._append_now(
+            kind, device_id=device_id, subject_id=subject_id, session_no=session_no, body=body
+        )
+
+    def flush_coalesced(self, *, everything: bool = False) -> None:
+        """Write the summaries of coalesced records whose window has closed (all at a stop)."""
+        now = float("inf") if everything else self._clock.monotonic()
+        for summary in self._coalescer.flush_due(now):
+            self._append_summary(summary)
+
+    def _append_summary(self, summary: _Suppressed) -> None:
+        self._append_now(
+            AuditKind.audit_coalesced,
+            device_id=summary.device_id,
+            body={
+                "kind": summary.kind.value,
+                "count": summary.count,
+                "first_utc": summary.first_utc,
+                "last_utc": summary.last_utc,
+                "limit": COALESCE_LIMIT,
+                "window_s": COALESCE_WINDOW_S,
+            },
+        )
+
+    def _now(self) -> str:
+        return _utc_text(self._clock.now())
+
+    def _append_now(
+        self,
+        kind: AuditKind,
+        *,
+        device_id: str | None = None,
+        subject_id: str | None = None,
+        session_no: int | None = None,
+        body: Mapping[str, object],
+    ) -> AuditRecord:
         body_json = self._body_json(body)
         with self._transaction() as cur:
             return self._append_in(
@@ -452,7 +499,7 @@ class AuditTrail:
         restricted detail): it is read by engineering roles, like the detail feed.
         """
         event, detail = record.event, record.detail
-        return self.append(
+        return self._append_now(
             AuditKind.session_finished,
             device_id=event.device.device_id,
             subject_id=event.subject_id,
@@ -534,6 +581,75 @@ class AuditTrail:
             ),
         )
         return record
+
+
+#: Device-originated kinds a device can repeat at will (an IDENT flood): rate limited.
+COALESCED_KINDS = frozenset({AuditKind.device_identified, AuditKind.device_refused})
+#: Per device and kind: at most this many records per window; the rest are counted.
+COALESCE_LIMIT = 10
+COALESCE_WINDOW_S = 60.0
+
+
+@dataclass(slots=True)
+class _Suppressed:
+    device_id: str
+    kind: AuditKind
+    count: int
+    first_utc: str
+    last_utc: str
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    written: int = 0
+    suppressed: _Suppressed | None = None
+
+
+class _Coalescer:
+    """At most :data:`COALESCE_LIMIT` records per device and kind per window.
+
+    Beyond it, records are counted (first and last time) and summarised in one
+    ``audit_coalesced`` record when the window closes, with a WARNING when the
+    suppression starts: a device cannot flood the trail (issue 14 item 7), and
+    the trail still says that it tried, how often and when.
+    """
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, AuditKind], _Window] = {}
+
+    def admit(self, device_id: str, kind: AuditKind, mono: float, utc: str) -> bool:
+        key = (device_id, kind)
+        window = self._windows.get(key)
+        if window is None or mono - window.start >= COALESCE_WINDOW_S:
+            window = self._windows[key] = _Window(start=mono)
+        if window.written < COALESCE_LIMIT:
+            window.written += 1
+            return True
+        if window.suppressed is None:
+            window.suppressed = _Suppressed(device_id, kind, 0, utc, utc)
+            log.warning(
+                "device %s repeats %s beyond %d records per %.0f s: coalescing them in the "
+                "audit trail (count, first and last time)",
+                printable(device_id),
+                kind.value,
+                COALESCE_LIMIT,
+                COALESCE_WINDOW_S,
+                extra={"device_id": device_id},
+            )
+        window.suppressed.count += 1
+        window.suppressed.last_utc = utc
+        return False
+
+    def flush_due(self, mono: float) -> list[_Suppressed]:
+        """Summaries of windows that have closed (all of them for ``inf``)."""
+        due: list[_Suppressed] = []
+        for key, window in list(self._windows.items()):
+            if mono - window.start >= COALESCE_WINDOW_S:
+                if window.suppressed is not None:
+                    due.append(window.suppressed)
+                del self._windows[key]
+        return due
 
 
 class _Transaction:
