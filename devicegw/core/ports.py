@@ -46,6 +46,10 @@ class AuditKind(StrEnum):
     #: body: kind, count, first_utc, last_utc, limit, window_s: a device's records of
     #: one kind beyond the rate limit, counted instead of written (issue 14 item 7).
     audit_coalesced = "audit_coalesced"
+    #: body: why (operator confirmed --new-store), the witness it replaces.
+    store_created = "store_created"
+    #: body: problems quick_check found at start, whether rebuilding indexes repaired them.
+    store_check = "store_check"
 
 
 class AuditLog(Protocol):

@@ -86,6 +86,7 @@ class PublisherStats:
     telemetry_published: int = 0
     telemetry_dropped: int = 0
     redeliveries: int = 0
+    quarantined: int = 0  # rows refused because their payload changed (see the outbox)
     protocol: str = ""
     last_error: str | None = None
 
@@ -369,6 +370,12 @@ class MqttPublisher:
             rows = self.outbox.pending(after_id=last_id, limit=free) if free > 0 else []
             for row in rows:
                 last_id = row.id
+                problem = self.outbox.check_binding(row)
+                if problem is not None:
+                    # Changed after its audit record bound it: refused, kept, reported.
+                    self.outbox.quarantine(row.id, problem)
+                    self.stats.quarantined += 1
+                    continue
                 payload = stamp(
                     row.payload,
                     birth_seq=birth_seq,

@@ -43,10 +43,13 @@ from devicegw.runtime.supervise import Restarts, spawn
 from devicegw.storage.audit import AuditTrail
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
+from devicegw.storage.witness import StoreOpening, open_checked, write_witness
 from drivers.clock import Clock
 from drivers.transport.base import ByteLink
 
 log = logging.getLogger(__name__)
+
+WITNESS_INTERVAL_S = 60.0
 
 
 class MqttSink:
@@ -112,13 +115,20 @@ class Gateway:
         link_factory: Callable[[DeviceSettings], Callable[[], ByteLink]] = default_link_factory,
         store: Store | None = None,
         notifier: systemd_notify.Notifier | None = None,
+        new_store: bool = False,
     ) -> None:
         self.config = config
         # systemd readiness/watchdog (deploy/systemd); None: not run as a notify service.
         self.notifier = notifier
         self.clock = clock
         self.topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
-        self.store = store if store is not None else Store.in_dir(config.gateway.data_dir)
+        # Checked against its witness file and with quick_check (devicegw/storage/witness.py).
+        self.store_opening = (
+            StoreOpening(store=store)
+            if store is not None
+            else open_checked(config.gateway.data_dir, new_store=new_store)
+        )
+        self.store = self.store_opening.store
         self.restarts = Restarts()
         started = clock.now()
 
@@ -182,6 +192,43 @@ class Gateway:
             for bed in self.beds.values():
                 bed.tick(now)
 
+    def _audit_store_opening(self) -> None:
+        opening = self.store_opening
+        if opening.created and opening.replaced_witness is not None:
+            self.audit.append(
+                AuditKind.store_created,
+                body={
+                    "why": "the operator confirmed a new store (--new-store)",
+                    "replaced_witness": opening.replaced_witness,
+                },
+            )
+        elif opening.replaced_witness is not None:
+            self.audit.append(
+                AuditKind.store_created,
+                body={
+                    "why": "the operator accepted a store other than the witnessed one "
+                    "(--new-store)",
+                    "replaced_witness": opening.replaced_witness,
+                },
+            )
+        if opening.problems:
+            self.audit.append(
+                AuditKind.store_check,
+                body={"problems": opening.problems[:20], "repaired": opening.repaired},
+            )
+
+    def _write_witness(self) -> None:
+        with contextlib.suppress(Exception):  # a damaged or full store: logged where it failed
+            head = str(self.audit.head())
+            write_witness(self.config.gateway.data_dir, head, now=self.clock.now())
+
+    async def _store_upkeep(self) -> None:
+        """Every minute: the witness file, and the audit trail's coalesced summaries."""
+        while True:
+            await self.clock.sleep(WITNESS_INTERVAL_S)
+            self.audit.flush_coalesced()
+            self._write_witness()
+
     async def run(self) -> None:
         """Run until cancelled (SIGTERM/SIGINT cancel the main task)."""
         log.info(
@@ -199,6 +246,8 @@ class Gateway:
             AuditKind.gateway_start,
             body={"version": __version__, "pid": os.getpid(), "host": socket.gethostname()},
         )
+        self._audit_store_opening()
+        self._write_witness()
         stop_reason = "error"
         try:
             # Every task is supervised: a failure nobody expected is logged and that task
@@ -207,6 +256,7 @@ class Gateway:
                 clock, restarts = self.clock, self.restarts
                 spawn(tg, "mqtt-publisher", self.publisher.run, clock=clock, restarts=restarts)
                 spawn(tg, "health", lambda: health.run(self), clock=clock, restarts=restarts)
+                spawn(tg, "store-upkeep", self._store_upkeep, clock=clock, restarts=restarts)
                 if self.beds:
                     spawn(tg, "spo2-ticker", self._tick_beds, clock=clock, restarts=restarts)
                 for ox_runner in self.oximeter_runners:
@@ -233,4 +283,5 @@ class Gateway:
             with contextlib.suppress(Exception):
                 self.audit.flush_coalesced(everything=True)
                 self.audit.append(AuditKind.gateway_stop, body={"reason": stop_reason})
+            self._write_witness()
             log.info("gateway stopped", extra={"gateway_id": self.config.gateway.id})

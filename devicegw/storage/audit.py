@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from devicegw.core.ports import AuditKind
 from devicegw.safe_text import printable
+from devicegw.storage.outbox import payload_sha256
 from devicegw.storage.store import Store, StoreError
 from drivers.clock import Clock
 
@@ -515,6 +516,10 @@ class AuditTrail:
                 "end_reason": detail.end_reason,
                 "data_source": event.data_source,
                 "config_sha256": event.config_sha256,
+                # The stored bytes of the event and its detail (as the outbox holds them,
+                # devicegw.mqtt.publisher.encode): a changed payload breaks this binding.
+                "payload_sha256": payload_sha256(event.model_dump_json().encode("utf-8")),
+                "detail_sha256": payload_sha256(detail.model_dump_json().encode("utf-8")),
             },
         )
 

@@ -9,6 +9,7 @@ one backup) holds everything that makes a dose record.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,21 @@ from devicegw.errors import GatewayError
 
 class StoreError(GatewayError):
     """The durable store cannot be opened or written."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Is this SQLite (or OS) error a full disk or quota (SQLITE_FULL, ENOSPC, EDQUOT)?"""
+    while exc is not None:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+                return True
+            if "disk is full" in str(exc) or "disk I/O error" in str(exc):
+                return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
 
 
 class Store:
@@ -70,6 +86,27 @@ class Store:
 
     def _meta_table(self) -> None:
         self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+
+    def quick_check(self, *, full: bool = False) -> list[str]:
+        """SQLite's ``quick_check`` (or the full ``integrity_check``): the problems, [] if none.
+
+        A damaged file that SQLite cannot even read is one problem, not an exception.
+        """
+        pragma = "integrity_check" if full else "quick_check"
+        try:
+            rows = self.conn.execute(f"PRAGMA {pragma}(100)").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return [f"{pragma} could not read the file: {exc}"]
+        problems = [str(r[0]) for r in rows]
+        return [] if problems == ["ok"] else problems
+
+    def repair_indexes(self) -> list[str]:
+        """Rebuild every index from its table (a damaged index holds no data); problems left."""
+        try:
+            self.conn.execute("REINDEX")
+        except sqlite3.DatabaseError as exc:
+            return [f"REINDEX failed: {exc}"]
+        return self.quick_check(full=True)
 
     def size_bytes(self) -> int:
         """Disk used by the store, WAL included."""
