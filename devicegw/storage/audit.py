@@ -789,9 +789,22 @@ def verify(store: Store, *, witness: AuditHead | None = None) -> VerifyResult:
             ok=False, records=count, head=AuditHead(count, prev_hash), first_bad=seq, reason=reason
         )
 
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
+    saved = conn.text_factory
+    # Damaged text must name its record (as an edit), not raise UnicodeDecodeError.
+    conn.text_factory = _lenient_text
     try:
-        for row in rows:
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
+    except sqlite3.DatabaseError as exc:
+        conn.text_factory = saved
+        return fail(1, f"the audit table cannot be read (damaged store): {exc}")
+    try:
+        for row in _rows_or_damage(rows):
+            if isinstance(row, sqlite3.DatabaseError):
+                return fail(
+                    count + 1,
+                    f"the store is damaged from here on (SQLite: {row}); "
+                    f"records after {count} cannot be read",
+                )
             record, malformed = _row_to_record(row)
             expected = count + 1
             if record.seq > expected:
@@ -825,6 +838,7 @@ def verify(store: Store, *, witness: AuditHead | None = None) -> VerifyResult:
             prev_hash = record.hash
     finally:
         rows.close()
+        conn.text_factory = saved
     if witness is not None and not witnessed and witness.count > 0:
         return fail(
             count + 1,
@@ -832,6 +846,75 @@ def verify(store: Store, *, witness: AuditHead | None = None) -> VerifyResult:
             "truncated",
         )
     return VerifyResult(ok=True, records=count, head=AuditHead(count, prev_hash))
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _rows_or_damage(
+    rows: sqlite3.Cursor,
+) -> Generator[tuple[Any, ...] | sqlite3.DatabaseError, None, None]:
+    """The cursor's rows; a read error ends them as one last item instead of raising."""
+    while True:
+        try:
+            row = rows.fetchone()
+        except sqlite3.DatabaseError as exc:
+            yield exc
+            return
+        if row is None:
+            return
+        yield row
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReport:
+    """``devicegw audit verify``: the whole store, one line per finding."""
+
+    audit: VerifyResult
+    integrity: list[str]
+    outbox: list[str]
+    quarantined: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.audit.ok and not self.integrity and not self.outbox
+
+    def lines(self) -> list[str]:
+        out = [self.audit.summary()]  # first: the chain (what a witness records)
+        out.append(
+            "store integrity_check: OK"
+            if not self.integrity
+            else f"store integrity_check: FAILED: {'; '.join(self.integrity[:20])}"
+        )
+        if self.outbox:
+            out += [f"outbox: FAILED: {p}" for p in self.outbox]
+        else:
+            out.append("outbox: OK (every row readable, every dose payload as its audit bound it)")
+        out += [f"quarantined (not published): {q}" for q in self.quarantined]
+        return out
+
+
+def verify_store(store: Store, *, witness: AuditHead | None = None) -> StoreReport:
+    """The full check: SQLite's integrity_check, the audit chain, the outbox against the chain."""
+    from devicegw.storage.outbox import verify_outbox
+
+    conn = store.conn
+    try:
+        quarantined = [
+            f"outbox row {r[0]}: {r[1]}"
+            for r in conn.execute(
+                "SELECT id, quarantined FROM outbox WHERE quarantined IS NOT NULL ORDER BY id"
+            )
+        ]
+    except sqlite3.DatabaseError:
+        quarantined = []
+    return StoreReport(
+        audit=verify(store, witness=witness),
+        integrity=store.quick_check(full=True),
+        outbox=verify_outbox(conn),
+        quarantined=quarantined,
+    )
 
 
 def summarize_body(record: AuditRecord, *, width: int = 100) -> str:

@@ -81,6 +81,9 @@ def binding_problem(conn: sqlite3.Connection, row: OutboxRow) -> str | None:
         ).fetchall()
     except sqlite3.OperationalError:  # no audit table: nothing binds it
         return None
+    except sqlite3.DatabaseError as exc:
+        what = f"outbox row {row.id} ({row.kind} {row.event_id})"
+        return f"{what}: its audit binding is unreadable: {exc}"
     for seq, body in bodies:
         try:
             value = json.loads(body)
@@ -369,3 +372,36 @@ def _decode(r: tuple[object, ...]) -> tuple[OutboxRow | None, str | None]:
         )
     except (UnicodeDecodeError, ValueError, TypeError) as exc:
         return None, f"undecodable row: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def verify_outbox(conn: sqlite3.Connection) -> list[str]:
+    """Read-only: every outbox row readable, every dose payload as its audit record bound it.
+
+    One line per problem, naming the row (``devicegw audit verify``).
+    """
+    problems: list[str] = []
+    try:
+        has = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
+        ).fetchone()
+    except sqlite3.DatabaseError as exc:
+        return [f"outbox: cannot be read: {exc}"]
+    if has is None:
+        return []
+    saved = conn.text_factory
+    conn.text_factory = bytes
+    try:
+        raw = conn.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return [f"outbox: cannot be read whole (damaged page): {exc}"]
+    finally:
+        conn.text_factory = saved
+    for r in raw:
+        row, why = _decode(r)
+        if row is None:
+            problems.append(f"outbox row {r[0]}: {why}")
+            continue
+        bad = binding_problem(conn, row)
+        if bad is not None:
+            problems.append(bad)
+    return problems

@@ -12,10 +12,12 @@ start (:func:`open_checked`):
 - a store that does not hold the witnessed record ``N`` with that hash (an
   older copy, another gateway's store, a rewritten trail) is refused the same
   way;
-- SQLite's ``quick_check`` runs; damaged indexes are rebuilt (they hold no
-  data), anything else is reported loudly and audited (``store_check``), and
-  the gateway runs on: rows it cannot read are quarantined one by one
+- SQLite's ``quick_check`` runs; a damage is reported loudly (CRITICAL) and
+  audited (``store_check``); ``REINDEX`` is tried (it repairs an index whose
+  entries are wrong, not a page SQLite cannot parse), and the gateway runs
+  on: rows it cannot read are quarantined one by one
   (:class:`devicegw.storage.outbox.Outbox`), the rest are published.
+  ``devicegw audit verify`` reports the damage until the store is restored.
 
 The witness is rewritten at start, every minute and at stop; it can lag the
 store (never lead it), which the check allows.
