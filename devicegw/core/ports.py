@@ -8,7 +8,7 @@ imports SQLite or the storage package (``devicegw.storage`` implements them).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -84,6 +84,8 @@ class SessionJournalPort(Protocol):
     ) -> contextlib.AbstractContextManager[None]: ...
 
     def is_recorded(self, event_id: str) -> bool: ...
+
+    def commit_decided(self, key: str, write: Callable[[], object]) -> bool: ...
 
     def watermark(self, model: str, serial_no: str) -> int | None: ...
 

@@ -166,18 +166,30 @@ class MqttPublisher:
         device_id: str | None,
         event_id: str | None = None,
     ) -> AddResult:
-        """Commit to the outbox (durable on return) and wake the sender."""
-        result = self.outbox.add(
-            kind,
-            topic,
-            encode(payload),
-            qos=1,
-            retain=retain,
-            now=self._clock.now(),
-            device_id=device_id,
-            event_id=event_id,
-        )
-        self._wake.set()
+        """Commit to the outbox (durable on return) and wake the sender.
+
+        On a full disk the write is held in memory (the store's :class:`HeldWrites`;
+        a status under its topic, latest wins) and committed when space returns.
+        """
+        body, now = encode(payload), self._clock.now()
+        result = AddResult(added=False, conflict=False)
+
+        def write() -> None:
+            nonlocal result
+            result = self.outbox.add(
+                kind,
+                topic,
+                body,
+                qos=1,
+                retain=retain,
+                now=now,
+                device_id=device_id,
+                event_id=event_id,
+            )
+            self._wake.set()
+
+        key = f"{kind}:{topic}" if kind == TopicKind.STATUS else f"{kind}:{topic}:{id(body)}"
+        self._store.held.run(key, write)
         return result
 
     def publish_dose(
@@ -342,7 +354,11 @@ class MqttPublisher:
         return seq
 
     async def _send_loop(self, client: aiomqtt.Client, birth_seq: int) -> None:
-        pruned = self.outbox.prune()  # bound the disk: old sent records beyond retention
+        try:
+            pruned = self.outbox.prune()  # bound the disk: old sent records beyond retention
+        except sqlite3.Error as exc:  # a full disk: pruning waits for the next connection
+            log.warning("cannot prune the outbox now: %s", exc)
+            pruned = 0
         if pruned:
             log.info("pruned sent records from the outbox", extra={"rows": pruned})
         self._seq = {}
@@ -384,7 +400,8 @@ class MqttPublisher:
                 )
                 if row.attempts:
                     self.stats.redeliveries += 1
-                self.outbox.mark_attempt(row.id)
+                with contextlib.suppress(sqlite3.Error):  # a full disk: only a counter
+                    self.outbox.mark_attempt(row.id)
                 task = tg.create_task(self._publish_row(client, row, payload))
                 inflight.add(task)
                 task.add_done_callback(self._task_done(inflight))
@@ -411,7 +428,7 @@ class MqttPublisher:
 
     async def _publish_row(self, client: aiomqtt.Client, row: OutboxRow, payload: bytes) -> None:
         await client.publish(row.topic, payload, qos=row.qos, retain=row.retain, timeout=30)
-        self.outbox.mark_sent(row, self._clock.now())
+        self.outbox.mark_sent_or_hold(row, self._clock.now())
         if row.kind == TopicKind.DOSE:
             self.stats.dose_events_published += 1
         elif row.kind == TopicKind.DOSE_DETAIL:

@@ -50,6 +50,7 @@ from drivers.transport.base import ByteLink
 log = logging.getLogger(__name__)
 
 WITNESS_INTERVAL_S = 60.0
+HELD_RETRY_S = 2.0
 
 
 class MqttSink:
@@ -223,9 +224,27 @@ class Gateway:
             write_witness(self.config.gateway.data_dir, head, now=self.clock.now())
 
     async def _store_upkeep(self) -> None:
-        """Every minute: the witness file, and the audit trail's coalesced summaries."""
+        """Retry writes a full disk refused (every 2 s, an ERROR line a minute while any
+        are held); every minute the witness file and the audit's coalesced summaries."""
+        held = self.store.held
+        last_minute = self.clock.monotonic()
         while True:
-            await self.clock.sleep(WITNESS_INTERVAL_S)
+            await self.clock.sleep(HELD_RETRY_S)
+            if len(held):
+                held.retry()
+            if self.clock.monotonic() - last_minute < WITNESS_INTERVAL_S:
+                continue
+            last_minute = self.clock.monotonic()
+            if len(held):
+                log.error(
+                    "the disk is full: %d decided writes held in memory (%d dose events), "
+                    "retrying; free space in %s",
+                    len(held),
+                    held.dose_events(),
+                    self.config.gateway.data_dir,
+                    extra={"held_writes": len(held), "last_error": held.last_error},
+                )
+                continue
             self.audit.flush_coalesced()
             self._write_witness()
 

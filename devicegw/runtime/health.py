@@ -8,6 +8,7 @@ It is replaced atomically, so a reader never sees half a file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -80,6 +81,17 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
         },
         "outbox_depth": gw.publisher.outbox.depth(),
         "store_bytes": gw.store.size_bytes(),
+        # A full disk: decided writes held in memory until space returns (README "Disk").
+        "store": {
+            "held_writes": len(gw.store.held),
+            "held_dose_events": gw.store.held.dose_events(),
+            "held_dropped": gw.store.held.dropped,
+            "disk_full_since": (
+                None if gw.store.held.full_since is None else gw.store.held.full_since.isoformat()
+            ),
+            "last_error": gw.store.held.last_error,
+            "quarantined_rows": gw.publisher.outbox.quarantined_now,
+        },
         "devices": devices,
         "oximeters": oximeters,
         # Supervised tasks restarted after an unexpected failure (a bug: see the log).
@@ -91,9 +103,19 @@ def snapshot(gw: Gateway) -> dict[str, Any]:
 def write(gw: Gateway) -> None:
     path = Path(gw.config.gateway.data_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = (json.dumps(snapshot(gw), indent=2) + "\n").encode()
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(snapshot(gw), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    except OSError:
+        # A full disk: overwrite the old snapshot in place (its blocks are allocated), so
+        # `devicegw status` still shows what is held; if even that fails, try next time.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+            with path.open("r+b") as f:
+                f.write(text)
+                f.truncate()
 
 
 async def run(gw: Gateway) -> None:

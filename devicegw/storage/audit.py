@@ -344,6 +344,7 @@ class AuditTrail:
         self.gateway_id = gateway_id
         self._lock = threading.Lock()
         self._coalescer = _Coalescer()
+        self._held_seq = 0
         with self._transaction() as cur:
             existed = _has_table(store.conn)
             present = {
@@ -386,9 +387,27 @@ class AuditTrail:
                 self._append_summary(summary)
             if not self._coalescer.admit(device_id, kind, self._clock.monotonic(), self._now()):
                 return None
-        return self._append_now(
-            kind, device_id=device_id, subject_id=subject_id, session_no=session_no, body=body
-        )
+        if self._store.conn.in_transaction:  # part of someone's transaction: theirs to hold
+            return self._append_now(
+                kind, device_id=device_id, subject_id=subject_id, session_no=session_no, body=body
+            )
+        appended: list[AuditRecord] = []
+
+        def write() -> None:
+            appended.append(
+                self._append_now(
+                    kind,
+                    device_id=device_id,
+                    subject_id=subject_id,
+                    session_no=session_no,
+                    body=body,
+                )
+            )
+
+        # A full disk: held in memory and appended (in order) when space returns.
+        self._held_seq += 1
+        self._store.held.run(f"audit:{self._held_seq}", write)
+        return appended[0] if appended else None
 
     def flush_coalesced(self, *, everything: bool = False) -> None:
         """Write the summaries of coalesced records whose window has closed (all at a stop)."""

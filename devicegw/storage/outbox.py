@@ -132,6 +132,7 @@ class Outbox:
             # Why a row is not published (unreadable, or its payload changed): kept, reported.
             store.conn.execute("ALTER TABLE outbox ADD COLUMN quarantined TEXT")
         self._skip: set[int] = set()  # quarantined rows the store could not mark
+        self._sent_unmarked: set[int] = set()  # acknowledged; marking held by a full disk
         self.quarantined_now = 0  # rows quarantined by this process
 
     def add(
@@ -212,7 +213,7 @@ class Outbox:
                 raw = conn.execute(
                     f"SELECT {_COLUMNS} FROM outbox WHERE sent_utc IS NULL AND quarantined IS NULL"
                     " AND id > ? ORDER BY id LIMIT ?",
-                    (after_id, limit + len(self._skip)),
+                    (after_id, limit + len(self._skip) + len(self._sent_unmarked)),
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
                 why = f"outbox: reading rows after {after_id} failed ({exc}); reading one by one"
@@ -224,7 +225,7 @@ class Outbox:
         for r in raw:
             if len(rows) >= limit:
                 break
-            if r[0] in self._skip:
+            if r[0] in self._skip or r[0] in self._sent_unmarked:
                 continue
             row, problem = _decode(r)
             if row is None:
@@ -295,6 +296,16 @@ class Outbox:
             self.store.conn.execute(
                 "UPDATE outbox SET sent_utc = ? WHERE id = ?", (now.isoformat(), row.id)
             )
+
+    def mark_sent_or_hold(self, row: OutboxRow, now: datetime) -> None:
+        """Mark sent; on a full disk remember it in memory (never sent twice) and mark later."""
+        self._sent_unmarked.add(row.id)
+
+        def write() -> None:
+            self.mark_sent(row, now)
+            self._sent_unmarked.discard(row.id)
+
+        self.store.held.run(f"sent:{row.id}", write)
 
     def has_event(self, event_id: str) -> bool:
         return (

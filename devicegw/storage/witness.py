@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from devicegw.storage.store import Store, StoreError
+from devicegw.storage.store import MIN_FREE_BYTES, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,26 @@ def _store_holds(store: Store, count: int, digest: str) -> str | None:
     return None
 
 
-def open_checked(data_dir: str | Path, *, new_store: bool = False) -> StoreOpening:
+def _check_free_space(data_dir: Path, min_free_bytes: int) -> None:
+    probe = data_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return  # the store's own open reports what is wrong
+    free = st.f_bavail * st.f_frsize
+    if free < min_free_bytes:
+        raise StoreError(
+            f"only {free / 2**20:.1f} MB free for the gateway store in {data_dir}; it needs at "
+            f"least {min_free_bytes / 2**20:.0f} MB (SQLite's WAL working space and headroom, "
+            "README 'Disk'): free some space"
+        )
+
+
+def open_checked(
+    data_dir: str | Path, *, new_store: bool = False, min_free_bytes: int = MIN_FREE_BYTES
+) -> StoreOpening:
     """Open the gateway's store after checking it against its witness and with quick_check."""
     data_dir = Path(data_dir)
     path = data_dir / Store.FILE_NAME
@@ -129,9 +148,11 @@ def open_checked(data_dir: str | Path, *, new_store: bool = False) -> StoreOpeni
                 f"existed (audit head {witness.get('audit_head', '?')}); unsent dose events may "
                 f"be lost. Restore it from a backup, or {confirm}"
             )
+        _check_free_space(data_dir, min_free_bytes)
         log.warning("a new, empty gateway store replaces the missing %s (--new-store)", path)
         return StoreOpening(store=Store(path), created=True, replaced_witness=witness)
     created = not path.exists()
+    _check_free_space(data_dir, min_free_bytes)
     store = Store(path)
     opening = StoreOpening(store=store, created=created)
     head = None if witness is None else _witnessed_head(witness)
