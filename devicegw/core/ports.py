@@ -51,6 +51,9 @@ class AuditKind(StrEnum):
     #: body: problems quick_check found at start, whether rebuilding indexes repaired them.
     store_check = "store_check"
 
+    #: body: serial_no, what showed the reset, recorded_up_to, device_last_session_no, epoch.
+    device_counter_reset = "device_counter_reset"
+
 
 class AuditLog(Protocol):
     """The append-only audit trail (``devicegw.storage.audit.AuditTrail``)."""
@@ -90,3 +93,9 @@ class SessionJournalPort(Protocol):
     def watermark(self, model: str, serial_no: str) -> int | None: ...
 
     def raise_watermark(self, model: str, serial_no: str, session_no: int) -> None: ...
+
+    def recorded_times(self, event_id: str) -> tuple[datetime | None, datetime] | None: ...
+
+    def counter_epoch(self, model: str, serial_no: str) -> int: ...
+
+    def start_counter_epoch(self, model: str, serial_no: str, session_no: int) -> int: ...

@@ -286,6 +286,7 @@ class NebulizerRunner:
                 utc, mono = self._clock.now(), self._clock.monotonic()
                 for obs in self.observers:
                     obs.bytes_sent(self.device.id, frame, utc, mono)
+                self.pipeline.sent(frame)
                 await link.write(frame)
                 try:
                     async with asyncio.timeout(timeout):
