@@ -39,10 +39,10 @@ def test_same_event_id_is_stored_once_and_a_different_record_is_refused(tmp_path
 
 def test_statuses_are_latest_wins_and_deleted_when_sent(tmp_path: Path) -> None:
     ob = outbox(tmp_path)
-    ob.add("status", "s/dev1", b"1", qos=1, retain=True, now=NOW)
-    ob.add("status", "s/dev1", b"2", qos=1, retain=True, now=NOW)
+    ob.add("status", "s/dev1", b'{"v":1}', qos=1, retain=True, now=NOW)
+    ob.add("status", "s/dev1", b'{"v":2}', qos=1, retain=True, now=NOW)
     [row] = ob.pending()
-    assert row.payload == b"2"
+    assert row.payload == b'{"v":2}'
     ob.mark_sent(row, NOW)
     assert ob.depth() == 0
     assert ob.store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0

@@ -511,11 +511,22 @@ class Vm1Pipeline:
         if self.journal is None:
             self.sink.dose_record(self.device.id, record)
             return
-        with self.journal.finishing(self.device.id, session.session_no):
-            self.sink.dose_record(self.device.id, record)
-            if self.audit is not None:
-                self.audit.record_session_finished(record)
-            self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+        journal, audit, device_id = self.journal, self.audit, self.device.id
+
+        def commit() -> None:
+            with journal.finishing(device_id, session.session_no):
+                self.sink.dose_record(device_id, record)
+                if audit is not None:
+                    audit.record_session_finished(record)
+                journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+
+        # On a full disk the decided record is held in memory and committed when space
+        # returns (README "Disk"); it is never lost while the gateway runs.
+        if not journal.commit_decided(str(dose.event_id), commit):
+            log.error(
+                "session finished but the disk is full: its record is held in memory",
+                extra={"device_id": device_id, "event_id": str(dose.event_id)},
+            )
 
     def _spo2_summary(
         self, session: FinishedSession, event_id: uuid.UUID, mono: float

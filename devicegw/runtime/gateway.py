@@ -50,10 +50,14 @@ from devicegw.runtime.supervise import Restarts, Runner, Task, spawn
 from devicegw.storage.audit import AuditTrail
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
+from devicegw.storage.witness import StoreOpening, open_checked, write_witness
 from drivers.clock import Clock
 from drivers.transport.base import ByteLink
 
 log = logging.getLogger(__name__)
+
+WITNESS_INTERVAL_S = 60.0
+HELD_RETRY_S = 2.0
 
 
 class MqttSink:
@@ -144,6 +148,7 @@ class Gateway:
         link_factory: Callable[[DeviceSettings], Callable[[], ByteLink]] = default_link_factory,
         store: Store | None = None,
         notifier: systemd_notify.Notifier | None = None,
+        new_store: bool = False,
     ) -> None:
         self.config = config
         # systemd readiness/watchdog (deploy/systemd); None: not run as a notify service.
@@ -152,7 +157,13 @@ class Gateway:
         self.topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
         # A store handed in is the caller's to close; one opened here is closed by __aexit__.
         self._owns_store = store is None
-        self.store = store if store is not None else Store.in_dir(config.gateway.data_dir)
+        # Checked against its witness file and with quick_check (devicegw/storage/witness.py).
+        self.store_opening = (
+            StoreOpening(store=store)
+            if store is not None
+            else open_checked(config.gateway.data_dir, new_store=new_store)
+        )
+        self.store = self.store_opening.store
         self.restarts = Restarts()
         started = clock.now()
 
@@ -238,6 +249,7 @@ class Gateway:
         runners: list[Runner] = [
             Task("mqtt-publisher", self.publisher.run),
             Task("health", lambda: health.run(self.snapshot, self.config.gateway.data_dir)),
+            Task("store-upkeep", self._store_upkeep),
         ]
         runners += self.bed_tickers
         runners += self.oximeter_runners
@@ -290,6 +302,7 @@ class Gateway:
                 checksum_errors=oh.checksum_errors,
                 last_error=oh.last_error,
             )
+        held = self.store.held
         return health.GatewaySnapshot(
             gateway_id=self.config.gateway.id,
             site=self.config.gateway.site,
@@ -302,11 +315,74 @@ class Gateway:
             },
             outbox_depth=self.publisher.outbox.depth(),
             store_bytes=self.store.size_bytes(),
+            store=health.StoreSnapshot(
+                held_writes=len(held),
+                held_dose_events=held.dose_events(),
+                held_dropped=held.dropped,
+                disk_full_since=None if held.full_since is None else held.full_since.isoformat(),
+                last_error=held.last_error,
+                quarantined_rows=self.publisher.outbox.quarantined_now,
+            ),
             devices=devices,
             oximeters=oximeters,
             task_restarts=dict(self.restarts.counts),
             task_errors=dict(self.restarts.last_error),
         )
+
+    def _audit_store_opening(self) -> None:
+        opening = self.store_opening
+        if opening.created and opening.replaced_witness is not None:
+            self.audit.append(
+                AuditKind.store_created,
+                body={
+                    "why": "the operator confirmed a new store (--new-store)",
+                    "replaced_witness": opening.replaced_witness,
+                },
+            )
+        elif opening.replaced_witness is not None:
+            self.audit.append(
+                AuditKind.store_created,
+                body={
+                    "why": "the operator accepted a store other than the witnessed one "
+                    "(--new-store)",
+                    "replaced_witness": opening.replaced_witness,
+                },
+            )
+        if opening.problems:
+            self.audit.append(
+                AuditKind.store_check,
+                body={"problems": opening.problems[:20], "repaired": opening.repaired},
+            )
+
+    def _write_witness(self) -> None:
+        with contextlib.suppress(Exception):  # a damaged or full store: logged where it failed
+            head = str(self.audit.head())
+            write_witness(self.config.gateway.data_dir, head, now=self.clock.now())
+
+    async def _store_upkeep(self) -> None:
+        """Retry writes a full disk refused (every 2 s, an ERROR line a minute while any
+        are held); every minute the witness file and the audit's coalesced summaries."""
+        held = self.store.held
+        last_minute = self.clock.monotonic()
+        while True:
+            await self.clock.sleep(HELD_RETRY_S)
+            if len(held):
+                held.retry()
+            if self.clock.monotonic() - last_minute < WITNESS_INTERVAL_S:
+                continue
+            last_minute = self.clock.monotonic()
+            if len(held):
+                log.error(
+                    "the disk is full: %d decided writes held in memory (%d dose events), "
+                    "retrying; free space in %s",
+                    len(held),
+                    held.dose_events(),
+                    self.config.gateway.data_dir,
+                    extra={"held_writes": len(held), "last_error": held.last_error},
+                )
+                continue
+            self.audit.flush_coalesced()
+            self._write_witness()
 
     async def run(self) -> None:
         """Run until cancelled (SIGTERM/SIGINT cancel the main task)."""
@@ -325,6 +401,8 @@ class Gateway:
             AuditKind.gateway_start,
             body={"version": __version__, "pid": os.getpid(), "host": socket.gethostname()},
         )
+        self._audit_store_opening()
+        self._write_witness()
         stop_reason = "error"
         try:
             # Every task is supervised: a failure nobody expected is logged and that task
@@ -339,5 +417,7 @@ class Gateway:
             if self.recorder is not None:
                 self.recorder.close()  # (again in close(): closing twice is harmless)
             with contextlib.suppress(Exception):
+                self.audit.flush_coalesced(everything=True)
                 self.audit.append(AuditKind.gateway_stop, body={"reason": stop_reason})
+            self._write_witness()
             log.info("gateway stopped", extra={"gateway_id": self.config.gateway.id})

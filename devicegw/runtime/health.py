@@ -12,6 +12,7 @@ and reads it, and knows nothing of the gateway's insides.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -69,6 +70,18 @@ class OximeterSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """A full disk: decided writes held in memory until space returns (README "Disk")."""
+
+    held_writes: int
+    held_dose_events: int
+    held_dropped: int
+    disk_full_since: str | None
+    last_error: str | None
+    quarantined_rows: int
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySnapshot:
     gateway_id: str
     site: str
@@ -78,6 +91,7 @@ class GatewaySnapshot:
     broker: dict[str, Any]
     outbox_depth: int
     store_bytes: int
+    store: StoreSnapshot
     devices: dict[str, DeviceSnapshot]
     oximeters: dict[str, OximeterSnapshot]
     #: supervised tasks restarted after an unexpected failure (a bug: see the log)
@@ -95,9 +109,19 @@ def age(now_mono: float, then_mono: float | None) -> float | None:
 def write(snapshot: GatewaySnapshot, data_dir: Path | str) -> None:
     path = Path(data_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = (json.dumps(snapshot.to_json(), indent=2) + "\n").encode()
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(snapshot.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    except OSError:
+        # A full disk: overwrite the old snapshot in place (its blocks are allocated), so
+        # `devicegw status` still shows what is held; if even that fails, try next time.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+            with path.open("r+b") as f:
+                f.write(text)
+                f.truncate()
 
 
 async def run(snapshot: Callable[[], GatewaySnapshot], data_dir: Path | str) -> None:

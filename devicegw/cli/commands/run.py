@@ -28,6 +28,11 @@ def register(sub: SubParsers) -> None:
         help="run the clock N times faster (simulated devices only)",
     )
     run.add_argument("--record", metavar="DIR", default=None, help="record raw link events in DIR")
+    run.add_argument(
+        "--new-store",
+        action="store_true",
+        help="confirm starting with a new, empty store where one existed (audited)",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -42,7 +47,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     scale = args.time_scale if args.time_scale is not None else config.gateway.time_scale
     try:
         # Under systemd (Type=notify): READY=1, WATCHDOG=1, STATUS= (deploy/systemd).
-        gateway = Gateway(config, clock=make_clock(scale), notifier=Notifier.from_environment())
+        gateway = Gateway(
+            config,
+            clock=make_clock(scale),
+            notifier=Notifier.from_environment(),
+            new_store=args.new_store,
+        )
     except ConfigError as exc:
         error(exc)
         return EXIT_CONFIG
