@@ -48,6 +48,7 @@ from devicegw.core.session_tracker import (
 )
 from devicegw.core.spo2_monitor import unavailable_summary
 from devicegw.errors import TransportError
+from drivers.link_unit import LinkUnit
 from drivers.vm1.messages import (
     Ack,
     DeviceMessage,
@@ -63,7 +64,7 @@ from drivers.vm1.messages import (
     Stop,
     alarm_name,
 )
-from drivers.vm1.stream import Vm1StreamDecoder
+from drivers.vm1.stream import Vm1StreamDecoder, vm1_decoder
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,11 @@ class Vm1Pipeline:
                     extra={"device_id": device.id, "session_no": session_no},
                 )
         self.health = DeviceHealth()
-        self._decoder = Vm1StreamDecoder()
+        # What one chunk fed to this pipeline is: a slice of the serial byte stream, or
+        # one VM-1 payload as a BLE characteristic carried it (ICD section 4). From the
+        # configuration, so a replay of a BLE recording decodes what the device sent.
+        self.link_unit: LinkUnit = "message" if device.link.kind == "ble" else "stream"
+        self._decoder: Vm1StreamDecoder = vm1_decoder(self.link_unit)
         self._bad_seen = 0
         self._lost_seen = 0
         self._last_telemetry = float("-inf")
@@ -168,8 +173,11 @@ class Vm1Pipeline:
 
     # -- link lifecycle ----------------------------------------------------------
 
-    def link_up(self, utc: datetime) -> None:
-        self._decoder = Vm1StreamDecoder()  # nothing half-received survives a reopen
+    def link_up(self, utc: datetime, unit: LinkUnit | None = None) -> None:
+        """A link opened; ``unit`` says what its chunks are (default: by the configuration)."""
+        if unit is not None:
+            self.link_unit = unit
+        self._decoder = vm1_decoder(self.link_unit)  # nothing half-received survives a reopen
         self._bad_seen = self._lost_seen = 0
         self._held.clear()
         self.health.identified = False  # whoever is on the port must say who it is again
@@ -191,7 +199,11 @@ class Vm1Pipeline:
     # -- bytes in ----------------------------------------------------------------
 
     def feed(self, data: bytes, utc: datetime, mono: float) -> PipelineResult:
-        """Decode ``data`` received at (``utc``, ``mono``); may raise UnexpectedDeviceError."""
+        """Decode one link chunk received at (``utc``, ``mono``); may raise UnexpectedDeviceError.
+
+        A chunk goes to the codec once: deframed if the link is a byte stream, as a
+        payload if it is a message link (:func:`drivers.vm1.stream.vm1_decoder`).
+        """
         self._utc = utc
         messages = self._decoder.feed(data)
         stats = self._decoder.stats
