@@ -304,6 +304,8 @@ class DoseRules(_Strict):
     min_delivered_fraction: float = Field(default=0.90, gt=0, le=1.0)
     # Below this fraction a session counts as aborted rather than partial.
     abort_below_fraction: float = Field(default=0.10, ge=0, le=1.0)
+    # Above this fraction the dose is a deviation (delivered_above_maximum): an overdose.
+    max_delivered_fraction: float = Field(default=1.15, ge=1.0, le=3.0)
     min_duration_s: float = Field(default=120.0, ge=0, le=2400)
     max_duration_s: float = Field(default=1800.0, gt=0, le=2400)
     max_total_pause_s: float = Field(default=600.0, ge=0, le=2400)

@@ -1,11 +1,23 @@
-"""Builds synthetic VM-1 message streams for the pure session and dose tests."""
+"""Builds synthetic VM-1 message streams for the session and dose tests, and feeds
+them to a pipeline as the serial frames a device would send."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseEvent,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+)
 from devicegw.core.session_tracker import Rx
+from devicegw.core.vm1_pipeline import Vm1Pipeline
 from drivers.vm1.messages import (
+    Ack,
+    AckResult,
     Alarm,
     DeviceMessage,
     DeviceState,
@@ -13,9 +25,11 @@ from drivers.vm1.messages import (
     Ident,
     Output,
     SessionEnd,
+    SessionRecord,
     SessionStart,
     Status,
 )
+from drivers.vm1.stream import encode_message_frame
 
 T0 = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
 
@@ -49,7 +63,8 @@ class StreamBuilder:
         )
 
     def status(self, state: DeviceState, reservoir: int = 3000, flags: int = 0x09) -> None:
-        self._rx(Status, state=state, reservoir_ul=reservoir, battery_pct=80, flags=flags)
+        level = None if reservoir == 0xFFFF else reservoir  # the ICD's "unknown"
+        self._rx(Status, state=state, reservoir_ul=level, battery_pct=80, flags=flags)
 
     def start(self, session_no: int = 42, fill: int = 3000, wall_s: int = 1_795_507_200) -> None:
         self.cum = 0.0
@@ -84,5 +99,47 @@ class StreamBuilder:
         )
         self.status(DeviceState.DONE, residual)
 
+    def ack(self, acked_seq: int, cmd: int, result: AckResult = AckResult.OK) -> None:
+        self._rx(Ack, acked_seq=acked_seq, cmd=cmd, result=result)
+
+    def record(self, record: dict[str, int | EndReason]) -> None:
+        """A SESSION_RECORD (reply to GET_SESSION) with these fields."""
+        self._rx(SessionRecord, **record)
+
+    def reboot(self, uptime_ms: int = 2_000) -> None:
+        """The device restarts: uptime and its sequence numbers begin again."""
+        self.t_ms = uptime_ms
+        self.seq = 0
+
     def skip(self, seconds: float) -> None:
         self.t_ms += round(seconds * 1000)
+
+
+class ListSink:
+    """A GatewaySink that keeps what a pipeline sends (the daemon sends it to MQTT)."""
+
+    def __init__(self) -> None:
+        self.events: list[DoseEvent] = []
+        self.records: list[DoseRecord] = []
+        self.statuses: list[DeviceStatus] = []
+        self.details: list[DeviceDetail] = []
+
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
+        self.events.append(record.event)
+        self.records.append(record)
+
+    def device_status(self, device_id: str, status: DeviceStatus) -> None:
+        self.statuses.append(status)
+
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        self.details.append(detail)
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
+        pass
+
+
+def feed(pipeline: Vm1Pipeline, b: StreamBuilder, start: int = 0) -> int:
+    """Feed the builder's messages from ``start`` as serial frames; returns the new start."""
+    for rx in b.out[start:]:
+        pipeline.feed(encode_message_frame(rx.msg), rx.utc, rx.mono)
+    return len(b.out)

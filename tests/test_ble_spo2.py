@@ -156,8 +156,10 @@ async def test_ble_oximeter_desaturation_reaches_the_dose_event_and_the_safety_t
     assert cleared["clear_reason"] == "recovered"
     # The SpO2 starts to fall 120 s into the session, is below 90 % ~6 s later and
     # raises after the 10 s sustain time; back above 91 % at ~176 s, cleared 10 s later.
-    assert 125 <= raised["offset_s"] <= 150
-    assert 170 <= cleared["offset_s"] <= 205
+    # The upper bounds leave room for a loaded machine: at the test's time scale a BLE
+    # notification delivered late by the host shows as device seconds.
+    assert 125 <= raised["offset_s"] <= 170
+    assert max(170, raised["offset_s"] + 10) <= cleared["offset_s"] <= 230
     [post] = [m for m in safety if m["event_type"] == "post_dose_safety_summary"]
     assert post["correlation_id"] == dose["event_id"]
 

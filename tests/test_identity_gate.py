@@ -20,12 +20,6 @@ import pytest
 
 from devicegw.config import Config, parse_config
 from devicegw.contract.payloads import (
-    DeviceDetail,
-    DeviceStatus,
-    DoseEvent,
-    DoseRecord,
-    Telemetry,
-    TelemetryDetail,
     dose_event_id,
 )
 from devicegw.core.vm1_pipeline import PRE_IDENT_HOLD, UnexpectedDeviceError, Vm1Pipeline
@@ -33,10 +27,9 @@ from devicegw.runtime.nebulizer_runner import NOT_IDENTIFIED
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
 from drivers.vm1.messages import EndReason, Ident
-from drivers.vm1.stream import encode_message_frame
 from tests.e2e_harness import SCENARIOS, running
 from tests.mqtt_helpers import MosquittoBroker
-from tests.session_stream import T0, StreamBuilder
+from tests.session_stream import T0, ListSink, StreamBuilder, feed
 
 SERIAL = "VM1-000123"
 
@@ -55,24 +48,7 @@ def config(expected_serial: str | None = SERIAL) -> Config:
     return parse_config({"gateway": {"id": "gw", "site": "s1"}, "devices": [device]})
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[DoseEvent] = []
-        self.records: list[DoseRecord] = []
-        self.statuses: list[DeviceStatus] = []
-
-    def dose_record(self, device_id: str, record: DoseRecord) -> None:
-        self.events.append(record.event)
-        self.records.append(record)
-
-    def device_status(self, device_id: str, status: DeviceStatus) -> None:
-        self.statuses.append(status)
-
-    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
-        pass
-
-    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
-        pass
+Sink = ListSink
 
 
 def ident(b: StreamBuilder, serial: str = SERIAL, last_session_no: int = 41) -> None:
@@ -87,11 +63,6 @@ def ident(b: StreamBuilder, serial: str = SERIAL, last_session_no: int = 41) -> 
     )
 
 
-def feed(pipeline: Vm1Pipeline, b: StreamBuilder, start: int = 0) -> int:
-    """Feed the builder's messages from ``start`` as serial frames; returns the new start."""
-    for rx in b.out[start:]:
-        pipeline.feed(encode_message_frame(rx.msg), rx.utc, rx.mono)
-    return len(b.out)
 
 
 def session(b: StreamBuilder, seconds: float = 300) -> None:

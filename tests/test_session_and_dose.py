@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from devicegw.config import DoseRules
+from devicegw.config import DoseRules, parse_config
 from devicegw.contract.vocabulary import Verdict
 from devicegw.core.dose_check import assess
 from devicegw.core.session_tracker import (
@@ -14,10 +14,26 @@ from devicegw.core.session_tracker import (
     SessionTracker,
     TrackerEvent,
 )
+from devicegw.core.vm1_pipeline import Vm1Pipeline
 from drivers.vm1.messages import AlarmCode, DeviceState, EndReason, SessionRecord
-from tests.session_stream import T0, StreamBuilder
+from tests.session_stream import T0, ListSink, StreamBuilder, feed
 
 RULES = DoseRules()
+CONFIG = parse_config(
+    {
+        "gateway": {"id": "gw", "site": "s1"},
+        "devices": [
+            {
+                "id": "neb-bed01",
+                "type": "vm1",
+                "bed": "B01",
+                "subject_id": "CVD-042-0001",
+                "kit_number": "K-1",
+                "link": {"kind": "serial", "port": "/dev/ttyUSB0"},
+            }
+        ],
+    }
+)
 
 
 def run(stream: StreamBuilder, tracker: SessionTracker | None = None) -> list[TrackerEvent]:
@@ -143,18 +159,25 @@ def test_estimates_disagreeing_are_flagged() -> None:
 
 
 def test_lost_frames_and_gaps_are_counted() -> None:
-    s = complete_stream()
+    """Frame loss is counted once, by the stream decoder, for the event and health alike."""
+    s = StreamBuilder()
+    s.ident()
+    complete = complete_stream()
+    s.out.extend(complete.out)
     # Drop 50 OUTPUT frames (5 s) in the middle: seq gap and a telemetry gap.
-    del s.out[1000:1050]
-    [session] = finished(run(s))
-    a = assess(session, RULES)
-    assert session.frames_lost == 50
-    assert a.volumes.integral.gaps == 1
-    assert a.volumes.integral.gap_s == pytest.approx(5.1, abs=0.01)
-    assert "telemetry_gap" in a.reasons
+    del s.out[1001:1051]
+    sink = ListSink()
+    pipeline = Vm1Pipeline(CONFIG.devices[0], CONFIG, sink)
+    pipeline.link_up(T0)
+    feed(pipeline, s)
+    [record] = sink.records
+    assert record.detail.link.frames_lost == 50 == pipeline.health.frames_lost
+    assert record.detail.link.sample_gaps == 1
+    assert record.detail.link.sample_gap_s == pytest.approx(5.1, abs=0.01)
+    assert "telemetry_gap" in record.detail.reasons
     # Bridged linearly: the integral still agrees with the level drop.
-    assert a.volumes.estimates_agree is True
-    assert a.verdict is Verdict.COMPLETE
+    assert record.detail.volume.estimates_agree is True
+    assert record.event.verdict is Verdict.COMPLETE
 
 
 def test_device_uptime_wrap_is_unwrapped() -> None:

@@ -302,7 +302,9 @@ class Player:
             run.pipeline.link_up(rec.utc)
         elif kind == CLOSE:
             run.pipeline.link_down(rec.utc)
-        # TX: what the gateway sent; the device's answers are in the RX records.
+        elif kind == TX:
+            # What the gateway asked: an unanswerable GET_SESSION finishes a session.
+            run.pipeline.sent(rec.payload)
 
     def _note(self, rec: Record) -> None:
         s = self.summary

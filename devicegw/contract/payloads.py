@@ -31,13 +31,19 @@ from devicegw.contract.vocabulary import DataSource, DeliveredBasis, PayloadKind
 EVENT_NAMESPACE = uuid.UUID("5d0c3a8e-2f61-4a53-9a0e-6b1f2f8c7d41")
 
 
-def dose_event_id(model: str, serial_no: str, session_no: int) -> uuid.UUID:
+def dose_event_id(model: str, serial_no: str, session_no: int, epoch: int = 0) -> uuid.UUID:
     """Same device session -> same id, on any gateway, after any restart.
 
     The gateway id is deliberately not part of it: a session reconciled by a
-    second gateway is the same dose, and must deduplicate as such.
+    second gateway is the same dose, and must deduplicate as such. ``epoch``
+    counts the device's session-counter resets (board swap, re-flash): after
+    one, session numbers repeat, and the new sessions need ids of their own;
+    epoch 0 keeps every earlier id unchanged.
     """
-    return uuid.uuid5(EVENT_NAMESPACE, f"dose/{model}/{serial_no}/{session_no}")
+    name = f"dose/{model}/{serial_no}/{session_no}"
+    if epoch:
+        name = f"dose/{model}/{serial_no}/epoch-{epoch}/{session_no}"
+    return uuid.uuid5(EVENT_NAMESPACE, name)
 
 
 _Payload = Payload
@@ -82,6 +88,7 @@ class DoseRulesOut(_Payload):
     prescribed_volume_ml: float
     min_delivered_fraction: float
     abort_below_fraction: float
+    max_delivered_fraction: float = 1.15
     min_duration_s: float
     max_duration_s: float
     max_total_pause_s: float
@@ -122,6 +129,10 @@ class DoseEvent(_Payload):
 class PauseOut(_Payload):
     start_offset_s: float
     duration_s: float
+    cut_by_link: bool = Field(
+        default=False,
+        description="the link dropped during the pause: it ends at the drop, its true end unknown",
+    )
 
 
 class PauseSummary(_Payload):
@@ -147,13 +158,19 @@ class VolumeDetail(_Payload):
     output_integral_ml: float | None = Field(
         description="integral of OUTPUT rate samples over their device times"
     )
-    device_cum_ml: float = Field(description="the device's own output total (cum_ul)")
+    device_cum_ml: float | None = Field(
+        description="the device's own output total (cum_ul); null if never reported"
+    )
     delivered_ml: float | None
     delivered_basis: DeliveredBasis | None
     delivered_fraction: float | None
     max_disagreement_ml: float | None
     tolerance_ml: float
     estimates_agree: bool | None
+    findings: list[str] = Field(
+        default_factory=list,
+        description="what the plausibility checks found in these readings (reason codes)",
+    )
 
 
 class RateStats(_Payload):
@@ -186,7 +203,15 @@ class TimesDetail(_Payload):
     device_start_uptime_ms: int | None
     device_end_uptime_ms: int | None
     duration_s: float | None
-    nebulizing_s: float = Field(description="time the mesh was driven (device's neb_ms)")
+    duration_at_least_s: float | None = Field(
+        default=None,
+        description="with duration_s unknown (device clock never set, session not seen to "
+        "its end): the least the session lasted, from neb_ms or what was seen",
+    )
+    nebulizing_s: float | None = Field(
+        description="time the mesh was driven (device's neb_ms); null if the device's record "
+        "of the session was unavailable"
+    )
 
 
 class DoseDetail(_Payload):

@@ -67,6 +67,13 @@ class Reason(StrEnum):
     PAUSE_ABOVE_MAXIMUM = "pause_above_maximum"
     DELIVERED_BELOW_MINIMUM = "delivered_below_minimum"
     VOLUME_UNKNOWN = "volume_unknown"
+    DELIVERED_ABOVE_MAXIMUM = "delivered_above_maximum"
+    # Plausibility of the readings that decide a verdict (docs/mqtt.md, "Reasons").
+    RESERVOIR_UNKNOWN = "reservoir_unknown"  # fill or residual read 0xFFFF (sensor blind)
+    RESERVOIR_IMPLAUSIBLE = "reservoir_implausible"  # residual > fill, fill > capacity, ...
+    DELIVERY_IMPLAUSIBLE = "delivery_implausible"  # faster than the device can nebulize
+    FILL_ABOVE_PRESCRIBED = "fill_above_prescribed"
+    FILL_BELOW_PRESCRIBED = "fill_below_prescribed"
     # Data quality.
     VOLUME_ESTIMATES_DISAGREE = "volume_estimates_disagree"
     TELEMETRY_GAP = "telemetry_gap"
@@ -76,6 +83,10 @@ class Reason(StrEnum):
     GATEWAY_RESTART = "gateway_restart"
     SESSION_END_MISSED = "session_end_missed"
     RECONCILED_FROM_DEVICE_LOG = "reconciled_from_device_log"
+    DEVICE_RESTARTED = "device_restarted"  # the device rebooted inside the session
+    DEVICE_COUNTER_RESET = "device_counter_reset"  # its session counter started again
+    SESSION_RECORD_UNAVAILABLE = "session_record_unavailable"  # finished from what was seen
+    PAUSE_STATE_UNKNOWN = "pause_state_unknown"  # a pause was open when the link dropped
 
 
 #: The feed of every reason code. A reason is blinded only when the protocol needs
@@ -95,6 +106,13 @@ REASON_FEED: dict[Reason, Feed] = {
     Reason.PAUSE_ABOVE_MAXIMUM: Feed.BLINDED,
     Reason.DELIVERED_BELOW_MINIMUM: Feed.BLINDED,
     Reason.VOLUME_UNKNOWN: Feed.BLINDED,
+    Reason.DELIVERED_ABOVE_MAXIMUM: Feed.BLINDED,  # follows from the blinded fraction
+    # The level sensor and the rate are the product's physics (tilt, foam, residue).
+    Reason.RESERVOIR_UNKNOWN: Feed.RESTRICTED,
+    Reason.RESERVOIR_IMPLAUSIBLE: Feed.RESTRICTED,
+    Reason.DELIVERY_IMPLAUSIBLE: Feed.RESTRICTED,
+    Reason.FILL_ABOVE_PRESCRIBED: Feed.RESTRICTED,  # a fill is a level-sensor reading
+    Reason.FILL_BELOW_PRESCRIBED: Feed.RESTRICTED,
     Reason.VOLUME_ESTIMATES_DISAGREE: Feed.RESTRICTED,  # level sensor vs rate: physics
     Reason.TELEMETRY_GAP: Feed.RESTRICTED,  # rate samples: engineering
     Reason.LINK_INTERRUPTED: Feed.RESTRICTED,  # link detail: engineering
@@ -102,6 +120,10 @@ REASON_FEED: dict[Reason, Feed] = {
     Reason.GATEWAY_RESTART: Feed.BLINDED,  # how the record was made (ALCOA) ...
     Reason.SESSION_END_MISSED: Feed.BLINDED,
     Reason.RECONCILED_FROM_DEVICE_LOG: Feed.BLINDED,
+    Reason.DEVICE_RESTARTED: Feed.BLINDED,
+    Reason.DEVICE_COUNTER_RESET: Feed.BLINDED,
+    Reason.SESSION_RECORD_UNAVAILABLE: Feed.BLINDED,
+    Reason.PAUSE_STATE_UNKNOWN: Feed.BLINDED,  # the link, not the product
 }
 
 #: Restricted reasons the blinded record still accounts for, in a coarser word.

@@ -53,7 +53,7 @@ def _rate_stats(session: FinishedSession, assessment: Assessment, ident: Ident |
     neb_s = assessment.nebulizing_s
     mean = (
         vol.output_integral_ml * 1000.0 * 60.0 / neb_s
-        if vol.output_integral_ml is not None and neb_s > 0
+        if vol.output_integral_ml is not None and neb_s
         else None
     )
     return RateStats(
@@ -72,6 +72,7 @@ def build_dose_record(
     device: DeviceSettings,
     ident: Ident,
     config: Config,
+    epoch: int = 0,
 ) -> DoseRecord:
     """The record of a session of the device that identified itself as ``ident``.
 
@@ -81,7 +82,7 @@ def build_dose_record(
     """
     rules = config.dose_rules
     vol = assessment.volumes
-    event_id = dose_event_id(ident.model, ident.serial_no, session.session_no)
+    event_id = dose_event_id(ident.model, ident.serial_no, session.session_no, epoch)
     gateway = GatewayRef(id=config.gateway.id, site=config.gateway.site, version=__version__)
     identity = device_identity(device, ident)
     duration_s = None if session.duration_s is None else round(session.duration_s, 3)
@@ -91,6 +92,7 @@ def build_dose_record(
         prescribed_volume_ml=rules.prescribed_volume_ml,
         min_delivered_fraction=rules.min_delivered_fraction,
         abort_below_fraction=rules.abort_below_fraction,
+        max_delivered_fraction=rules.max_delivered_fraction,
         min_duration_s=rules.min_duration_s,
         max_duration_s=rules.max_duration_s,
         max_total_pause_s=rules.max_total_pause_s,
@@ -128,7 +130,7 @@ def build_dose_record(
         device=identity,
         session_no=session.session_no,
         data_source=session.data_source,
-        end_reason=session.end_reason.name,
+        end_reason="UNKNOWN" if session.end_reason is None else session.end_reason.name,
         verdict=assessment.verdict,
         reasons=list(assessment.reasons),
         times=TimesDetail(
@@ -139,13 +141,24 @@ def build_dose_record(
             device_start_uptime_ms=session.device_start_ms,
             device_end_uptime_ms=session.device_end_ms,
             duration_s=duration_s,
-            nebulizing_s=round(assessment.nebulizing_s, 3),
+            duration_at_least_s=(
+                None
+                if session.duration_at_least_s is None
+                else round(session.duration_at_least_s, 3)
+            ),
+            nebulizing_s=(
+                None if assessment.nebulizing_s is None else round(assessment.nebulizing_s, 3)
+            ),
         ),
         pauses=PauseSummary(
             count=len(session.pauses),
             total_s=assessment.total_pause_s,
             items=[
-                PauseOut(start_offset_s=round(p.start_s, 3), duration_s=round(p.duration_s, 3))
+                PauseOut(
+                    start_offset_s=round(p.start_s, 3),
+                    duration_s=round(p.duration_s, 3),
+                    cut_by_link=p.cut_by_link,
+                )
                 for p in session.pauses
             ],
         ),
@@ -162,6 +175,7 @@ def build_dose_record(
             max_disagreement_ml=vol.max_disagreement_ml,
             tolerance_ml=rules.volume_tolerance_ml,
             estimates_agree=vol.estimates_agree,
+            findings=[str(f) for f in vol.findings],
         ),
         rate=_rate_stats(session, assessment, ident),
         alarms=[

@@ -43,6 +43,8 @@ class AuditKind(StrEnum):
     session_finished = "session_finished"
     #: body: what was fetched from the device log (session numbers, why).
     reconciliation = "reconciliation"
+    #: body: serial_no, what showed the reset, recorded_up_to, device_last_session_no, epoch.
+    device_counter_reset = "device_counter_reset"
 
 
 class AuditLog(Protocol):
@@ -81,3 +83,9 @@ class SessionJournalPort(Protocol):
     def watermark(self, model: str, serial_no: str) -> int | None: ...
 
     def raise_watermark(self, model: str, serial_no: str, session_no: int) -> None: ...
+
+    def recorded_times(self, event_id: str) -> tuple[datetime | None, datetime] | None: ...
+
+    def counter_epoch(self, model: str, serial_no: str) -> int: ...
+
+    def start_counter_epoch(self, model: str, serial_no: str, session_no: int) -> int: ...

@@ -5,6 +5,13 @@ out. No sockets, no clocks of its own, no globals, so the same stream always
 yields the same sessions, live or replayed. Device times (``dev_ms``) are
 unwrapped across the 2^32 ms wrap and are the timebase of every duration; the
 gateway's UTC receive times are kept beside them.
+
+Uptime that goes backwards is a device restart, not a wrap, unless it goes from
+the last hour before 2^32 ms to the first hour after 0: a session open across a
+restart is finished from the device's record, or from what was seen
+(``device_restarted``), never with a negative or wrapped duration. A pause open
+when the link drops ends at the drop and is marked ``cut_by_link``: the time
+without a link is link-down time, not pause time.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ from typing import Any
 
 from devicegw.contract.vocabulary import DataSource, Reason
 from drivers.vm1.messages import (
-    Ack,
     Alarm,
     DeviceMessage,
     DeviceState,
@@ -29,6 +35,14 @@ from drivers.vm1.messages import (
 )
 
 _WRAP = 1 << 32
+#: Uptime going from within this much of 2^32 ms to within this much of 0 is a wrap;
+#: any other step backwards is a device restart.
+_WRAP_WINDOW_MS = 3_600_000
+#: Uptime a little behind the latest is reordering (BLE delivers notifications and
+#: indications of different characteristics separately), not a restart.
+_REORDER_MS = 5_000
+#: A VM-1 reading of the reservoir level that means "unknown" (ICD: tilted, sensor blind).
+RESERVOIR_UNKNOWN_UL = 0xFFFF
 IN_SESSION = (DeviceState.NEBULIZING, DeviceState.PAUSED)
 # Consecutive out-of-session STATUS messages before a missing SESSION_END is fetched.
 _END_MISSED_AFTER = 2
@@ -54,6 +68,7 @@ class AlarmSpan:
 class Pause:
     start_s: float  # seconds from session start
     duration_s: float
+    cut_by_link: bool = False  # the link dropped during it: ends at the drop, true end unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +77,11 @@ class FinishedSession:
 
     session_no: int
     data_source: DataSource
-    end_reason: EndReason
-    fill_ul: int | None
+    end_reason: EndReason | None  # None: the device's record of the end was unavailable
+    fill_ul: int | None  # None: the level sensor read unknown (0xFFFF)
     residual_ul: int | None
-    device_cum_ul: int
-    neb_ms: int
+    device_cum_ul: int | None  # None: the device never reported a total
+    neb_ms: int | None  # None: unknown (the device's record was unavailable)
     duration_s: float | None  # device time from SESSION_START to SESSION_END
     gateway_start_utc: datetime | None
     gateway_end_utc: datetime
@@ -83,12 +98,17 @@ class FinishedSession:
     frames_lost: int
     bad_frames: int
     flags: tuple[Reason, ...]
+    #: With ``duration_s`` unknown: the least the session lasted (neb_ms, or what was seen).
+    duration_at_least_s: float | None = None
+    #: From the device's IDENT: what its reservoir holds and how fast it nebulizes.
+    reservoir_capacity_ul: int | None = None
+    nominal_rate_ul_min: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SessionStarted:
     session_no: int
-    fill_ul: int
+    fill_ul: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +142,7 @@ TrackerEvent = SessionStarted | SessionFinished | StateChanged | AlarmChanged | 
 @dataclass(slots=True)
 class _Open:
     session_no: int
-    fill_ul: int
+    fill_ul: int | None
     wall_s: int
     start_dev: float  # unwrapped device seconds
     start_raw_ms: int
@@ -130,7 +150,8 @@ class _Open:
     times: list[float] = field(default_factory=list)
     rates: list[int] = field(default_factory=list)
     last_cum_ul: int = 0
-    pauses: list[list[float]] = field(default_factory=list)  # [start_dev, end_dev or nan]
+    # [start_dev, end_dev (-1 while open), 1.0 if cut by a link drop else 0.0]
+    pauses: list[list[float]] = field(default_factory=list)
     alarms: list[list[float | int | None]] = field(default_factory=list)  # [code, raised, cleared]
     link_interruptions: int = 0
     link_down_s: float = 0.0
@@ -157,7 +178,14 @@ class _Open:
             if values.get(name) is not None:
                 values[name] = datetime.fromisoformat(values[name])
         values["flags"] = [Reason(f) for f in values.get("flags", [])]
+        # Journals written before pauses carried their cut flag hold [start, end].
+        values["pauses"] = [[*p, 0.0] if len(p) == 2 else p for p in values.get("pauses", [])]
         return cls(**values)
+
+    def close_pause(self, end_dev: float, *, cut: bool = False) -> None:
+        if self.pauses and self.pauses[-1][1] < 0:
+            self.pauses[-1][1] = end_dev
+            self.pauses[-1][2] = 1.0 if cut else 0.0
 
 
 class SessionTracker:
@@ -172,7 +200,6 @@ class SessionTracker:
         self._recent_limit = recent_limit
         self._wrap_offset = 0
         self._last_raw_ms: int | None = None
-        self._last_seq: int | None = None
         self._link_down_utc: datetime | None = None
         # Sessions whose end was missed, kept until the device's record arrives.
         self._awaiting: dict[int, _Open] = {}
@@ -209,6 +236,10 @@ class SessionTracker:
         self._link_down_utc = down_since
         return o.session_no
 
+    def counter_reset(self) -> None:
+        """The device's session numbers start again: the ones seen so far mean nothing."""
+        self._finished.clear()
+
     # -- inputs ---------------------------------------------------------------
 
     @property
@@ -221,54 +252,110 @@ class SessionTracker:
 
     def link_down(self, utc: datetime) -> None:
         self._link_down_utc = utc
-        self._last_seq = None
         if self._open is not None:
             self._open.link_interruptions += 1
+            # What the device did from here is unknown: a pause ends at the last thing seen.
+            self._open.close_pause(self._open.last_dev, cut=True)
 
     def link_up(self, utc: datetime) -> None:
         if self._open is not None and self._link_down_utc is not None:
             # Never negative, even if the gateway clock was stepped back meanwhile.
             self._open.link_down_s += max(0.0, (utc - self._link_down_utc).total_seconds())
         self._link_down_utc = None
-        self._last_seq = None
 
     def bad_frames(self, count: int) -> None:
         if self._open is not None:
             self._open.bad_frames += count
 
+    def frames_lost(self, count: int) -> None:
+        """Sequence gaps counted by the stream decoder (every device message, ACKs too)."""
+        if self._open is not None:
+            self._open.frames_lost += count
+
     def feed(self, rx: Rx) -> list[TrackerEvent]:
         msg = rx.msg
-        self._count_seq(msg.seq)
+        events: list[TrackerEvent] = []
+        if self._restarted(msg.dev_ms):
+            events.extend(self._on_restart())
         dev = self._unwrap(msg.dev_ms)
         if isinstance(msg, Output):
             self._on_output(msg, dev)
-            return []
-        if isinstance(msg, Status):
-            return self._on_status(msg, dev)
-        if isinstance(msg, SessionStart):
-            return self._on_start(msg, dev, rx.utc)
-        if isinstance(msg, SessionEnd):
-            return self._on_end(msg, dev, rx.utc)
-        if isinstance(msg, SessionRecord):
-            return self._on_record(msg, rx.utc)
-        if isinstance(msg, Alarm):
-            return self._on_alarm(msg, dev)
-        if isinstance(msg, Ident):
+        elif isinstance(msg, Status):
+            events.extend(self._on_status(msg, dev))
+        elif isinstance(msg, SessionStart):
+            events.extend(self._on_start(msg, dev, rx.utc))
+        elif isinstance(msg, SessionEnd):
+            events.extend(self._on_end(msg, dev, rx.utc))
+        elif isinstance(msg, SessionRecord):
+            events.extend(self._on_record(msg, rx.utc))
+        elif isinstance(msg, Alarm):
+            events.extend(self._on_alarm(msg, dev))
+        elif isinstance(msg, Ident):
             self.identity = msg
+        return events  # an Ack changes nothing here
+
+    def record_unavailable(self, session_no: int, utc: datetime) -> list[TrackerEvent]:
+        """The device has no record of a session whose end was missed: finish it from
+        what was seen (``session_record_unavailable``), rather than never."""
+        o = self._awaiting.pop(session_no, None)
+        if o is None and self._open is not None and self._open.session_no == session_no:
+            if not self._open.fetch_requested:
+                return []  # still running as far as the gateway knows: its end will come
+            o = self._open
+        if o is None or session_no in self._finished:
             return []
-        if isinstance(msg, Ack):
-            return []
-        return []  # pragma: no cover - the union is exhaustive
+        o.close_pause(o.last_dev)
+        if Reason.SESSION_RECORD_UNAVAILABLE not in o.flags:
+            o.flags.append(Reason.SESSION_RECORD_UNAVAILABLE)
+        seen = max(0.0, o.last_dev - o.start_dev)
+        finished = self._finish(
+            o,
+            data_source=DataSource.LIVE,
+            reason=None,
+            residual_ul=None,
+            cum_ul=o.last_cum_ul if o.times else None,
+            neb_ms=None,
+            duration_s=None,
+            end_utc=utc,
+            end_wall_s=None,
+            end_raw_ms=None,
+            duration_at_least_s=seen,
+        )
+        return [SessionFinished(finished)]
 
     # -- internals ------------------------------------------------------------
 
-    def _count_seq(self, seq: int) -> None:
-        if self._last_seq is not None and self._open is not None:
-            self._open.frames_lost += (seq - self._last_seq - 1) % 256
-        self._last_seq = seq
+    def _restarted(self, raw_ms: int) -> bool:
+        """Uptime went well back, and not across the 2^32 ms wrap: the device restarted."""
+        last = self._last_raw_ms
+        if last is None or raw_ms >= last - _REORDER_MS:
+            return False
+        return not _wrapped(last, raw_ms)
+
+    def _on_restart(self) -> list[TrackerEvent]:
+        """The device rebooted: its session is over; ask for its record, and start a new
+        device timebase (a reboot is not a wrap)."""
+        self._wrap_offset = 0
+        self._last_raw_ms = None
+        o = self._open
+        if o is None:
+            return []
+        self._open = None
+        o.close_pause(o.last_dev)
+        if Reason.DEVICE_RESTARTED not in o.flags:
+            o.flags.append(Reason.DEVICE_RESTARTED)
+        self._awaiting[o.session_no] = o
+        if o.fetch_requested:
+            return []
+        o.fetch_requested = True
+        return [FetchSessionRecord(o.session_no)]
 
     def _unwrap(self, raw_ms: int) -> float:
-        if self._last_raw_ms is not None and raw_ms < self._last_raw_ms - (_WRAP >> 1):
+        last = self._last_raw_ms
+        if last is not None and raw_ms < last:
+            if not _wrapped(last, raw_ms):
+                # Slightly out of order: place it, but the latest time stays the latest.
+                return (raw_ms + self._wrap_offset) / 1000.0
             self._wrap_offset += _WRAP
         self._last_raw_ms = raw_ms
         return (raw_ms + self._wrap_offset) / 1000.0
@@ -290,9 +377,9 @@ class SessionTracker:
         if o is not None:
             o.last_dev = max(o.last_dev, dev)
             if msg.state == DeviceState.PAUSED and not (o.pauses and o.pauses[-1][1] < 0):
-                o.pauses.append([dev, -1.0])
-            elif msg.state != DeviceState.PAUSED and o.pauses and o.pauses[-1][1] < 0:
-                o.pauses[-1][1] = dev
+                o.pauses.append([dev, -1.0, 0.0])
+            elif msg.state != DeviceState.PAUSED:
+                o.close_pause(dev)
             if msg.state in IN_SESSION:
                 o.out_of_session_statuses = 0
             else:
@@ -319,19 +406,24 @@ class SessionTracker:
                 events.append(FetchSessionRecord(prev.session_no))
             self._awaiting[prev.session_no] = prev
             self._open = None
-        if msg.session_no in self._finished:
-            return events
+        reused = msg.session_no in self._finished
+        if reused:
+            # A device sends SESSION_START once, when a treatment starts: a finished number
+            # starting again means its counter started again (board swap, re-flash).
+            self._finished.clear()
+        fill = None if msg.fill_ul == RESERVOIR_UNKNOWN_UL else msg.fill_ul
         self._open = _Open(
             session_no=msg.session_no,
-            fill_ul=msg.fill_ul,
+            fill_ul=fill,
             wall_s=msg.wall_s,
             start_dev=dev,
             start_raw_ms=msg.dev_ms,
             start_utc=utc,
             last_dev=dev,
         )
-        self._last_seq = msg.seq
-        events.append(SessionStarted(msg.session_no, msg.fill_ul))
+        if reused:
+            self._open.flags.append(Reason.DEVICE_COUNTER_RESET)
+        events.append(SessionStarted(msg.session_no, fill))
         return events
 
     def _on_end(self, msg: SessionEnd, dev: float, utc: datetime) -> list[TrackerEvent]:
@@ -341,15 +433,14 @@ class SessionTracker:
         if o is None or o.session_no != msg.session_no:
             # The start was not seen (gateway started mid-session): the device log has it.
             return [FetchSessionRecord(msg.session_no)]
-        if o.pauses and o.pauses[-1][1] < 0:
-            o.pauses[-1][1] = dev
+        o.close_pause(dev)
         duration = dev - o.start_dev
         wall0 = o.wall_s or None
         finished = self._finish(
             o,
             data_source=DataSource.LIVE,
             reason=msg.reason,
-            residual_ul=msg.residual_ul,
+            residual_ul=_level(msg.residual_ul),
             cum_ul=msg.cum_ul,
             neb_ms=msg.neb_ms,
             duration_s=duration,
@@ -368,32 +459,33 @@ class SessionTracker:
         elif o is self._open:
             self._open = None
         if o is not None:
-            if o.pauses and o.pauses[-1][1] < 0:
-                o.pauses[-1][1] = o.last_dev
+            o.close_pause(o.last_dev)
             finished = self._finish(
                 o,
                 data_source=DataSource.LIVE,
                 reason=msg.reason,
-                residual_ul=msg.residual_ul,
+                residual_ul=_level(msg.residual_ul),
                 cum_ul=msg.cum_ul,
                 neb_ms=msg.neb_ms,
                 duration_s=_record_duration(msg),
                 end_utc=utc,
                 end_wall_s=msg.end_wall_s or None,
                 end_raw_ms=None,
+                duration_at_least_s=max(msg.neb_ms / 1000.0, o.last_dev - o.start_dev),
             )
             return [SessionFinished(finished)]
         # A session the gateway never saw start: only the device's log speaks for it.
         self._remember(msg.session_no)
+        duration = _record_duration(msg)
         finished = FinishedSession(
             session_no=msg.session_no,
             data_source=DataSource.DEVICE_LOG,
             end_reason=msg.reason,
-            fill_ul=msg.fill_ul,
-            residual_ul=msg.residual_ul,
+            fill_ul=_level(msg.fill_ul),
+            residual_ul=_level(msg.residual_ul),
             device_cum_ul=msg.cum_ul,
             neb_ms=msg.neb_ms,
-            duration_s=_record_duration(msg),
+            duration_s=duration,
             gateway_start_utc=None,
             gateway_end_utc=utc,
             device_start_wall_s=msg.start_wall_s or None,
@@ -409,6 +501,8 @@ class SessionTracker:
             frames_lost=0,
             bad_frames=0,
             flags=(Reason.RECONCILED_FROM_DEVICE_LOG,),
+            duration_at_least_s=None if duration is not None else msg.neb_ms / 1000.0,
+            **self._device_facts(),
         )
         return [SessionFinished(finished)]
 
@@ -443,14 +537,15 @@ class SessionTracker:
         o: _Open,
         *,
         data_source: DataSource,
-        reason: EndReason,
-        residual_ul: int,
-        cum_ul: int,
-        neb_ms: int,
+        reason: EndReason | None,
+        residual_ul: int | None,
+        cum_ul: int | None,
+        neb_ms: int | None,
         duration_s: float | None,
         end_utc: datetime,
         end_wall_s: int | None,
         end_raw_ms: int | None,
+        duration_at_least_s: float | None = None,
     ) -> FinishedSession:
         if self._open is o:
             self._open = None
@@ -483,7 +578,11 @@ class SessionTracker:
             sample_times_s=tuple(o.times),
             sample_rates_ul_min=tuple(o.rates),
             pauses=tuple(
-                Pause(start_s=p[0] - o.start_dev, duration_s=max(0.0, p[1] - p[0]))
+                Pause(
+                    start_s=p[0] - o.start_dev,
+                    duration_s=max(0.0, p[1] - p[0]),
+                    cut_by_link=p[2] > 0,
+                )
                 for p in o.pauses
                 if p[1] >= 0
             ),
@@ -493,7 +592,26 @@ class SessionTracker:
             frames_lost=o.frames_lost,
             bad_frames=o.bad_frames,
             flags=tuple(o.flags),
+            duration_at_least_s=None if duration_s is not None else duration_at_least_s,
+            **self._device_facts(),
         )
+
+    def _device_facts(self) -> dict[str, int | None]:
+        ident = self.identity
+        return {
+            "reservoir_capacity_ul": ident.reservoir_capacity_ul if ident else None,
+            "nominal_rate_ul_min": ident.nominal_rate_ul_min if ident else None,
+        }
+
+
+def _wrapped(last_ms: int, raw_ms: int) -> bool:
+    """Did uptime pass 2^32 ms between these two readings (rather than restart)?"""
+    return last_ms >= _WRAP - _WRAP_WINDOW_MS and raw_ms < _WRAP_WINDOW_MS
+
+
+def _level(reservoir_ul: int) -> int | None:
+    """A reservoir reading, or None for the ICD's "unknown" (0xFFFF)."""
+    return None if reservoir_ul == RESERVOIR_UNKNOWN_UL else reservoir_ul
 
 
 def _record_duration(record: SessionRecord) -> float | None:

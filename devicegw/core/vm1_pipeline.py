@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -33,6 +33,7 @@ from devicegw.contract.payloads import (
     dose_event_id,
 )
 from devicegw.contract.spo2 import Spo2Summary, UnavailableReason
+from devicegw.contract.vocabulary import DataSource, Reason
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.dose_check import assess
 from devicegw.core.dose_event import build_dose_record, device_identity
@@ -51,10 +52,12 @@ from devicegw.errors import TransportError
 from drivers.link_unit import LinkUnit
 from drivers.vm1.messages import (
     Ack,
+    AckResult,
     DeviceMessage,
     GetInfo,
     GetSession,
     Ident,
+    MsgType,
     Output,
     Ping,
     SetClock,
@@ -69,6 +72,7 @@ from drivers.vm1.stream import Vm1StreamDecoder, vm1_decoder
 log = logging.getLogger(__name__)
 
 HOST_COMMAND_TYPES = (GetInfo, SetClock, SetRate, GetSession, Start, Stop, Ping)
+GET_SESSION = int(MsgType.GET_SESSION)
 
 
 class GatewaySink(Protocol):
@@ -146,6 +150,8 @@ class Vm1Pipeline:
         self.journal = journal
         self.audit = audit
         self._identified: tuple[str, str, str] | None = None
+        #: Session-counter resets of the identified device (0: never): part of event ids.
+        self._epoch = 0
         self.tracker = SessionTracker()
         self._journaled: tuple[int, float] | None = None  # (session_no, mono of last save)
         if journal is not None:
@@ -170,6 +176,8 @@ class Vm1Pipeline:
         self._last_detail_key: tuple[object, ...] | None = None
         self._utc: datetime | None = None
         self._held: deque[Rx] = deque()
+        self._host_decoder = vm1_decoder(self.link_unit)  # what the gateway sent (GET_SESSION)
+        self._asked: dict[int, int] = {}  # host seq -> session_no of a GET_SESSION
 
     # -- link lifecycle ----------------------------------------------------------
 
@@ -178,6 +186,8 @@ class Vm1Pipeline:
         if unit is not None:
             self.link_unit = unit
         self._decoder = vm1_decoder(self.link_unit)  # nothing half-received survives a reopen
+        self._host_decoder = vm1_decoder(self.link_unit)
+        self._asked.clear()
         self._bad_seen = self._lost_seen = 0
         self._held.clear()
         self.health.identified = False  # whoever is on the port must say who it is again
@@ -213,7 +223,9 @@ class Vm1Pipeline:
             self.health.frames_bad += bad - self._bad_seen
             self._bad_seen = bad
         if stats.frames_lost != self._lost_seen:
+            # One count of lost frames (every device message, ACKs too) for health and events.
             self.health.frames_lost += stats.frames_lost - self._lost_seen
+            self.tracker.frames_lost(stats.frames_lost - self._lost_seen)
             self._lost_seen = stats.frames_lost
         acks: list[Ack] = []
         fetch: list[int] = []
@@ -225,6 +237,8 @@ class Vm1Pipeline:
             self.health.last_frame_mono = mono
             if isinstance(msg, Ack):
                 acks.append(msg)  # transport level: the handshake needs them before IDENT
+                if self.health.identified:
+                    self._on_ack(msg, utc, mono)
             elif isinstance(msg, Ident) and not self.health.identified:
                 self._identify(msg, utc, mono, fetch)
                 identified = True
@@ -234,6 +248,24 @@ class Vm1Pipeline:
                 self._on_message(msg, utc, mono, fetch)
         self._journal(utc, mono)
         return PipelineResult(acks, fetch, identified)
+
+    def sent(self, chunk: bytes) -> None:
+        """A chunk the gateway wrote to the device (a frame, or a payload over BLE): the
+        GET_SESSION requests are kept by seq, so that the device's BAD_ARGUMENT answer
+        can be matched to its session."""
+        for msg in self._host_decoder.feed(chunk):
+            if isinstance(msg, GetSession):
+                self._asked[msg.seq] = msg.session_no
+
+    def _on_ack(self, ack: Ack, utc: datetime, mono: float) -> None:
+        session_no = self._asked.pop(ack.acked_seq, None) if ack.cmd == GET_SESSION else None
+        if session_no is None or ack.result != AckResult.BAD_ARGUMENT:
+            return
+        # The device no longer holds (or never logged) a session known to be over:
+        # it is finished from what was seen rather than kept waiting forever.
+        for event in self.tracker.record_unavailable(session_no, utc):
+            if isinstance(event, SessionFinished):
+                self._emit_dose(event, mono)
 
     @property
     def identified(self) -> bool:
@@ -286,10 +318,40 @@ class Vm1Pipeline:
             self.journal.save(self.device.id, o.session_no, snapshot, utc)
             self._journaled = (o.session_no, mono)
 
+    def _event_id(self, ident: Ident, session_no: int) -> uuid.UUID:
+        return dose_event_id(ident.model, ident.serial_no, session_no, self._epoch)
+
+    def _counter_reset(self, ident: Ident, session_no: int, why: str, recorded_up_to: int) -> None:
+        """The device's session counter started again (board swap, re-flash): sessions from
+        here get ids of a new epoch, so none is taken for an earlier dose and dropped."""
+        assert self.journal is not None
+        self._epoch = self.journal.start_counter_epoch(ident.model, ident.serial_no, session_no)
+        self.tracker.counter_reset()
+        log.warning(
+            "device session counter reset (%s): new sessions recorded in epoch %d",
+            why,
+            self._epoch,
+            extra={"device_id": self.device.id, "session_no": session_no},
+        )
+        if self.audit is not None:
+            self.audit.append(
+                AuditKind.device_counter_reset,
+                device_id=self.device.id,
+                session_no=session_no,
+                body={
+                    "serial_no": ident.serial_no,
+                    "why": why,
+                    "recorded_up_to": recorded_up_to,
+                    "device_last_session_no": ident.last_session_no,
+                    "epoch": self._epoch,
+                },
+            )
+
     def _reconcile(self, ident: Ident, fetch: list[int]) -> None:
         """Sessions the device logged while the gateway was not listening: fetch them."""
         if self.journal is None:
             return
+        self._epoch = self.journal.counter_epoch(ident.model, ident.serial_no)
         mark = self.journal.watermark(ident.model, ident.serial_no)
         last = ident.last_session_no
         if mark is None:
@@ -297,10 +359,13 @@ class Vm1Pipeline:
             self.journal.raise_watermark(ident.model, ident.serial_no, last)
             return
         open_no = self.tracker.open_session_no
+        if last < mark and (open_no is None or open_no > last):
+            self._counter_reset(ident, last, "IDENT last_session_no below the recorded", mark)
+            return
         for n in range(max(mark + 1, last - RECONCILE_MAX + 1), last + 1):
             if n == open_no or n in fetch:
                 continue
-            if not self.journal.is_recorded(str(dose_event_id(ident.model, ident.serial_no, n))):
+            if not self.journal.is_recorded(str(self._event_id(ident, n))):
                 log.info(
                     "reconciling a session from the device log",
                     extra={"device_id": self.device.id, "session_no": n},
@@ -335,7 +400,7 @@ class Vm1Pipeline:
                         subject_id=self.device.subject_id,
                         session_no=event.session_no,
                         body={
-                            "fill_ml": event.fill_ul / 1000.0,
+                            "fill_ml": None if event.fill_ul is None else event.fill_ul / 1000.0,
                             "gateway_utc": utc.isoformat(),
                             "device_uptime_ms": msg.dev_ms,
                             "kit_number": self.device.kit_number,
@@ -404,24 +469,41 @@ class Vm1Pipeline:
 
     def _emit_dose(self, event: SessionFinished, mono: float) -> None:
         session = event.session
-        assessment = assess(session, self.config.dose_rules)
         ident = self.tracker.identity
         if ident is None:  # unreachable: nothing becomes a session before an accepted IDENT
             raise RuntimeError("a session finished on a device that has not identified itself")
+        if self.journal is not None:
+            recorded = self.journal.recorded_times(str(self._event_id(ident, session.session_no)))
+            if recorded is not None and _is_another_dose(session, recorded):
+                self._counter_reset(
+                    ident,
+                    session.session_no,
+                    "a recorded session number started again after it had ended",
+                    session.session_no,
+                )
+            elif self.journal.is_recorded(str(self._event_id(ident, session.session_no))):
+                # Recorded before a restart or by an earlier fetch: the first record stands.
+                log.info(
+                    "session already recorded; not recorded again",
+                    extra={"device_id": self.device.id, "session_no": session.session_no},
+                )
+                self.journal.clear(self.device.id, session.session_no)
+                return
+        if self._epoch and Reason.DEVICE_COUNTER_RESET not in session.flags:
+            # Its session number is not the device's only name for it any more.
+            session = replace(session, flags=(*session.flags, Reason.DEVICE_COUNTER_RESET))
+        assessment = assess(session, self.config.dose_rules)
         record = build_dose_record(
-            session, assessment, device=self.device, ident=ident, config=self.config
+            session,
+            assessment,
+            device=self.device,
+            ident=ident,
+            config=self.config,
+            epoch=self._epoch,
         )
         dose = record.event
         dose = dose.model_copy(update={"spo2": self._spo2_summary(session, dose.event_id, mono)})
         record = DoseRecord(event=dose, detail=record.detail)
-        if self.journal is not None and self.journal.is_recorded(str(dose.event_id)):
-            # Already recorded before a restart or by an earlier fetch: the first record stands.
-            log.info(
-                "session already recorded; not recorded again",
-                extra={"device_id": self.device.id, "session_no": session.session_no},
-            )
-            self.journal.clear(self.device.id, session.session_no)
-            return
         log.info(
             "session finished",
             extra={
@@ -463,7 +545,7 @@ class Vm1Pipeline:
         ident = self.tracker.identity
         if self.bed is None or ident is None:
             return
-        self.bed.session_started(mono, dose_event_id(ident.model, ident.serial_no, session_no), utc)
+        self.bed.session_started(mono, self._event_id(ident, session_no), utc)
 
     # -- outputs -------------------------------------------------------------------
 
@@ -540,6 +622,13 @@ class Vm1Pipeline:
                     active_alarms=alarms,
                 ),
             )
+
+
+def _is_another_dose(session: FinishedSession, recorded: tuple[datetime | None, datetime]) -> bool:
+    """A session followed live that started after the recorded one with its number ended:
+    the device's counter started again (the same session fetched again starts before)."""
+    start = session.gateway_start_utc
+    return session.data_source == DataSource.LIVE and start is not None and start > recorded[1]
 
 
 def _ml(ul: int | None) -> float | None:

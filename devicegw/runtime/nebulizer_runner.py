@@ -288,6 +288,7 @@ class NebulizerRunner:
                 utc, mono = self._clock.now(), self._clock.monotonic()
                 for obs in self.observers:
                     obs.bytes_sent(self.device.id, chunk, utc, mono)
+                self.pipeline.sent(chunk)
                 await link.write(chunk)
                 try:
                     async with asyncio.timeout(timeout):

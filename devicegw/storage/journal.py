@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS device_watermark (
     device_key TEXT PRIMARY KEY,
     session_no INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS device_counter_epoch (
+    device_key TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL
+);
 """
 
 
@@ -89,6 +93,55 @@ class SessionJournal:
             (f"{model}/{serial_no}",),
         ).fetchone()
         return None if row is None else int(row[0])
+
+    def recorded_times(self, event_id: str) -> tuple[datetime | None, datetime] | None:
+        """Gateway start and end times of a recorded dose event, or None if not recorded.
+
+        How a session number the device repeats after a counter reset is told apart
+        from the same session fetched again: a new dose starts after the old one ended.
+        """
+        try:
+            row = self.store.conn.execute(
+                "SELECT payload FROM outbox WHERE event_id = ?", (event_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        if row is None:
+            return None
+        try:
+            times = json.loads(row[0])["times"]
+            start = times.get("gateway_start_utc")
+            return (
+                None if start is None else datetime.fromisoformat(start),
+                datetime.fromisoformat(times["gateway_end_utc"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None  # not readable: treated as the same dose (never a second record)
+
+    def counter_epoch(self, model: str, serial_no: str) -> int:
+        row = self.store.conn.execute(
+            "SELECT epoch FROM device_counter_epoch WHERE device_key = ?",
+            (f"{model}/{serial_no}",),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def start_counter_epoch(self, model: str, serial_no: str, session_no: int) -> int:
+        """The device's session counter started again: a new epoch, the watermark set
+        back to where the device is now; returns the new epoch."""
+        key = f"{model}/{serial_no}"
+        with self.store.transaction():
+            epoch = self.counter_epoch(model, serial_no) + 1
+            self.store.conn.execute(
+                "INSERT INTO device_counter_epoch (device_key, epoch) VALUES (?, ?)"
+                " ON CONFLICT(device_key) DO UPDATE SET epoch = excluded.epoch",
+                (key, epoch),
+            )
+            self.store.conn.execute(
+                "INSERT INTO device_watermark (device_key, session_no) VALUES (?, ?)"
+                " ON CONFLICT(device_key) DO UPDATE SET session_no = excluded.session_no",
+                (key, session_no),
+            )
+        return epoch
 
     def raise_watermark(self, model: str, serial_no: str, session_no: int) -> None:
         self.store.conn.execute(
