@@ -410,3 +410,79 @@ async def test_nebulizer_runner_over_ble_yields_the_dose_event(bluez: BluezooEnv
     assert event.verdict == "partial"
     assert event.reasons == ["duration_below_minimum", "delivered_below_minimum"]
     assert sim.counters.commands_received >= 2  # GET_INFO and SET_CLOCK of the handshake
+
+
+async def test_a_ble_session_records_what_the_device_sent_and_replays_to_its_dose(
+    bluez: BluezooEnv,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    """A BLE device's recording holds the payloads as the characteristics carried them
+    (no frame, no CRC the gateway made), and replaying it gives the live dose event."""
+    from devicegw.cli.replay import Player
+    from devicegw.config import parse_config
+    from devicegw.recording.format import RX, TX, RecordingWriter, iter_records, show_lines
+    from devicegw.runtime.link_factory import link_factory
+    from devicegw.runtime.nebulizer_runner import NebulizerRunner
+
+    clock = ScaledClock(20)
+    session = parse_scenario(
+        {
+            "device": {"serial_no": SERIAL, "seed": 5, "mains": True, "last_session_no": 2},
+            "sessions": [{"fill_at_s": 0, "fill_ul": 400, "start_at_s": 60, "rate_ul_min": 1200}],
+        },
+        source="ble-record.toml",
+    )
+    address = bluez.adapter_address(PERIPHERAL_ADAPTER)
+    config = parse_config(
+        {
+            "gateway": {"id": "gw1", "site": "site-042"},
+            "devices": [
+                {
+                    "id": "neb-ble",
+                    "type": "vm1",
+                    "bed": "B01",
+                    "subject_id": "CVD-042-0017",
+                    "kit_number": "K-10234",
+                    "expected_serial": SERIAL,
+                    "link": {"kind": "ble", "address": address, "adapter": GATEWAY_ADAPTER},
+                }
+            ],
+        }
+    )
+    device = config.devices[0]
+    writer = RecordingWriter(tmp_path / "rec", config, run_id="ble-run")
+    sink = ListSink()
+    runner = NebulizerRunner(
+        device,
+        config,
+        link_factory=link_factory(device),  # the daemon's own: a Vm1BleLink
+        clock=clock,
+        sink=sink,
+        observers=[writer],
+    )
+    async with Vm1BleSimulator(session, clock=clock, adapter=PERIPHERAL_ADAPTER):
+        task = asyncio.create_task(runner.run(), name="runner")
+        try:
+            await asyncio.wait_for(sink.got_dose_event.wait(), 45)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    writer.close()
+    [live] = sink.dose_records
+    [path] = writer.paths()
+
+    records = [r for r in iter_records(path) if r.kind in (RX, TX)]
+    rx = [r.payload for r in records if r.kind == RX]
+    tx = [r.payload for r in records if r.kind == TX]
+    assert len(rx) > 10 and tx
+    for payload in rx + tx:
+        assert payload[0] != 0x7E  # a bare payload, not a frame
+        decode_payload(payload)  # each record is exactly one payload
+    assert any(isinstance(decode_payload(p), Ident) for p in rx)
+    assert any("-> Ident(" in line for line in show_lines(path))
+
+    replayed: list[Any] = []
+    Player([path], emit=replayed.append, kinds=("dose",)).run()
+    [again] = [e.payload for e in replayed]
+    assert again == live.event
