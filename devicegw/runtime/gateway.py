@@ -52,7 +52,7 @@ from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
 from devicegw.storage.witness import StoreOpening, open_checked, write_witness
 from drivers.clock import Clock
-from drivers.transport.base import ByteLink
+from drivers.transport.base import Link
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Gateway:
         config: Config,
         *,
         clock: Clock,
-        link_factory: Callable[[DeviceSettings], Callable[[], ByteLink]] = default_link_factory,
+        link_factory: Callable[[DeviceSettings], Callable[[], Link]] = default_link_factory,
         store: Store | None = None,
         notifier: systemd_notify.Notifier | None = None,
         new_store: bool = False,
