@@ -31,7 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devicegw.cli.replay import Player, simulate_record  # noqa: E402
+from devicegw.cli.replay import simulate_record  # noqa: E402
+from devicegw.recording.player import Player  # noqa: E402
 from simulators.scenario import Scenario, parse_scenario  # noqa: E402
 
 
