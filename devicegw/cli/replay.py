@@ -60,9 +60,12 @@ from devicegw.recording.player import (
     OutputKind,
     Player,
     ReplaySummary,
+    play_parallel,
 )
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from simulators.scenario import Scenario
 
 __all__ = [
@@ -424,6 +427,13 @@ def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=None,
         help="also write the summary (counts, verdicts, span, speed) as JSON to PATH",
     )
+    rp.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes, one device per task (as fast as possible only; no --publish); "
+        "the events come out in the same order, after all workers finished",
+    )
     rp.add_argument("--quiet", action="store_true", help="print no events (summary only)")
     rp.add_argument(
         "--progress",
@@ -468,6 +478,10 @@ def replay_cli(args: argparse.Namespace) -> int:
         raise ConfigError(f"--kinds: unknown output kind(s) {', '.join(bad)}")
     if args.speed is not None and args.speed <= 0:
         raise ConfigError("--speed must be positive")
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    if args.jobs > 1 and (args.speed is not None or args.publish):
+        raise ConfigError("--jobs runs as fast as possible and does not publish")
     config = load_config(args.config) if args.config else None
     publish = _host_port(args.publish) if args.publish else None
     return asyncio.run(
@@ -479,6 +493,7 @@ def replay_cli(args: argparse.Namespace) -> int:
             publish=publish,
             quiet=args.quiet,
             summary_json=Path(args.summary_json) if args.summary_json else None,
+            jobs=args.jobs,
             progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()),
         )
     )
@@ -494,6 +509,7 @@ async def _replay_main(
     quiet: bool,
     progress: bool,
     summary_json: Path | None = None,
+    jobs: int = 1,
 ) -> int:
     from rich.console import Console
     from rich.progress import (
@@ -530,13 +546,10 @@ async def _replay_main(
     publisher: asyncio.Task[int] | None = None
     if publish is not None:
         publisher = asyncio.create_task(_publish(publish, queue, player), name="replay-publisher")
-    with bar:
-        task = bar.add_task("replay", total=player.total_bytes)
-
-        def on_progress(done: int) -> None:
-            bar.update(task, completed=min(done, player.total_bytes))
-
-        summary = await player.run_async(speed=speed, progress=on_progress)
+    if jobs > 1:  # as fast as possible, nothing to publish: no loop work meanwhile
+        summary = play_parallel(files, jobs=jobs, config=config, emit=emit, kinds=played)
+    else:
+        summary = await _play_with_bar(player, bar, speed)
     out.flush()
     published = 0
     if publisher is not None:
@@ -551,6 +564,16 @@ async def _replay_main(
     for problem in summary.problems:
         console.print(f"[yellow]skipped a torn tail:[/] {problem}")
     return 0
+
+
+async def _play_with_bar(player: Player, bar: Progress, speed: float | None) -> ReplaySummary:
+    with bar:
+        task = bar.add_task("replay", total=player.total_bytes)
+
+        def on_progress(done: int) -> None:
+            bar.update(task, completed=min(done, player.total_bytes))
+
+        return await player.run_async(speed=speed, progress=on_progress)
 
 
 async def _publish(
