@@ -189,7 +189,7 @@ async def feed(run: Run, rate: float) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
         device_id = event.device.device_id
-        run.publisher.publish_dose(
+        run.publisher.commit_dose(
             TOPICS.dose(device_id),
             event,
             device_id=device_id,

@@ -40,6 +40,7 @@ from devicegw.safe_text import is_plain, printable
 #: A configuration file larger than this is not a gateway's configuration.
 MAX_FILE_BYTES = 1 << 20
 
+
 def _matching(regex: str, what: str) -> AfterValidator:
     """A pattern check whose message says what is wanted, not the regular expression."""
     compiled = re.compile(regex)
@@ -79,9 +80,7 @@ Vm1Serial = Annotated[
     str,
     _matching(r"[!-~](?:[ -~]{0,10}[!-~])?", "a VM-1 serial number: 1-12 printable ASCII"),
 ]
-EnvName = Annotated[
-    str, _matching(r"[A-Za-z_][A-Za-z0-9_]{0,127}", "an environment variable name")
-]
+EnvName = Annotated[str, _matching(r"[A-Za-z_][A-Za-z0-9_]{0,127}", "an environment variable name")]
 ClientId = Annotated[
     str, _matching(r"[A-Za-z0-9._:-]{1,128}", "1-128 letters, digits, '.', '_', ':' or '-'")
 ]

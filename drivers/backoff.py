@@ -1,7 +1,9 @@
 """Capped exponential backoff with jitter, for every reconnect loop (devices and broker).
 
 Jitter keeps a ward's worth of devices (or gateways) from reconnecting to a
-restarted broker in lock-step.
+restarted broker in lock-step. It is "equal jitter": each delay is half the
+current ceiling plus a uniform random part of up to the other half (never
+"full jitter", which could retry at once).
 
 The cap is in the arithmetic, not only in the result: the exponent stops
 growing once the ceiling has reached ``max_s``, so a loop may fail forever (a

@@ -85,6 +85,50 @@ class ScaledClock:
         await asyncio.sleep(max(0.0, seconds) / self._scale)
 
 
+class HeldClock:
+    """Another clock, standing still until :meth:`release`, then running on from there.
+
+    For a simulated device that must not begin its script before the gateway
+    is listening (``devicegw demo``): its device time stays at power-on, and its
+    sleeps wait, until the gateway has identified it. Afterwards it runs at the
+    inner clock's rate, behind it by however long it was held.
+    """
+
+    def __init__(self, inner: Clock) -> None:
+        self._inner = inner
+        self._held_at = inner.monotonic()
+        self._behind: float | None = None  # set by release()
+        self._released = asyncio.Event()
+
+    @property
+    def scale(self) -> float:
+        return self._inner.scale
+
+    @property
+    def released(self) -> bool:
+        return self._behind is not None
+
+    def release(self) -> None:
+        if self._behind is None:
+            self._behind = self._inner.monotonic() - self._held_at
+            self._released.set()
+
+    def _lag(self) -> float:
+        if self._behind is None:
+            return self._inner.monotonic() - self._held_at
+        return self._behind
+
+    def monotonic(self) -> float:
+        return self._inner.monotonic() - self._lag()
+
+    def now(self) -> datetime:
+        return self._inner.now() - timedelta(seconds=self._lag())
+
+    async def sleep(self, seconds: float) -> None:
+        await self._released.wait()
+        await self._inner.sleep(seconds)
+
+
 class ManualClock:
     """A clock that only moves when :meth:`advance` is called.
 
@@ -120,11 +164,6 @@ class ManualClock:
         for _, fut in due:
             if not fut.done():
                 fut.set_result(None)
-
-    def next_deadline(self) -> float | None:
-        """Earliest time a sleeper is waiting for, if any."""
-        pending = [t for t, f in self._waiters if not f.done()]
-        return min(pending) if pending else None
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:

@@ -204,16 +204,6 @@ class Vm1PtySimulator(PtySimulator):
         self._add_link_event(self.device_time(), "drop", duration_s, scripted=False)
         self._poke()
 
-    def inject_garbage(self, count: int) -> None:
-        """Write ``count`` random bytes between two frames, now."""
-        self._add_link_event(self.device_time(), "garbage", float(count), scripted=False)
-        self._poke()
-
-    def inject_bitflips(self, count: int) -> None:
-        """Flip one bit in each of the next ``count`` frames."""
-        self._add_link_event(self.device_time(), "bitflip", float(count), scripted=False)
-        self._poke()
-
     # ------------------------------------------------------------------ run loop
 
     def _power_on(self) -> None:

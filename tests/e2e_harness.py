@@ -126,7 +126,7 @@ async def running(
         ]
         devices += extra_devices or []
         config = gateway_config(broker, devices, tmp_path / "gw-data", broker_extra)
-        gateway = Gateway(config, clock=clock)
+        gateway = await stack.enter_async_context(Gateway(config, clock=clock))
         username, password = collector_auth or (None, None)
         collector = await stack.enter_async_context(
             collecting(

@@ -451,7 +451,13 @@ def test_reopening_restores_dropped_triggers_and_warns(
 
 def test_the_api_has_no_way_to_change_a_record() -> None:
     public = {name for name in dir(AuditTrail) if not name.startswith("_")}
-    assert public == {"append", "record_assignments", "record_session_finished", "head"}
+    assert public == {
+        "append",
+        "flush_coalesced",
+        "record_assignments",
+        "record_session_finished",
+        "head",
+    }
 
 
 def test_append_joins_an_outer_transaction(store: Store, clock: ManualClock) -> None:
@@ -670,7 +676,8 @@ def test_cli_verify_ok_and_failure(filled: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     with Store(filled) as s:
         head = verify(s).head
-    assert ok.stdout.strip() == f"OK: 8 records, head {head.hash}"
+    assert ok.stdout.splitlines()[0] == f"OK: 8 records, head {head.hash}"
+    assert "store integrity_check: OK" in ok.stdout
 
     witnessed = run_cli("audit", "verify", "--store", str(filled), "--witness", str(head))
     assert witnessed.returncode == 0, witnessed.stdout + witnessed.stderr

@@ -27,12 +27,10 @@ from drivers.transport.ble_link import (
     MANUFACTURER_NAME_UUID,
     SERIAL_NUMBER_UUID,
     VM1_SERVICE_UUID,
-    FramedPayloadLink,
     Vm1BleLink,
     vm1_local_name,
 )
 from drivers.vm1.codec import decode_payload, encode_payload
-from drivers.vm1.framing import Deframer
 from drivers.vm1.messages import (
     Ack,
     AckResult,
@@ -102,7 +100,7 @@ async def collect(
 
     async def run() -> None:
         while not until(out):
-            out.append(decode_payload(await ble.read_payload()))
+            out.append(decode_payload(await ble.read()))
 
     await asyncio.wait_for(run(), timeout)
     return out
@@ -163,7 +161,7 @@ async def test_connect_reads_ident_and_streams_notifications(
         msgs = await collect(
             ble, lambda m: any(isinstance(x, Status) and x.state == DeviceState.READY for x in m)
         )
-        await ble.send_payload(encode_payload(Start(seq=1)))
+        await ble.write(encode_payload(Start(seq=1)))
         await collect(
             ble, lambda m: sum(isinstance(x, Output) for x in m) >= 20, timeout=30, into=msgs
         )
@@ -192,7 +190,7 @@ async def test_get_info_acked_on_control_point_then_ident(
     await ble.open()
     try:
         msgs = await collect(ble, lambda m: any(isinstance(x, Ident) for x in m))
-        await ble.send_payload(encode_payload(GetInfo(seq=17)))
+        await ble.write(encode_payload(GetInfo(seq=17)))
         after: list[Message] = []
         await collect(ble, lambda m: any(isinstance(x, Ident) for x in m), into=after)
         [ack] = [m for m in after if isinstance(m, Ack)]
@@ -200,7 +198,7 @@ async def test_get_info_acked_on_control_point_then_ident(
         ident_at = next(i for i, m in enumerate(after) if isinstance(m, Ident))
         assert after.index(ack) < ident_at, "IDENT follows its ACK, as on serial"
         # A bad argument is refused by the device, over the same path.
-        await ble.send_payload(encode_payload(SetRate(seq=18, hz=99)))
+        await ble.write(encode_payload(SetRate(seq=18, hz=99)))
         rest = await collect(ble, lambda m: any(isinstance(x, Ack) for x in m))
         [nak] = [m for m in rest if isinstance(m, Ack)]
         assert (nak.acked_seq, nak.result) == (18, AckResult.BAD_ARGUMENT)
@@ -267,7 +265,7 @@ async def test_peripheral_goes_away_link_reports_loss_and_reconnects(
         assert isinstance(ident, Ident)
         assert ident.seq != first_ident.seq
         # Commands work on the new connection.
-        await ble.send_payload(encode_payload(Ping(seq=3)))
+        await ble.write(encode_payload(Ping(seq=3)))
         acks = await collect(ble, lambda m: any(isinstance(x, Ack) for x in m))
         assert [a.acked_seq for a in acks if isinstance(a, Ack)] == [3]
         assert sim.counters.disconnects_forced == 1
@@ -275,28 +273,31 @@ async def test_peripheral_goes_away_link_reports_loss_and_reconnects(
         await ble.close()
 
 
-async def test_framed_payload_link_feeds_the_serial_message_path(
+async def test_payloads_go_to_the_codec_once_as_the_device_sent_them(
     bluez: BluezooEnv,  # noqa: F811
     sim: Vm1BleSimulator,
 ) -> None:
-    """The ByteLink view: frames out (decoded by the serial deframer), frames in."""
-    from drivers.vm1.stream import encode_message_frame
+    """A message link: each read is one bare payload (no frame, no CRC), so the
+    payload decoder takes it as it is, and a write is one bare payload too."""
+    from drivers.vm1.stream import encode_for_link, vm1_decoder
 
-    byte_link = FramedPayloadLink(link(bluez))
-    await byte_link.open()
+    ble = link(bluez)
+    assert ble.unit == "message"
+    await ble.open()
     try:
-        deframer = Deframer()
-        payloads: list[bytes] = []
-        await byte_link.write(encode_message_frame(dataclasses.replace(Ping(), seq=9)))
+        decoder = vm1_decoder(ble.unit)
+        msgs: list[Message] = []
+        await ble.write(encode_for_link(dataclasses.replace(Ping(), seq=9), ble.unit))
         async with asyncio.timeout(15):
-            while not any(p[0] == 0x07 for p in payloads):
-                payloads += deframer.feed(await byte_link.read())
-        msgs = [decode_payload(p) for p in payloads]
+            while not any(isinstance(m, Ack) and m.acked_seq == 9 for m in msgs):
+                chunk = await ble.read()
+                assert chunk[0] != 0x7E  # not a serial frame: what the characteristic carried
+                msgs += decoder.feed(chunk)
         assert isinstance(msgs[0], Ident)
-        assert any(isinstance(m, Ack) and m.acked_seq == 9 for m in msgs)
-        assert deframer.stats.frames_bad == 0
+        assert decoder.stats.frames_bad == 0 and decoder.stats.bad_payloads == 0
+        assert decoder.stats.frames_ok == decoder.stats.messages == len(msgs)
     finally:
-        await byte_link.close()
+        await ble.close()
 
 
 # --------------------------------------------------------------------------- missing parts
@@ -389,7 +390,7 @@ async def test_nebulizer_runner_over_ble_yields_the_dose_event(bluez: BluezooEnv
     runner = NebulizerRunner(
         config.devices[0],
         config,
-        link_factory=lambda: FramedPayloadLink(link(bluez, scan_timeout_s=3.0)),
+        link_factory=lambda: link(bluez, scan_timeout_s=3.0),
         clock=clock,
         sink=sink,
     )
@@ -409,3 +410,79 @@ async def test_nebulizer_runner_over_ble_yields_the_dose_event(bluez: BluezooEnv
     assert event.verdict == "partial"
     assert event.reasons == ["duration_below_minimum", "delivered_below_minimum"]
     assert sim.counters.commands_received >= 2  # GET_INFO and SET_CLOCK of the handshake
+
+
+async def test_a_ble_session_records_what_the_device_sent_and_replays_to_its_dose(
+    bluez: BluezooEnv,  # noqa: F811
+    tmp_path: Any,
+) -> None:
+    """A BLE device's recording holds the payloads as the characteristics carried them
+    (no frame, no CRC the gateway made), and replaying it gives the live dose event."""
+    from devicegw.cli.replay import Player
+    from devicegw.config import parse_config
+    from devicegw.recording.format import RX, TX, RecordingWriter, iter_records, show_lines
+    from devicegw.runtime.link_factory import link_factory
+    from devicegw.runtime.nebulizer_runner import NebulizerRunner
+
+    clock = ScaledClock(20)
+    session = parse_scenario(
+        {
+            "device": {"serial_no": SERIAL, "seed": 5, "mains": True, "last_session_no": 2},
+            "sessions": [{"fill_at_s": 0, "fill_ul": 400, "start_at_s": 60, "rate_ul_min": 1200}],
+        },
+        source="ble-record.toml",
+    )
+    address = bluez.adapter_address(PERIPHERAL_ADAPTER)
+    config = parse_config(
+        {
+            "gateway": {"id": "gw1", "site": "site-042"},
+            "devices": [
+                {
+                    "id": "neb-ble",
+                    "type": "vm1",
+                    "bed": "B01",
+                    "subject_id": "CVD-042-0017",
+                    "kit_number": "K-10234",
+                    "expected_serial": SERIAL,
+                    "link": {"kind": "ble", "address": address, "adapter": GATEWAY_ADAPTER},
+                }
+            ],
+        }
+    )
+    device = config.devices[0]
+    writer = RecordingWriter(tmp_path / "rec", config, run_id="ble-run")
+    sink = ListSink()
+    runner = NebulizerRunner(
+        device,
+        config,
+        link_factory=link_factory(device),  # the daemon's own: a Vm1BleLink
+        clock=clock,
+        sink=sink,
+        observers=[writer],
+    )
+    async with Vm1BleSimulator(session, clock=clock, adapter=PERIPHERAL_ADAPTER):
+        task = asyncio.create_task(runner.run(), name="runner")
+        try:
+            await asyncio.wait_for(sink.got_dose_event.wait(), 45)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    writer.close()
+    [live] = sink.dose_records
+    [path] = writer.paths()
+
+    records = [r for r in iter_records(path) if r.kind in (RX, TX)]
+    rx = [r.payload for r in records if r.kind == RX]
+    tx = [r.payload for r in records if r.kind == TX]
+    assert len(rx) > 10 and tx
+    for payload in rx + tx:
+        assert payload[0] != 0x7E  # a bare payload, not a frame
+        decode_payload(payload)  # each record is exactly one payload
+    assert any(isinstance(decode_payload(p), Ident) for p in rx)
+    assert any("-> Ident(" in line for line in show_lines(path))
+
+    replayed: list[Any] = []
+    Player([path], emit=replayed.append, kinds=("dose",)).run()
+    [again] = [e.payload for e in replayed]
+    assert again == live.event

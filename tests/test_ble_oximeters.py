@@ -31,13 +31,12 @@ from drivers.backoff import Backoff
 from drivers.clock import ScaledClock
 from drivers.oximeter import plx
 from drivers.oximeter.berrymed import BERRYMED_SERVICE_UUID, BerryMedPacket
+from drivers.oximeter.downsample import BerryMedDownsampler, ReceivedSample
 from drivers.oximeter.sample import QualityFlag
 from drivers.transport.ble_oximeter_link import (
     BerryMedBleLink,
-    BerryMedDownsampler,
     OximeterBleLink,
     PlxBleLink,
-    ReceivedSample,
 )
 from simulators.errors import ScenarioError
 from simulators.oximeter_ble import BerryMedBleSimulator, PlxBleSimulator
@@ -159,7 +158,7 @@ async def collect(
 
     async def run() -> None:
         while not until(out):
-            out.append(await link.read_sample())
+            out.extend(await link.read_samples())
 
     await asyncio.wait_for(run(), timeout)
     return out
@@ -307,7 +306,7 @@ async def test_plx_goes_away_link_reports_loss_and_reconnects(
                 await collect(ox_plx, lambda got: False, timeout=10)
             assert lost.value.device_id == "ox-plx"
             with pytest.raises(TransportError, match="lost"):  # and stays lost
-                await ox_plx.read_sample()
+                await ox_plx.read_samples()
             # The other oximeter is not affected.
             await collect(ox_bm, lambda got: len(got) >= 2, timeout=10)
 
@@ -401,7 +400,7 @@ async def test_devices_not_on_the_allow_list_are_never_used(
         await plx_other.open()
     # An allow-listed device that does not offer the wanted service is not taken either.
     wrong = berrymed_link(clock, allow=[bluez.adapter_address(PERIPHERAL_ADAPTER)])
-    wrong._central.scan_timeout_s = 1.5
+    wrong.central.scan_timeout_s = 1.5
     with pytest.raises(TransportError, match="not found"):
         await wrong.open()
     assert plx_sim.counters.notifications_sent == 0

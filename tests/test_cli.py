@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,9 +18,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DEVICEGW = [sys.executable, "-m", "devicegw.cli"]
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, timeout: float = 60, columns: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI as a process; ``columns`` sets the terminal width rich lays text out for."""
+    env = None if columns is None else {**os.environ, "COLUMNS": str(columns)}
     return subprocess.run(
-        [*DEVICEGW, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+        [*DEVICEGW, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+        env=env,
     )
 
 
@@ -155,7 +166,8 @@ async def test_daemon_and_simulator_processes(mosquitto: MosquittoBroker, tmp_pa
 
 
 def test_demo_shows_session_and_event() -> None:
-    res = run_cli("demo", "--time-scale", "100", timeout=120)
+    # Wide enough that no line of the summary wraps, whatever its figures' widths.
+    res = run_cli("demo", "--time-scale", "100", timeout=120, columns=500)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "dose-completion event" in res.stdout
     assert "verdict: complete" in res.stdout

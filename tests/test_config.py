@@ -110,9 +110,9 @@ def test_ble_link_needs_an_address_or_name(tmp_path: Path) -> None:
         load_config(write(tmp_path, text))
 
 
-def test_ble_link_builds_a_framed_ble_transport(tmp_path: Path) -> None:
+def test_ble_link_builds_a_ble_message_link(tmp_path: Path) -> None:
     from devicegw.runtime.link_factory import link_factory
-    from drivers.transport.ble_link import FramedPayloadLink
+    from drivers.transport.ble_link import Vm1BleLink
 
     text = GOOD.replace(
         'link = { kind = "serial", port = "/dev/ttyUSB0" }',
@@ -120,7 +120,7 @@ def test_ble_link_builds_a_framed_ble_transport(tmp_path: Path) -> None:
     )
     cfg = load_config(write(tmp_path, text))
     link = link_factory(cfg.devices[0])()
-    assert isinstance(link, FramedPayloadLink)
+    assert isinstance(link, Vm1BleLink) and link.unit == "message"
     assert "VM-1 VM1-000123" in cfg.devices[0].link.port_name
 
 
@@ -137,9 +137,10 @@ def test_oximeter_must_watch_the_subject_of_its_bed(tmp_path: Path) -> None:
 
 
 def test_ble_oximeters_in_the_config(tmp_path: Path) -> None:
-    from devicegw.runtime.link_factory import BleSampleSource, oximeter_source_factory
-    from devicegw.runtime.oximeter_runner import NoninSerialSource
+    from devicegw.runtime.link_factory import oximeter_source_factory
     from drivers.clock import ManualClock
+    from drivers.transport.adapters import NoninSerialSource
+    from drivers.transport.ble_oximeter_link import OximeterBleLink
 
     plx = (
         '\n[[oximeters]]\nid = "ox1"\ntype = "plx"\nbed = "B01"\nsubject_id = "CVD-042-0017"\n'
@@ -147,7 +148,7 @@ def test_ble_oximeters_in_the_config(tmp_path: Path) -> None:
     )
     cfg = load_config(write(tmp_path, GOOD + plx))
     source = oximeter_source_factory(cfg.oximeters[0], ManualClock())()
-    assert isinstance(source, BleSampleSource)
+    assert isinstance(source, OximeterBleLink)
     with pytest.raises(ConfigError, match="reached over ble"):
         load_config(
             write(

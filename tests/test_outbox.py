@@ -7,6 +7,7 @@ from pathlib import Path
 
 from devicegw.storage.outbox import DETAIL_KEY_SUFFIX, AddResult, Outbox
 from devicegw.storage.store import Store
+from tests.outbox_helpers import holds_event
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -38,10 +39,10 @@ def test_same_event_id_is_stored_once_and_a_different_record_is_refused(tmp_path
 
 def test_statuses_are_latest_wins_and_deleted_when_sent(tmp_path: Path) -> None:
     ob = outbox(tmp_path)
-    ob.add("status", "s/dev1", b"1", qos=1, retain=True, now=NOW)
-    ob.add("status", "s/dev1", b"2", qos=1, retain=True, now=NOW)
+    ob.add("status", "s/dev1", b'{"v":1}', qos=1, retain=True, now=NOW)
+    ob.add("status", "s/dev1", b'{"v":2}', qos=1, retain=True, now=NOW)
     [row] = ob.pending()
-    assert row.payload == b"2"
+    assert row.payload == b'{"v":2}'
     ob.mark_sent(row, NOW)
     assert ob.depth() == 0
     assert ob.store.conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
@@ -54,7 +55,7 @@ def test_sent_dose_events_are_kept_for_dedupe_up_to_the_retention(tmp_path: Path
     for row in ob.pending()[:5]:
         ob.mark_sent(row, NOW)
     assert ob.prune() == 2  # 5 sent, keep the newest 3; the unsent one is never pruned
-    assert ob.has_event("e5") and ob.has_event("e4") and not ob.has_event("e0")
+    assert holds_event(ob, "e5") and holds_event(ob, "e4") and not holds_event(ob, "e0")
     assert ob.depth() == 1
 
 
@@ -93,7 +94,7 @@ def test_a_dose_event_and_its_detail_are_committed_together_event_first(tmp_path
         ("dose-detail", "p/dose-detail/d1", b'{"d":1}', "e" + DETAIL_KEY_SUFFIX),
     ]
     assert all((r.qos, r.retain, r.device_id) == (1, False, "d1") for r in rows)
-    assert ob.has_event("e")
+    assert holds_event(ob, "e")
 
 
 def test_a_second_record_differing_in_either_half_is_a_conflict(tmp_path: Path) -> None:
@@ -118,7 +119,7 @@ def test_a_stored_detail_that_differs_refuses_both_halves(tmp_path: Path) -> Non
     )
     result = add_dose(ob, b'{"e":1}', b'{"d":1}', event_id="e2")
     assert result.conflict  # the stored row differs: refused, not half-written
-    assert not ob.has_event("e2")
+    assert not holds_event(ob, "e2")
 
 
 def test_retention_keeps_a_dose_event_and_its_detail_together(tmp_path: Path) -> None:

@@ -167,7 +167,7 @@ async def test_a_stuck_event_loop_stops_the_watchdog(
     async def next_message() -> bytes:
         return await asyncio.wait_for(loop.sock_recv(notify_socket, 4096), 10)
 
-    task = asyncio.create_task(systemd_notify.run(gw, notifier))
+    task = asyncio.create_task(systemd_notify.run(gw.snapshot, notifier))
     try:
         while await next_message() != b"WATCHDOG=1":
             pass

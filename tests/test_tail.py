@@ -23,17 +23,15 @@ from devicegw.contract.payloads import (
     TelemetryDetail,
 )
 from devicegw.contract.schemas import MODELS, schemas, strict_schemas
-from devicegw.edc import tail
+from devicegw.edc import client, tail
+from devicegw.edc.ack_store import AckStore, AckStoreError, StoreOutcome
+from devicegw.edc.client import run_edc_client
 from devicegw.edc.tail import (
-    AckStore,
-    AckStoreError,
     Printer,
     SequenceChecker,
-    StoreOutcome,
     TailOptions,
     TailProcessor,
     contract_validators,
-    run_edc_client,
 )
 from devicegw.mqtt.publisher import stamp
 from tests.mqtt_helpers import MosquittoBroker
@@ -642,7 +640,7 @@ async def test_reference_edc_client_keeps_the_first_of_each_event_id(
         (DOSE_TOPIC, wire(c, seq=3, birth=2), False),
     )
     rc, lines, stderr = await finish(proc)
-    assert rc == tail.EXIT_CONFLICT
+    assert rc == client.EXIT_CONFLICT
     assert "CONFLICT" in stderr
     assert [line["store"] for line in lines] == ["conflict", "stored"]
     assert len(store.read_text().splitlines()) == 3
@@ -694,7 +692,7 @@ async def test_control_with_automatic_acks_the_event_would_be_lost(
         def ack(self, mid: int, qos: int) -> None:
             pass
 
-    monkeypatch.setattr(tail, "_manual_acks", lambda client: _AutoAck())
+    monkeypatch.setattr(client, "_manual_acks", lambda client: _AutoAck())
     path = tmp_path / "doses.jsonl"
     assert await _crash_then_restart(mosquitto, path, "edc-autoack") == tail.EXIT_TIMEOUT
     assert not path.exists()

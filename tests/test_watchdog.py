@@ -38,7 +38,7 @@ from devicegw.runtime.link_factory import link_factory as real_link_factory
 from devicegw.storage.store import Store
 from drivers.clock import ScaledClock
 from drivers.errors import TransportError
-from drivers.transport.base import ByteLink
+from drivers.transport.base import ByteLink, LinkUnit
 from drivers.vm1.codec import decode_payload
 from drivers.vm1.framing import Deframer
 from drivers.vm1.messages import Ack, AckResult, EndReason, GetInfo, Ident, MsgType
@@ -97,6 +97,10 @@ class FakeVm1:
 class _FakeLink:
     device: FakeVm1
     deframer: Deframer = dataclasses.field(default_factory=Deframer)
+
+    @property
+    def unit(self) -> LinkUnit:
+        return "stream"  # serial frames, as a VM-1 on a port
 
     @property
     def description(self) -> str:

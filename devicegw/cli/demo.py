@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,14 @@ from devicegw.contract.topics import Topics
 from devicegw.contract.vocabulary import PayloadKind
 from devicegw.mqtt.embedded_broker import EmbeddedBroker
 from devicegw.runtime.gateway import Gateway
-from drivers.clock import ScaledClock
+from drivers.clock import HeldClock, ScaledClock
 
 # The scenarios ship inside the simulators package (in a checkout and in the wheel).
 DEMO_SCENARIO = Path(simulators.__file__).resolve().parent / "scenarios" / "demo.toml"
 DEMO_OXIMETER = DEMO_SCENARIO.parent / "demo" / "oximeter.toml"
 DEMO_TIMEOUT_S = 300.0
+#: Longest real wait for the gateway to be listening before the devices start anyway.
+LISTENING_TIMEOUT_S = 60.0
 
 
 def demo_config(
@@ -123,19 +126,22 @@ async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> i
 
     console = Console()
     clock = ScaledClock(time_scale)
+    # The simulated devices stand still at power-on until the gateway listens to both and
+    # the live view is subscribed: then the session is seen from its start, at any speed.
+    sim_clock = HeldClock(clock)
     scen = load_scenario(scenario or DEMO_SCENARIO)
     with tempfile.TemporaryDirectory(prefix="devicegw-demo-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
             broker = await stack.enter_async_context(EmbeddedBroker())
             sim = await stack.enter_async_context(
-                Vm1PtySimulator(scen, clock=clock, link_dir=Path(tmp), name="vm1-bed01")
+                Vm1PtySimulator(scen, clock=sim_clock, link_dir=Path(tmp), name="vm1-bed01")
             )
             ox_port = None
             if scenario is None:  # the demo bed also has a pulse oximeter
                 ox = await stack.enter_async_context(
                     NoninPtySimulator(
                         load_oximeter_scenario(DEMO_OXIMETER),
-                        clock=clock,
+                        clock=sim_clock,
                         link_dir=Path(tmp),
                         name="nonin-bed01",
                     )
@@ -144,15 +150,25 @@ async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> i
             config = demo_config(
                 broker.port, str(sim.path), time_scale, Path(tmp) / "data", ox_port
             )
-            gateway = Gateway(config, clock=clock)
+            gateway = await stack.enter_async_context(Gateway(config, clock=clock))
             topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
             gw_task = asyncio.create_task(gateway.run(), name="gateway")
+            starter: list[asyncio.Task[None]] = []
+
+            def subscribed() -> None:
+                starter.append(
+                    asyncio.create_task(_release_when_listening(gateway, sim_clock), name="start")
+                )
+
             try:
-                event = await _watch(console, broker, topics, time_scale, str(sim.path))
+                event = await _watch(
+                    console, broker, topics, time_scale, str(sim.path), on_subscribed=subscribed
+                )
             finally:
-                gw_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gw_task
+                for task in [*starter, gw_task]:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
     if event is None:
         console.print("[red]no dose event within the demo's time limit[/red]")
         return 1
@@ -180,14 +196,38 @@ async def run_demo(*, time_scale: float = 8.0, scenario: str | None = None) -> i
     return 0
 
 
+async def _release_when_listening(gateway: Gateway, devices: HeldClock) -> None:
+    """Let the devices' time run once the gateway has identified the nebulizer and opened
+    every oximeter (or after LISTENING_TIMEOUT_S real seconds, whatever it has by then)."""
+    try:
+        async with asyncio.timeout(LISTENING_TIMEOUT_S):
+            while True:  # the runners' health is plain state, polled (no event to wait on)
+                if all(r.health.identified for r in gateway.runners) and all(
+                    o.health.connected for o in gateway.oximeter_runners
+                ):
+                    break
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        pass
+    finally:
+        devices.release()
+
+
 async def _watch(
-    console: Console, broker: EmbeddedBroker, topics: Topics, scale: float, port: str
+    console: Console,
+    broker: EmbeddedBroker,
+    topics: Topics,
+    scale: float,
+    port: str,
+    *,
+    on_subscribed: Callable[[], None],
 ) -> dict[str, Any] | None:
     state: dict[str, Any] = {}
     async with aiomqtt.Client(
         broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V311
     ) as client:
         await client.subscribe(f"{topics.base}/#", qos=1)
+        on_subscribed()
         with Live(
             _view(state, scale, f"{broker.host}:{broker.port}", port),
             console=console,

@@ -8,7 +8,7 @@ imports SQLite or the storage package (``devicegw.storage`` implements them).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -43,6 +43,14 @@ class AuditKind(StrEnum):
     session_finished = "session_finished"
     #: body: what was fetched from the device log (session numbers, why).
     reconciliation = "reconciliation"
+    #: body: kind, count, first_utc, last_utc, limit, window_s: a device's records of
+    #: one kind beyond the rate limit, counted instead of written (issue 14 item 7).
+    audit_coalesced = "audit_coalesced"
+    #: body: why (operator confirmed --new-store), the witness it replaces.
+    store_created = "store_created"
+    #: body: problems quick_check found at start, whether rebuilding indexes repaired them.
+    store_check = "store_check"
+
     #: body: serial_no, what showed the reset, recorded_up_to, device_last_session_no, epoch.
     device_counter_reset = "device_counter_reset"
 
@@ -79,6 +87,8 @@ class SessionJournalPort(Protocol):
     ) -> contextlib.AbstractContextManager[None]: ...
 
     def is_recorded(self, event_id: str) -> bool: ...
+
+    def commit_decided(self, key: str, write: Callable[[], object]) -> bool: ...
 
     def watermark(self, model: str, serial_no: str) -> int | None: ...
 

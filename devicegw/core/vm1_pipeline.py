@@ -1,4 +1,10 @@
-"""A VM-1's bytes -> sessions -> dose events, with no I/O and no clock of its own.
+"""A VM-1's bytes -> sessions -> dose events; no link, no clock and no database of its own.
+
+It reads nothing and opens nothing: the caller hands it bytes and clock
+readings. Its outputs do cause I/O, through what the runtime injects: the
+sink (dose records, statuses, telemetry -> the outbox, SQLite), the session
+journal and the audit trail (SQLite), all reached only through the small
+protocols of :mod:`devicegw.core.ports` and :class:`GatewaySink`.
 
 The live runner (``nebulizer_runner.py``) and the replayer feed the same
 pipeline with received bytes and the gateway's clock readings at receipt, so a
@@ -49,6 +55,7 @@ from devicegw.core.session_tracker import (
 )
 from devicegw.core.spo2_monitor import unavailable_summary
 from devicegw.errors import TransportError
+from drivers.link_unit import LinkUnit
 from drivers.vm1.messages import (
     Ack,
     AckResult,
@@ -66,7 +73,7 @@ from drivers.vm1.messages import (
     Stop,
     alarm_name,
 )
-from drivers.vm1.stream import Vm1StreamDecoder
+from drivers.vm1.stream import Vm1StreamDecoder, vm1_decoder
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +170,11 @@ class Vm1Pipeline:
                     extra={"device_id": device.id, "session_no": session_no},
                 )
         self.health = DeviceHealth()
-        self._decoder = Vm1StreamDecoder()
+        # What one chunk fed to this pipeline is: a slice of the serial byte stream, or
+        # one VM-1 payload as a BLE characteristic carried it (ICD section 4). From the
+        # configuration, so a replay of a BLE recording decodes what the device sent.
+        self.link_unit: LinkUnit = "message" if device.link.kind == "ble" else "stream"
+        self._decoder: Vm1StreamDecoder = vm1_decoder(self.link_unit)
         self._bad_seen = 0
         self._lost_seen = 0
         self._last_telemetry = float("-inf")
@@ -171,14 +182,17 @@ class Vm1Pipeline:
         self._last_detail_key: tuple[object, ...] | None = None
         self._utc: datetime | None = None
         self._held: deque[Rx] = deque()
-        self._host_decoder = Vm1StreamDecoder()  # what the gateway sent (GET_SESSION seqs)
+        self._host_decoder = vm1_decoder(self.link_unit)  # what the gateway sent (GET_SESSION)
         self._asked: dict[int, int] = {}  # host seq -> session_no of a GET_SESSION
 
     # -- link lifecycle ----------------------------------------------------------
 
-    def link_up(self, utc: datetime) -> None:
-        self._decoder = Vm1StreamDecoder()  # nothing half-received survives a reopen
-        self._host_decoder = Vm1StreamDecoder()
+    def link_up(self, utc: datetime, unit: LinkUnit | None = None) -> None:
+        """A link opened; ``unit`` says what its chunks are (default: by the configuration)."""
+        if unit is not None:
+            self.link_unit = unit
+        self._decoder = vm1_decoder(self.link_unit)  # nothing half-received survives a reopen
+        self._host_decoder = vm1_decoder(self.link_unit)
         self._asked.clear()
         self._bad_seen = self._lost_seen = 0
         self._held.clear()
@@ -201,7 +215,11 @@ class Vm1Pipeline:
     # -- bytes in ----------------------------------------------------------------
 
     def feed(self, data: bytes, utc: datetime, mono: float) -> PipelineResult:
-        """Decode ``data`` received at (``utc``, ``mono``); may raise UnexpectedDeviceError."""
+        """Decode one link chunk received at (``utc``, ``mono``); may raise UnexpectedDeviceError.
+
+        A chunk goes to the codec once: deframed if the link is a byte stream, as a
+        payload if it is a message link (:func:`drivers.vm1.stream.vm1_decoder`).
+        """
         self._utc = utc
         messages = self._decoder.feed(data)
         stats = self._decoder.stats
@@ -237,10 +255,11 @@ class Vm1Pipeline:
         self._journal(utc, mono)
         return PipelineResult(acks, fetch, identified)
 
-    def sent(self, frame: bytes) -> None:
-        """A frame the gateway wrote to the device: the GET_SESSION requests are kept by
-        seq, so that the device's BAD_ARGUMENT answer can be matched to its session."""
-        for msg in self._host_decoder.feed(frame):
+    def sent(self, chunk: bytes) -> None:
+        """A chunk the gateway wrote to the device (a frame, or a payload over BLE): the
+        GET_SESSION requests are kept by seq, so that the device's BAD_ARGUMENT answer
+        can be matched to its session."""
+        for msg in self._host_decoder.feed(chunk):
             if isinstance(msg, GetSession):
                 self._asked[msg.seq] = msg.session_no
 
@@ -505,11 +524,22 @@ class Vm1Pipeline:
         if self.journal is None:
             self.sink.dose_record(self.device.id, record)
             return
-        with self.journal.finishing(self.device.id, session.session_no):
-            self.sink.dose_record(self.device.id, record)
-            if self.audit is not None:
-                self.audit.record_session_finished(record)
-            self.journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+        journal, audit, device_id = self.journal, self.audit, self.device.id
+
+        def commit() -> None:
+            with journal.finishing(device_id, session.session_no):
+                self.sink.dose_record(device_id, record)
+                if audit is not None:
+                    audit.record_session_finished(record)
+                journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+
+        # On a full disk the decided record is held in memory and committed when space
+        # returns (README "Disk"); it is never lost while the gateway runs.
+        if not journal.commit_decided(str(dose.event_id), commit):
+            log.error(
+                "session finished but the disk is full: its record is held in memory",
+                extra={"device_id": device_id, "event_id": str(dose.event_id)},
+            )
 
     def _spo2_summary(
         self, session: FinishedSession, event_id: uuid.UUID, mono: float

@@ -1,6 +1,6 @@
-"""``devicegw tail``: watch the MQTT contract live, and the reference EDC client.
+"""``devicegw tail``: watch the MQTT contract live; the core the reference EDC client shares.
 
-Two uses of one small core:
+Two uses of one small core (the client itself: :mod:`devicegw.edc.client`):
 
 - **tail** (people and scripts): subscribe to everything a gateway publishes
   and print each message as it arrives, checked against the contract's JSON
@@ -21,18 +21,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import aiomqtt
-import paho.mqtt.client as paho
 from jsonschema import Draft202012Validator, FormatChecker
 from rich.console import Console
 from rich.text import Text
@@ -41,8 +38,8 @@ from devicegw.contract.base import TOPIC_VERSION
 from devicegw.contract.schemas import MODELS, strict_schemas
 from devicegw.contract.topics import topic_payloads
 from devicegw.contract.vocabulary import PAYLOAD_FEED, Feed, PayloadKind
-from devicegw.edc.export import record_identity
-from devicegw.errors import GatewayError, TransportError
+from devicegw.edc.ack_store import StoreOutcome
+from devicegw.errors import TransportError
 from devicegw.safe_text import printable
 from drivers.clock import Clock, SystemClock
 
@@ -50,19 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = f"devicegw/{TOPIC_VERSION}"
 ALL_TOPICS = f"{DEFAULT_PREFIX}/#"
-DOSE_TOPICS = f"{DEFAULT_PREFIX}/+/+/dose/+"
 EDC_CLIENT_ID = "edc-reference"
 EXIT_TIMEOUT = 1
-EXIT_CONFLICT = 3
-
-
-class AckStoreError(GatewayError):
-    """The ack-store file cannot be read back: a line is not a stored event."""
-
-    def __init__(self, message: str, *, path: Path, line: int | None = None) -> None:
-        self.path = path
-        self.line = line
-        super().__init__(message)
 
 
 # -- schema validation -------------------------------------------------------------
@@ -316,141 +302,6 @@ class TailProcessor:
                 errors.append(text)
 
 
-# -- the reference EDC client's store ----------------------------------------------
-
-
-class StoreOutcome(StrEnum):
-    STORED = "stored"  # first copy of this event_id: now on disk
-    DUPLICATE = "duplicate"  # same event_id, same record: a redelivery, ignored
-    CONFLICT = "conflict"  # same event_id, DIFFERENT content: must never happen
-    REJECTED = "rejected"  # not a dose event we can key: kept in the rejects file
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class AckStore:
-    """Append-only JSON-lines file holding the first copy of each dose event.
-
-    One line per ``event_id``, exactly as received. A later copy is a
-    duplicate when it equals the stored one apart from ``delivery``, and a
-    conflict otherwise (that must never happen). Everything else that was
-    acknowledged (conflicting copies, payloads without an ``event_id``,
-    schema-invalid events) goes to ``<FILE>.rejects`` with the reason, so
-    nothing the broker considers delivered is silently lost.
-    """
-
-    def __init__(self, path: Path, *, clock: Clock | None = None) -> None:
-        self.path = path
-        self.rejects_path = path.with_name(path.name + ".rejects")
-        self._clock = clock or SystemClock()
-        self._events: dict[str, Any] = {}  # event_id -> parsed payload
-        self._load()
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def __contains__(self, event_id: object) -> bool:
-        return event_id in self._events
-
-    def _load(self) -> None:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        if data and not data.endswith(b"\n"):
-            # A write torn by a crash: it was never fsynced, so never
-            # acknowledged; the broker will deliver that message again.
-            keep = data.rfind(b"\n") + 1
-            log.warning("ack store %s: dropping a torn last line", self.path)
-            with self.path.open("r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
-            data = data[:keep]
-        for number, line in enumerate(data.splitlines(), start=1):
-            try:
-                event = json.loads(line)
-                event_id = event["event_id"]
-            except (ValueError, TypeError, KeyError) as exc:
-                raise AckStoreError(
-                    f"{self.path}:{number}: not a stored dose event ({exc!r})",
-                    path=self.path,
-                    line=number,
-                ) from exc
-            if not isinstance(event_id, str):
-                raise AckStoreError(
-                    f"{self.path}:{number}: event_id is not a string", path=self.path, line=number
-                )
-            known = self._events.setdefault(event_id, event)
-            if record_identity(known) != record_identity(event):
-                raise AckStoreError(
-                    f"{self.path}:{number}: event_id {event_id} is stored twice, differently",
-                    path=self.path,
-                    line=number,
-                )
-
-    def add(self, payload: bytes, *, topic: str) -> StoreOutcome:
-        """Keep the first copy of each event_id; on disk (fsynced) before returning."""
-        try:
-            event = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return self.reject(payload, topic=topic, reason="not JSON")
-        event_id = event.get("event_id") if isinstance(event, dict) else None
-        if not isinstance(event_id, str) or not event_id:
-            return self.reject(payload, topic=topic, reason="no event_id")
-        known = self._events.get(event_id)
-        if known is None:
-            line = payload.strip()
-            if b"\n" in line or b"\r" in line:  # keep it one line
-                line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-            self._append(self.path, line)
-            self._events[event_id] = event
-            return StoreOutcome.STORED
-        if record_identity(known) == record_identity(event):
-            return StoreOutcome.DUPLICATE
-        log.error("event_id %s received again with DIFFERENT content", event_id)
-        self.reject(
-            payload, topic=topic, reason=f"event_id {event_id} already stored with other content"
-        )
-        return StoreOutcome.CONFLICT
-
-    def reject(self, payload: bytes, *, topic: str, reason: str) -> StoreOutcome:
-        record = {
-            "received_utc": self._clock.now().isoformat().replace("+00:00", "Z"),
-            "reason": reason,
-            "topic": topic,
-            "payload": payload.decode("utf-8", errors="replace"),
-        }
-        self._append(self.rejects_path, json.dumps(record, ensure_ascii=False).encode())
-        return StoreOutcome.REJECTED
-
-    @staticmethod
-    def _append(path: Path, line: bytes) -> None:
-        try:
-            created = not path.exists()
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            try:
-                data = memoryview(line + b"\n")
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)  # on disk before the caller acknowledges the message
-            finally:
-                os.close(fd)
-            if created:
-                _fsync_dir(path.parent)  # and the new file's directory entry too
-        except OSError as exc:
-            # Not acknowledged: the broker keeps the message for the next run.
-            raise AckStoreError(f"{path}: cannot write: {exc.strerror}", path=path) from exc
-
-
-# -- output ------------------------------------------------------------------------
-
-
 def _summary(payload: Mapping[str, Any], event_type: str | None) -> str:
     """The few fields a person watching wants, per payload type."""
 
@@ -553,7 +404,7 @@ class TailOptions:
     client_id: str = EDC_CLIENT_ID  # the EDC client's persistent session
 
 
-def _client(options: TailOptions, **kwargs: Any) -> aiomqtt.Client:
+def mqtt_client(options: TailOptions, **kwargs: Any) -> aiomqtt.Client:
     tls_context = None
     if options.tls or options.ca_file:
         tls_context = ssl.create_default_context(
@@ -569,7 +420,9 @@ def _client(options: TailOptions, **kwargs: Any) -> aiomqtt.Client:
     )
 
 
-async def _messages(client: aiomqtt.Client, options: TailOptions) -> AsyncIterator[aiomqtt.Message]:
+async def messages_until_count(
+    client: aiomqtt.Client, options: TailOptions
+) -> AsyncIterator[aiomqtt.Message]:
     """The client's messages, stopping after ``--count`` of them."""
     if options.count == 0:
         return
@@ -581,14 +434,14 @@ async def _messages(client: aiomqtt.Client, options: TailOptions) -> AsyncIterat
             return
 
 
-def _payload_bytes(message: aiomqtt.Message) -> bytes:
+def payload_bytes(message: aiomqtt.Message) -> bytes:
     payload = message.payload
     if isinstance(payload, bytes):
         return payload
     return b"" if payload is None else str(payload).encode()
 
 
-async def _bounded(
+async def bounded(
     run: Callable[[], Awaitable[int]], options: TailOptions, printer: Printer
 ) -> int:
     """Run one MQTT loop under ``--timeout``; broker errors become TransportError."""
@@ -609,85 +462,18 @@ async def run_tail(options: TailOptions, printer: Printer) -> int:
     processor = TailProcessor(check_sequence=options.check_sequence)
 
     async def run() -> int:
-        async with _client(options) as client:
+        async with mqtt_client(options) as client:
             for topic in options.topics:
                 await client.subscribe(topic, qos=1)
             printer.info(
                 f"subscribed to {', '.join(options.topics)} on {options.host}:{options.port}"
             )
-            async for message in _messages(client, options):
+            async for message in messages_until_count(client, options):
                 printer.emit(
                     processor.process(
-                        str(message.topic), _payload_bytes(message), message.retain, message.qos
+                        str(message.topic), payload_bytes(message), message.retain, message.qos
                     )
                 )
         return 0
 
-    return await _bounded(run, options, printer)
-
-
-def _manual_acks(client: aiomqtt.Client) -> paho.Client:
-    """Switch off paho's automatic PUBACK, so we acknowledge only what is on disk.
-
-    aiomqtt (2.x) has no option for it, but keeps the paho client it wraps in
-    ``_client``; paho's ``manual_ack_set`` / ``ack(mid, qos)`` are public.
-    Must be called before connecting: a persistent session's queued messages
-    arrive right after CONNACK.
-    """
-    inner = getattr(client, "_client", None)
-    if not isinstance(inner, paho.Client):
-        raise GatewayError("this aiomqtt version hides its paho client: cannot ack manually")
-    inner.manual_ack_set(True)
-    return inner
-
-
-async def run_edc_client(
-    options: TailOptions,
-    printer: Printer,
-    *,
-    store: AckStore,
-    on_subscribed: Callable[[], None] | None = None,
-) -> int:
-    """The reference EDC client: keep the first of each event_id, durably, then ack.
-
-    Run it under a supervisor that restarts it (systemd ``Restart=always``):
-    it does not reconnect by itself, and needs not: on a persistent session
-    the broker keeps every dose event that was not acknowledged and sends it
-    again on the next connect.
-    """
-    # Dose topics only: seq counts every message a gateway publishes, so the
-    # gaps between dose events are expected. Unknown fields are tolerated
-    # (docs/contract.md: consumers ignore fields they do not know).
-    processor = TailProcessor(check_sequence=False, unknown_fields="warn")
-    conflicts = 0
-    printer.info(f"{len(store)} dose events already in {store.path}")
-
-    async def run() -> int:
-        nonlocal conflicts
-        client = _client(options, identifier=options.client_id, clean_session=False)
-        acks = _manual_acks(client)
-        async with client:
-            await client.subscribe(DOSE_TOPICS, qos=1)
-            printer.info(f"subscribed to {DOSE_TOPICS} as {options.client_id}")
-            if on_subscribed:
-                on_subscribed()
-            async for message in _messages(client, options):
-                raw = _payload_bytes(message)
-                result = processor.process(str(message.topic), raw, message.retain, message.qos)
-                # 1. Write it down (fsync inside) ...
-                if result.valid:
-                    outcome = store.add(raw, topic=result.topic)
-                else:
-                    outcome = store.reject(raw, topic=result.topic, reason="; ".join(result.errors))
-                # 2. ... and only then tell the broker we have it.
-                acks.ack(message.mid, message.qos)
-                printer.emit(result, outcome)
-                if outcome is StoreOutcome.CONFLICT:
-                    conflicts += 1
-                    printer.alarm(
-                        f"CONFLICT: event_id {result.payload.get('event_id')} arrived with "
-                        f"different content; first copy kept, this one in {store.rejects_path}"
-                    )
-        return EXIT_CONFLICT if conflicts else 0
-
-    return await _bounded(run, options, printer)
+    return await bounded(run, options, printer)

@@ -12,10 +12,11 @@ PUBACK; after a reconnect whatever was not acknowledged is sent again, with
 effort: a bounded in-memory buffer that drops the oldest and counts the drops.
 
 Every message carries ``delivery = {birth_seq, seq}``: ``birth_seq`` grows on
-every connection (persisted), ``seq`` counts messages within it, per feed
-(docs/blinding.md): the blinded feed (the birth is its 0) and the restricted
-feed are numbered apart, so a restricted message (a device alarm, say) never
-shows as a gap to a blinded subscriber. The last will is the offline gateway
+every successful connection (persisted; a failed attempt uses no number),
+``seq`` counts messages within it, per feed (docs/blinding.md): the blinded
+feed (the birth is its 0) and the restricted feed are numbered apart, so a
+restricted message (a device alarm, say) never shows as a gap to a blinded
+subscriber. The last will is the offline gateway
 status of the same ``birth_seq``.
 """
 
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +86,7 @@ class PublisherStats:
     telemetry_published: int = 0
     telemetry_dropped: int = 0
     redeliveries: int = 0
+    quarantined: int = 0  # rows refused because their payload changed (see the outbox)
     protocol: str = ""
     last_error: str | None = None
 
@@ -163,21 +166,33 @@ class MqttPublisher:
         device_id: str | None,
         event_id: str | None = None,
     ) -> AddResult:
-        """Commit to the outbox (durable on return) and wake the sender."""
-        result = self.outbox.add(
-            kind,
-            topic,
-            encode(payload),
-            qos=1,
-            retain=retain,
-            now=self._clock.now(),
-            device_id=device_id,
-            event_id=event_id,
-        )
-        self._wake.set()
+        """Commit to the outbox (durable on return) and wake the sender.
+
+        On a full disk the write is held in memory (the store's :class:`HeldWrites`;
+        a status under its topic, latest wins) and committed when space returns.
+        """
+        body, now = encode(payload), self._clock.now()
+        result = AddResult(added=False, conflict=False)
+
+        def write() -> None:
+            nonlocal result
+            result = self.outbox.add(
+                kind,
+                topic,
+                body,
+                qos=1,
+                retain=retain,
+                now=now,
+                device_id=device_id,
+                event_id=event_id,
+            )
+            self._wake.set()
+
+        key = f"{kind}:{topic}" if kind == TopicKind.STATUS else f"{kind}:{topic}:{id(body)}"
+        self._store.held.run(key, write)
         return result
 
-    def publish_dose(
+    def commit_dose(
         self,
         topic: str,
         payload: BaseModel,
@@ -187,7 +202,8 @@ class MqttPublisher:
         detail_topic: str,
         detail: BaseModel,
     ) -> AddResult:
-        """A dose event and its restricted detail: one transaction, unique by ``event_id``."""
+        """Commit a dose event and its restricted detail to the outbox, in one transaction,
+        unique by ``event_id``; the connection loop publishes them (now, or after an outage)."""
         result = self.outbox.add(
             TopicKind.DOSE,
             topic,
@@ -225,16 +241,22 @@ class MqttPublisher:
     def connected(self) -> asyncio.Event:
         return self._connected
 
-    def is_drained(self) -> bool:
-        return self.outbox.depth() == 0
-
     # -- connection loop -------------------------------------------------------
 
-    def _next_birth(self) -> int:
-        birth = self.stats.birth_seq + 1
-        self._store.set_meta("birth_seq", str(birth))
+    def _candidate_birth(self) -> int:
+        """The ``birth_seq`` this connection will have if it succeeds (its will carries it)."""
+        return self.stats.birth_seq + 1
+
+    def _born(self, birth: int) -> None:
+        """The broker accepted the connection: ``birth`` is used, persist it (docs/mqtt.md).
+
+        A failed attempt uses no number: ``birth_seq`` counts connections, not attempts.
+        """
         self.stats.birth_seq = birth
-        return birth
+        try:
+            self._store.set_meta("birth_seq", str(birth))
+        except sqlite3.Error as exc:  # a full disk: the next birth is still higher in memory
+            log.error("cannot persist birth_seq %d: %s", birth, exc)  # noqa: TRY400 - no traceback
 
     def _make_client(self, birth_seq: int) -> aiomqtt.Client:
         s = self._settings
@@ -264,10 +286,11 @@ class MqttPublisher:
         backoff = Backoff(self._settings.reconnect_initial_s, self._settings.reconnect_max_s)
         first_failure = True
         while True:
-            birth_seq = self._next_birth()
+            birth_seq = self._candidate_birth()
             client = self._make_client(birth_seq)
             try:
                 async with client:
+                    self._born(birth_seq)
                     self.stats.connected = True
                     self.stats.connects += 1
                     self.stats.protocol = "5" if self._use_v5 else "3.1.1"
@@ -329,7 +352,11 @@ class MqttPublisher:
         return seq
 
     async def _send_loop(self, client: aiomqtt.Client, birth_seq: int) -> None:
-        pruned = self.outbox.prune()  # bound the disk: old sent records beyond retention
+        try:
+            pruned = self.outbox.prune()  # bound the disk: old sent records beyond retention
+        except sqlite3.Error as exc:  # a full disk: pruning waits for the next connection
+            log.warning("cannot prune the outbox now: %s", exc)
+            pruned = 0
         if pruned:
             log.info("pruned sent records from the outbox", extra={"rows": pruned})
         self._seq = {}
@@ -357,6 +384,12 @@ class MqttPublisher:
             rows = self.outbox.pending(after_id=last_id, limit=free) if free > 0 else []
             for row in rows:
                 last_id = row.id
+                problem = self.outbox.check_binding(row)
+                if problem is not None:
+                    # Changed after its audit record bound it: refused, kept, reported.
+                    self.outbox.quarantine(row.id, problem)
+                    self.stats.quarantined += 1
+                    continue
                 payload = stamp(
                     row.payload,
                     birth_seq=birth_seq,
@@ -365,7 +398,8 @@ class MqttPublisher:
                 )
                 if row.attempts:
                     self.stats.redeliveries += 1
-                self.outbox.mark_attempt(row.id)
+                with contextlib.suppress(sqlite3.Error):  # a full disk: only a counter
+                    self.outbox.mark_attempt(row.id)
                 task = tg.create_task(self._publish_row(client, row, payload))
                 inflight.add(task)
                 task.add_done_callback(self._task_done(inflight))
@@ -392,7 +426,7 @@ class MqttPublisher:
 
     async def _publish_row(self, client: aiomqtt.Client, row: OutboxRow, payload: bytes) -> None:
         await client.publish(row.topic, payload, qos=row.qos, retain=row.retain, timeout=30)
-        self.outbox.mark_sent(row, self._clock.now())
+        self.outbox.mark_sent_or_hold(row, self._clock.now())
         if row.kind == TopicKind.DOSE:
             self.stats.dose_events_published += 1
         elif row.kind == TopicKind.DOSE_DETAIL:

@@ -546,10 +546,12 @@ class RecordingWriter:
 
 def show_lines(path: str | Path, *, limit: int | None = None, hex_bytes: int = 24) -> Iterator[str]:
     """Human-readable lines for ``devicegw recording show``: one per record and per message."""
-    from drivers.vm1.stream import Vm1StreamDecoder
+    from drivers.link_unit import LinkUnit
+    from drivers.vm1.stream import vm1_decoder
 
     stats = ReadStats()
-    decoders = {RX: Vm1StreamDecoder(), TX: Vm1StreamDecoder()}
+    unit: LinkUnit = "stream"  # a BLE device's records are one payload each
+    decoders = {RX: vm1_decoder(unit), TX: vm1_decoder(unit)}
     device = "?"
     shown = 0
     for rec in iter_records(path, stats):
@@ -561,6 +563,7 @@ def show_lines(path: str | Path, *, limit: int | None = None, hex_bytes: int = 2
             h = parse_header(rec)
             device = h.device_id
             dev = h.device
+            unit = "message" if dev is not None and dev.link.kind == "ble" else "stream"
             who = (
                 f" bed={dev.bed} subject={dev.subject_id} kit={dev.kit_number} type={dev.type}"
                 if dev
@@ -572,7 +575,7 @@ def show_lines(path: str | Path, *, limit: int | None = None, hex_bytes: int = 2
             )
             continue
         if rec.kind in (OPEN, CLOSE):
-            decoders = {RX: Vm1StreamDecoder(), TX: Vm1StreamDecoder()}
+            decoders = {RX: vm1_decoder(unit), TX: vm1_decoder(unit)}
             label = "open" if rec.kind == OPEN else "close"
             yield f"{when} {device} {rec.kind} {label}: {rec.text()}"
             continue

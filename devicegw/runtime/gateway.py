@@ -1,9 +1,14 @@
 """The long-running gateway: every configured device plus the broker connection.
 
-Each device runs in its own task; a device that cannot be opened keeps
-retrying without affecting the others. Dose events, statuses and telemetry
-flow from the device runners through a sink to the MQTT publisher (and to any
-extra listeners, e.g. the demo's live view).
+Each device, and each bed's SpO2 tick, is a supervised runner in its own task
+(:mod:`devicegw.runtime.supervise`): a device that cannot be opened keeps
+retrying, and one that fails unexpectedly is restarted, without affecting the
+others. Dose events, statuses and telemetry flow from the device runners
+through a sink to the MQTT publisher (and to any extra listeners, e.g. the
+demo's live view).
+
+``async with Gateway(config, clock=clock) as gw: await gw.run()`` closes what
+the gateway opened (its store, its recorder) on the way out.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
+from types import TracebackType
 
 from pydantic import BaseModel
 
@@ -39,14 +46,18 @@ from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
 from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner
 from devicegw.runtime.oximeter_runner import OximeterRunner
-from devicegw.runtime.supervise import Restarts, spawn
+from devicegw.runtime.supervise import Restarts, Runner, Task, spawn
 from devicegw.storage.audit import AuditTrail
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
+from devicegw.storage.witness import StoreOpening, open_checked, write_witness
 from drivers.clock import Clock
-from drivers.transport.base import ByteLink
+from drivers.transport.base import Link
 
 log = logging.getLogger(__name__)
+
+WITNESS_INTERVAL_S = 60.0
+HELD_RETRY_S = 2.0
 
 
 class MqttSink:
@@ -63,7 +74,7 @@ class MqttSink:
 
     def dose_record(self, device_id: str, record: DoseRecord) -> None:
         """The blinded event and its restricted detail, committed in one transaction."""
-        self._pub.publish_dose(
+        self._pub.commit_dose(
             self._topics.dose(device_id),
             record.event,
             device_id=device_id,
@@ -103,38 +114,77 @@ def gateway_status(config: Config, *, online: bool, since: datetime | None) -> G
     )
 
 
+class BedTicker:
+    """Lets one bed's SpO2 monitor see time pass (observation windows close without samples).
+
+    One per bed, each supervised on its own: a bug in one bed's tick restarts that
+    ticker only.
+    """
+
+    def __init__(self, bed: str, monitor: BedMonitor, clock: Clock) -> None:
+        self.bed = bed
+        self.monitor = monitor
+        self._clock = clock
+
+    @property
+    def task_name(self) -> str:
+        return f"spo2-tick-{self.bed}"
+
+    async def run(self) -> None:
+        while True:
+            await self._clock.sleep(1.0)
+            self.monitor.tick(self._clock.monotonic())
+
+    def crashed(self, error: str) -> None:
+        pass
+
+
 class Gateway:
     def __init__(
         self,
         config: Config,
         *,
         clock: Clock,
-        link_factory: Callable[[DeviceSettings], Callable[[], ByteLink]] = default_link_factory,
+        link_factory: Callable[[DeviceSettings], Callable[[], Link]] = default_link_factory,
         store: Store | None = None,
         notifier: systemd_notify.Notifier | None = None,
+        new_store: bool = False,
     ) -> None:
         self.config = config
         # systemd readiness/watchdog (deploy/systemd); None: not run as a notify service.
         self.notifier = notifier
         self.clock = clock
         self.topics = Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
-        self.store = store if store is not None else Store.in_dir(config.gateway.data_dir)
+        # A store handed in is the caller's to close; one opened here is closed by __aexit__.
+        self._owns_store = store is None
+        # Checked against its witness file and with quick_check (devicegw/storage/witness.py).
+        self.store_opening = (
+            StoreOpening(store=store)
+            if store is not None
+            else open_checked(config.gateway.data_dir, new_store=new_store)
+        )
+        self.store = self.store_opening.store
         self.restarts = Restarts()
         started = clock.now()
 
         def status_payload(online: bool) -> bytes:
             return encode(gateway_status(config, online=online, since=started if online else None))
 
-        self.publisher = MqttPublisher(
-            config.broker,
-            client_id=config.broker.client_id
-            or f"devicegw-{config.gateway.site}-{config.gateway.id}",
-            clock=clock,
-            store=self.store,
-            status_topic=self.topics.gateway_status(),
-            status_payload=status_payload,
-            protocol=config.broker.protocol,
-        )
+        try:  # a broker setting refused here (e.g. an unreadable CA file): close the store
+            self.publisher = MqttPublisher(
+                config.broker,
+                client_id=config.broker.client_id
+                or f"devicegw-{config.gateway.site}-{config.gateway.id}",
+                clock=clock,
+                store=self.store,
+                status_topic=self.topics.gateway_status(),
+                status_payload=status_payload,
+                protocol=config.broker.protocol,
+            )
+        except BaseException:
+            if self._owns_store:
+                self.store.close()
+            raise
         self.sink = MqttSink(self.publisher, self.topics)
         self.journal = SessionJournal(self.store)
         self.audit = AuditTrail(self.store, clock=clock, gateway_id=config.gateway.id)
@@ -174,13 +224,165 @@ class Gateway:
             for ox in config.oximeters
         ]
 
-    async def _tick_beds(self) -> None:
-        """Let the SpO2 monitors see time pass (observation windows close without samples)."""
+        self.bed_tickers = [BedTicker(bed, m, clock) for bed, m in self.beds.items()]
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close what the gateway opened: the recorder and (unless handed in) the store."""
+        if self.recorder is not None:
+            self.recorder.close()
+        if self._owns_store:
+            self.store.close()
+
+    def supervised_runners(self) -> list[Runner]:
+        """Every long-running part, each under the one runner contract (supervise.py)."""
+        runners: list[Runner] = [
+            Task("mqtt-publisher", self.publisher.run),
+            Task("health", lambda: health.run(self.snapshot, self.config.gateway.data_dir)),
+            Task("store-upkeep", self._store_upkeep),
+        ]
+        runners += self.bed_tickers
+        runners += self.oximeter_runners
+        runners += self.runners
+        notifier = self.notifier
+        if notifier is not None:  # last: READY=1 once everything else runs
+            runners.append(
+                Task("systemd-notify", lambda: systemd_notify.run(self.snapshot, notifier))
+            )
+        return runners
+
+    def snapshot(self) -> health.GatewaySnapshot:
+        """What `devicegw status` shows (written by :mod:`devicegw.runtime.health`)."""
+        now_mono = self.clock.monotonic()
+        devices: dict[str, health.DeviceSnapshot] = {}
+        for runner in self.runners:
+            h = runner.health
+            ident = runner.tracker.identity
+            devices[runner.device.id] = health.DeviceSnapshot(
+                identity=None
+                if ident is None
+                else health.DeviceIdentity(ident.model, ident.serial_no, ident.firmware),
+                port=runner.device.link.port_name,
+                connected=h.connected,
+                connects=h.connects,
+                open_failures=h.open_failures,
+                refusals=h.refusals,
+                last_frame_age_s=health.age(now_mono, h.last_frame_mono),
+                frames_ok=h.frames_ok,
+                frames_bad=h.frames_bad,
+                frames_lost=h.frames_lost,
+                refused=h.refused,
+                last_error=h.last_error,
+                identified=h.identified,
+                identity_note=h.identity_note,
+                held_before_ident=h.held_before_ident,
+                dropped_before_ident=h.dropped_before_ident,
+                open_session=runner.tracker.open_session_no,
+            )
+        oximeters: dict[str, health.OximeterSnapshot] = {}
+        for ox in self.oximeter_runners:
+            oh = ox.health
+            oximeters[ox.oximeter.id] = health.OximeterSnapshot(
+                port=ox.oximeter.link.port_name,
+                bed=ox.oximeter.bed,
+                connected=oh.connected,
+                last_sample_age_s=health.age(now_mono, oh.last_sample_mono),
+                samples=oh.samples,
+                samples_gated=oh.samples_gated,
+                checksum_errors=oh.checksum_errors,
+                last_error=oh.last_error,
+            )
+        held = self.store.held
+        return health.GatewaySnapshot(
+            gateway_id=self.config.gateway.id,
+            site=self.config.gateway.site,
+            utc=self.clock.now().isoformat(),
+            pid=os.getpid(),
+            broker={
+                "host": self.config.broker.host,
+                "port": self.config.broker.port,
+                **asdict(self.publisher.stats),
+            },
+            outbox_depth=self.publisher.outbox.depth(),
+            store_bytes=self.store.size_bytes(),
+            store=health.StoreSnapshot(
+                held_writes=len(held),
+                held_dose_events=held.dose_events(),
+                held_dropped=held.dropped,
+                disk_full_since=None if held.full_since is None else held.full_since.isoformat(),
+                last_error=held.last_error,
+                quarantined_rows=self.publisher.outbox.quarantined_now,
+            ),
+            devices=devices,
+            oximeters=oximeters,
+            task_restarts=dict(self.restarts.counts),
+            task_errors=dict(self.restarts.last_error),
+        )
+
+    def _audit_store_opening(self) -> None:
+        opening = self.store_opening
+        if opening.created and opening.replaced_witness is not None:
+            self.audit.append(
+                AuditKind.store_created,
+                body={
+                    "why": "the operator confirmed a new store (--new-store)",
+                    "replaced_witness": opening.replaced_witness,
+                },
+            )
+        elif opening.replaced_witness is not None:
+            self.audit.append(
+                AuditKind.store_created,
+                body={
+                    "why": "the operator accepted a store other than the witnessed one "
+                    "(--new-store)",
+                    "replaced_witness": opening.replaced_witness,
+                },
+            )
+        if opening.problems:
+            self.audit.append(
+                AuditKind.store_check,
+                body={"problems": opening.problems[:20], "repaired": opening.repaired},
+            )
+
+    def _write_witness(self) -> None:
+        with contextlib.suppress(Exception):  # a damaged or full store: logged where it failed
+            head = str(self.audit.head())
+            write_witness(self.config.gateway.data_dir, head, now=self.clock.now())
+
+    async def _store_upkeep(self) -> None:
+        """Retry writes a full disk refused (every 2 s, an ERROR line a minute while any
+        are held); every minute the witness file and the audit's coalesced summaries."""
+        held = self.store.held
+        last_minute = self.clock.monotonic()
         while True:
-            await self.clock.sleep(1.0)
-            now = self.clock.monotonic()
-            for bed in self.beds.values():
-                bed.tick(now)
+            await self.clock.sleep(HELD_RETRY_S)
+            if len(held):
+                held.retry()
+            if self.clock.monotonic() - last_minute < WITNESS_INTERVAL_S:
+                continue
+            last_minute = self.clock.monotonic()
+            if len(held):
+                log.error(
+                    "the disk is full: %d decided writes held in memory (%d dose events), "
+                    "retrying; free space in %s",
+                    len(held),
+                    held.dose_events(),
+                    self.config.gateway.data_dir,
+                    extra={"held_writes": len(held), "last_error": held.last_error},
+                )
+                continue
+            self.audit.flush_coalesced()
+            self._write_witness()
 
     async def run(self) -> None:
         """Run until cancelled (SIGTERM/SIGINT cancel the main task)."""
@@ -199,37 +401,23 @@ class Gateway:
             AuditKind.gateway_start,
             body={"version": __version__, "pid": os.getpid(), "host": socket.gethostname()},
         )
+        self._audit_store_opening()
+        self._write_witness()
         stop_reason = "error"
         try:
             # Every task is supervised: a failure nobody expected is logged and that task
             # restarted; the others, and the process, go on (docs: README "Guarantees").
             async with asyncio.TaskGroup() as tg:
-                clock, restarts = self.clock, self.restarts
-                spawn(tg, "mqtt-publisher", self.publisher.run, clock=clock, restarts=restarts)
-                spawn(tg, "health", lambda: health.run(self), clock=clock, restarts=restarts)
-                if self.beds:
-                    spawn(tg, "spo2-ticker", self._tick_beds, clock=clock, restarts=restarts)
-                for ox_runner in self.oximeter_runners:
-                    name = f"oximeter-{ox_runner.oximeter.id}"
-                    spawn(tg, name, ox_runner.run, clock=clock, restarts=restarts)
-                for runner in self.runners:
-                    name = f"device-{runner.device.id}"
-                    spawn(tg, name, runner.run, clock=clock, restarts=restarts)
-                notifier = self.notifier
-                if notifier is not None:  # last: READY=1 once everything else runs
-                    spawn(
-                        tg,
-                        "systemd-notify",
-                        lambda: systemd_notify.run(self, notifier),
-                        clock=clock,
-                        restarts=restarts,
-                    )
+                for runner in self.supervised_runners():
+                    spawn(tg, runner, clock=self.clock, restarts=self.restarts)
         except asyncio.CancelledError:
             stop_reason = "stopped"
             raise
         finally:
             if self.recorder is not None:
-                self.recorder.close()
+                self.recorder.close()  # (again in close(): closing twice is harmless)
             with contextlib.suppress(Exception):
+                self.audit.flush_coalesced(everything=True)
                 self.audit.append(AuditKind.gateway_stop, body={"reason": stop_reason})
+            self._write_witness()
             log.info("gateway stopped", extra={"gateway_id": self.config.gateway.id})

@@ -3,107 +3,135 @@
 A file rather than a socket: nothing listens on the ward network, the snapshot
 survives the process for a post-mortem, and any monitoring agent can read it.
 It is replaced atomically, so a reader never sees half a file.
+
+The snapshot is typed (:class:`GatewaySnapshot`) and built by the gateway
+(:meth:`devicegw.runtime.gateway.Gateway.snapshot`); this module only writes
+and reads it, and knows nothing of the gateway's insides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from devicegw.runtime.gateway import Gateway
+from typing import Any
 
 FILE_NAME = "status.json"
 INTERVAL_S = 2.0
 
 
-def snapshot(gw: Gateway) -> dict[str, Any]:
-    now_mono = gw.clock.monotonic()
-    stats = gw.publisher.stats
-    devices = {}
-    for runner in gw.runners:
-        h = runner.health
-        ident = runner.tracker.identity
-        devices[runner.device.id] = {
-            # As the device sent it: data, shown escaped by `devicegw status`.
-            "identity": None
-            if ident is None
-            else {"model": ident.model, "serial_no": ident.serial_no, "firmware": ident.firmware},
-            "port": runner.device.link.port_name,
-            "connected": h.connected,
-            "connects": h.connects,
-            "open_failures": h.open_failures,
-            "refusals": h.refusals,
-            "last_frame_age_s": (
-                None if h.last_frame_mono is None else round(now_mono - h.last_frame_mono, 3)
-            ),
-            "frames_ok": h.frames_ok,
-            "frames_bad": h.frames_bad,
-            "frames_lost": h.frames_lost,
-            "refused": h.refused,
-            "last_error": h.last_error,
-            "identified": h.identified,
-            "identity_note": h.identity_note,
-            "held_before_ident": h.held_before_ident,
-            "dropped_before_ident": h.dropped_before_ident,
-            "open_session": runner.tracker.open_session_no,
-        }
-    oximeters = {}
-    for ox in gw.oximeter_runners:
-        oh = ox.health
-        oximeters[ox.oximeter.id] = {
-            "port": ox.oximeter.link.port_name,
-            "bed": ox.oximeter.bed,
-            "connected": oh.connected,
-            "last_sample_age_s": (
-                None if oh.last_sample_mono is None else round(now_mono - oh.last_sample_mono, 3)
-            ),
-            "samples": oh.samples,
-            "samples_gated": oh.samples_gated,
-            "checksum_errors": oh.checksum_errors,
-            "last_error": oh.last_error,
-        }
-    return {
-        "gateway_id": gw.config.gateway.id,
-        "site": gw.config.gateway.site,
-        "utc": gw.clock.now().isoformat(),
-        "pid": os.getpid(),
-        "broker": {
-            "host": gw.config.broker.host,
-            "port": gw.config.broker.port,
-            **asdict(stats),
-        },
-        "outbox_depth": gw.publisher.outbox.depth(),
-        "store_bytes": gw.store.size_bytes(),
-        "devices": devices,
-        "oximeters": oximeters,
-        # Supervised tasks restarted after an unexpected failure (a bug: see the log).
-        "task_restarts": dict(gw.restarts.counts),
-        "task_errors": dict(gw.restarts.last_error),
-    }
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """As the device sent it: data, shown escaped by `devicegw status`."""
+
+    model: str
+    serial_no: str
+    firmware: str
 
 
-def write(gw: Gateway) -> None:
-    path = Path(gw.config.gateway.data_dir) / FILE_NAME
+@dataclass(frozen=True, slots=True)
+class DeviceSnapshot:
+    """One nebulizer."""
+
+    identity: DeviceIdentity | None
+    port: str
+    connected: bool
+    connects: int
+    open_failures: int
+    refusals: int
+    last_frame_age_s: float | None
+    frames_ok: int
+    frames_bad: int
+    frames_lost: int
+    refused: str | None
+    last_error: str | None
+    identified: bool
+    identity_note: str | None
+    held_before_ident: int
+    dropped_before_ident: int
+    open_session: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class OximeterSnapshot:
+    port: str
+    bed: str
+    connected: bool
+    last_sample_age_s: float | None
+    samples: int
+    samples_gated: int
+    checksum_errors: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """A full disk: decided writes held in memory until space returns (README "Disk")."""
+
+    held_writes: int
+    held_dose_events: int
+    held_dropped: int
+    disk_full_since: str | None
+    last_error: str | None
+    quarantined_rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySnapshot:
+    gateway_id: str
+    site: str
+    utc: str
+    pid: int
+    #: host, port and the publisher's counters (:class:`~devicegw.mqtt.publisher.PublisherStats`)
+    broker: dict[str, Any]
+    outbox_depth: int
+    store_bytes: int
+    store: StoreSnapshot
+    devices: dict[str, DeviceSnapshot]
+    oximeters: dict[str, OximeterSnapshot]
+    #: supervised tasks restarted after an unexpected failure (a bug: see the log)
+    task_restarts: dict[str, int]
+    task_errors: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def age(now_mono: float, then_mono: float | None) -> float | None:
+    return None if then_mono is None else round(now_mono - then_mono, 3)
+
+
+def write(snapshot: GatewaySnapshot, data_dir: Path | str) -> None:
+    path = Path(data_dir) / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = (json.dumps(snapshot.to_json(), indent=2) + "\n").encode()
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(snapshot(gw), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(text)
+        os.replace(tmp, path)
+    except OSError:
+        # A full disk: overwrite the old snapshot in place (its blocks are allocated), so
+        # `devicegw status` still shows what is held; if even that fails, try next time.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+            with path.open("r+b") as f:
+                f.write(text)
+                f.truncate()
 
 
-async def run(gw: Gateway) -> None:
+async def run(snapshot: Callable[[], GatewaySnapshot], data_dir: Path | str) -> None:
     """Refresh the snapshot every INTERVAL_S until cancelled.
 
     Real seconds, not the gateway clock: this is for the people and monitors
     watching the process, whatever speed a simulation runs at.
     """
     while True:
-        write(gw)
+        write(snapshot(), data_dir)
         await asyncio.sleep(INTERVAL_S)
 
 

@@ -1,7 +1,9 @@
 """One VM-1 nebulizer, live: link lifecycle, handshake and commands.
 
-Bytes come from a :class:`~drivers.transport.base.ByteLink` and go through the
-device's :class:`Vm1Pipeline` (the same one replays use). The link is reopened
+Chunks come from a :class:`~drivers.transport.base.Link` (serial bytes, or one
+VM-1 payload per BLE value) and go through the device's :class:`Vm1Pipeline`
+(the same one replays use), which decodes them by the link's unit; commands go
+out encoded for that unit (a serial frame, or a bare payload). The link is reopened
 by itself with capped, jittered backoff; on every (re)connect the gateway sends
 GET_INFO until the device has identified itself (IDENT), then SET_CLOCK. A
 device that acknowledges GET_INFO but never sends IDENT is asked again, with
@@ -33,7 +35,7 @@ from devicegw.storage.audit import AuditTrail
 from devicegw.storage.journal import SessionJournal
 from drivers.backoff import Backoff
 from drivers.clock import Clock
-from drivers.transport.base import ByteLink
+from drivers.transport.base import Link
 from drivers.vm1.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -44,7 +46,7 @@ from drivers.vm1.messages import (
     SetClock,
     SetRate,
 )
-from drivers.vm1.stream import encode_message_frame
+from drivers.vm1.stream import encode_for_link
 
 __all__ = ["GatewaySink", "NebulizerRunner", "UnexpectedDeviceError"]
 
@@ -63,7 +65,7 @@ class NebulizerRunner:
         device: DeviceSettings,
         config: Config,
         *,
-        link_factory: Callable[[], ByteLink],
+        link_factory: Callable[[], Link],
         clock: Clock,
         sink: GatewaySink,
         backoff: Backoff | None = None,
@@ -79,10 +81,14 @@ class NebulizerRunner:
         self._link_factory = link_factory
         self._clock = clock
         self._backoff = backoff or Backoff(0.5, 30.0)
-        self._link: ByteLink | None = None
+        self._link: Link | None = None
         self._host_seq = 0
         self._pending_acks: dict[tuple[int, int], asyncio.Future[Ack]] = {}
         self._identified = asyncio.Event()
+
+    @property
+    def task_name(self) -> str:
+        return f"device-{self.device.id}"
 
     @property
     def tracker(self) -> SessionTracker:
@@ -116,16 +122,18 @@ class NebulizerRunner:
                 reason = str(exc)
                 self.health.last_error = str(exc)
                 log.warning("device link lost: %s", exc, extra={"device_id": self.device.id})
-            except Exception as exc:
-                # A bug must not take the other devices down, and must not be hidden either.
+            except Exception:
+                # Anything else (a bug) is the supervisor's: logged once, this runner restarted
+                # with backoff, no other device affected (devicegw/runtime/supervise.py).
                 reason = "internal error"
-                self.health.last_error = f"internal error: {exc!r}"
-                log.exception(
-                    "device runner failed; restarting", extra={"device_id": self.device.id}
-                )
+                raise
             finally:
                 await self._on_link_closed(link, reason)
             await self._clock.sleep(self._backoff.next_delay())
+
+    def crashed(self, error: str) -> None:
+        """The supervisor restarts this runner after an unexpected failure; status says why."""
+        self.health.last_error = f"internal error: {error}"
 
     def _refused(self, exc: UnexpectedDeviceError) -> None:
         """ERROR the first time (and when the answer changes), DEBUG while it repeats."""
@@ -149,11 +157,11 @@ class NebulizerRunner:
         if first:
             self.pipeline.publish_status(error=str(exc))
 
-    async def _session_on(self, link: ByteLink) -> None:
+    async def _session_on(self, link: Link) -> None:
         self._link = link
         self._identified.clear()
         utc, mono = self._clock.now(), self._clock.monotonic()
-        self.pipeline.link_up(utc)
+        self.pipeline.link_up(utc, link.unit)
         for obs in self.observers:
             obs.link_opened(self.device.id, link.description, utc, mono)
         log.info("device link open", extra={"device_id": self.device.id, "link": link.description})
@@ -168,7 +176,7 @@ class NebulizerRunner:
                 raise
             raise link_errors.exceptions[0] from None
 
-    async def _on_link_closed(self, link: ByteLink, reason: str) -> None:
+    async def _on_link_closed(self, link: Link, reason: str) -> None:
         self._link = None
         for fut in self._pending_acks.values():
             if not fut.done():
@@ -235,7 +243,7 @@ class NebulizerRunner:
             return self.pipeline.identified
         return True
 
-    async def _read_loop(self, link: ByteLink, tg: asyncio.TaskGroup) -> None:
+    async def _read_loop(self, link: Link, tg: asyncio.TaskGroup) -> None:
         while True:
             data = await link.read()
             utc, mono = self._clock.now(), self._clock.monotonic()
@@ -276,7 +284,7 @@ class NebulizerRunner:
             raise TransportError("device link is not open", device_id=self.device.id)
         seq = self._host_seq
         self._host_seq = (self._host_seq + 1) % 256
-        frame = encode_message_frame(dataclasses.replace(cmd, seq=seq))
+        chunk = encode_for_link(dataclasses.replace(cmd, seq=seq), link.unit)
         key = (seq, int(MESSAGE_TYPES[type(cmd)]))
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._pending_acks[key] = fut
@@ -285,9 +293,9 @@ class NebulizerRunner:
             for _ in range(COMMAND_ATTEMPTS):
                 utc, mono = self._clock.now(), self._clock.monotonic()
                 for obs in self.observers:
-                    obs.bytes_sent(self.device.id, frame, utc, mono)
-                self.pipeline.sent(frame)
-                await link.write(frame)
+                    obs.bytes_sent(self.device.id, chunk, utc, mono)
+                self.pipeline.sent(chunk)
+                await link.write(chunk)
                 try:
                     async with asyncio.timeout(timeout):
                         return await asyncio.shield(fut)

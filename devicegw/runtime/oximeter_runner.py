@@ -1,8 +1,9 @@
 """One pulse oximeter, live, feeding its bed's SpO2 monitor.
 
 Serial (Nonin OEM III, data format #2) and BLE (PLX, BerryMed) oximeters are
-all a :class:`SampleSource`: open it, read timestamped samples, close it. The
-link is reopened by itself with capped, jittered backoff.
+all a :class:`~drivers.transport.base.SampleSource` (built by
+:mod:`devicegw.runtime.link_factory`): open it, read timestamped samples,
+close it. The link is reopened by itself with capped, jittered backoff.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from devicegw.config import OximeterSettings
 from devicegw.core.bed_monitor import BedMonitor
@@ -19,54 +19,10 @@ from devicegw.errors import TransportError
 from devicegw.runtime.reconnect import open_until_up
 from drivers.backoff import Backoff
 from drivers.clock import Clock
-from drivers.oximeter.nonin import NoninDecoder, to_sample
-from drivers.oximeter.sample import OximeterSample
-from drivers.transport.base import ByteLink
+from drivers.transport.adapters import NoninSerialSource
+from drivers.transport.base import SampleSource
 
 log = logging.getLogger(__name__)
-
-
-class SampleSource(Protocol):
-    @property
-    def description(self) -> str: ...
-
-    async def open(self) -> None: ...
-
-    async def read_samples(self) -> list[tuple[float, OximeterSample]]:
-        """At least one (gateway monotonic time, sample); TransportError when the link is gone."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class NoninSerialSource:
-    """Nonin OEM III bytes -> one sample per packet (3 per second)."""
-
-    def __init__(self, link: ByteLink, clock: Clock, source: str) -> None:
-        self._link = link
-        self._clock = clock
-        self._source = source
-        self._decoder = NoninDecoder()
-        self.checksum_errors = 0
-
-    @property
-    def description(self) -> str:
-        return self._link.description
-
-    async def open(self) -> None:
-        self._decoder = NoninDecoder()
-        await self._link.open()
-
-    async def read_samples(self) -> list[tuple[float, OximeterSample]]:
-        while True:
-            packets = self._decoder.feed(await self._link.read())
-            self.checksum_errors = self._decoder.stats.checksum_errors
-            if packets:
-                now = self._clock.monotonic()
-                return [(now, to_sample(p, source=self._source)) for p in packets]
-
-    async def close(self) -> None:
-        await self._link.close()
 
 
 @dataclass(slots=True)
@@ -97,7 +53,16 @@ class OximeterRunner:
         self._clock = clock
         self._backoff = backoff or Backoff(0.5, 30.0)
 
+    @property
+    def task_name(self) -> str:
+        return f"oximeter-{self.oximeter.id}"
+
+    def crashed(self, error: str) -> None:
+        """The supervisor restarts this runner after an unexpected failure; status says why."""
+        self.health.last_error = f"internal error: {error}"
+
     async def run(self) -> None:
+        """Keep the oximeter connected until cancelled; a bug is the supervisor's (supervise.py)."""
         while True:
             source = await open_until_up(
                 self._source_factory,
@@ -134,7 +99,8 @@ class OximeterRunner:
             self._backoff.reset()
             if isinstance(source, NoninSerialSource):
                 self.health.checksum_errors = source.checksum_errors
-            for mono, sample in samples:
+            for received in samples:
+                mono, sample = received.t_s, received.sample
                 self.health.samples += 1
                 self.health.last_sample_mono = mono
                 if not sample.valid:

@@ -24,11 +24,9 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
-if TYPE_CHECKING:
-    from devicegw.runtime.gateway import Gateway
+from devicegw.runtime.health import GatewaySnapshot
 
 log = logging.getLogger(__name__)
 
@@ -138,40 +136,43 @@ def _watchdog_usec(env: Mapping[str, str], pid: int | None) -> int | None:
     return usec
 
 
-def status_line(gw: Gateway) -> str:
+def status_line(snap: GatewaySnapshot) -> str:
     """What ``systemctl status`` shows: broker, outbox and links, in one short line."""
-    stats = gw.publisher.stats
-    if stats.connected:
-        broker = "broker connected"
-    elif stats.connects == 0 and stats.connect_failures == 0:
-        broker = "broker connecting"
+    broker = snap.broker
+    if broker.get("connected"):
+        state = "broker connected"
+    elif not broker.get("connects") and not broker.get("connect_failures"):
+        state = "broker connecting"
     else:
-        broker = "broker DISCONNECTED"
-    try:
-        outbox = str(gw.publisher.outbox.depth())
-    except Exception:  # noqa: BLE001 - a store problem is reported elsewhere; never stop pinging
-        outbox = "unknown"
-    parts = [broker, f"outbox {outbox}"]
-    if gw.runners:
-        up = sum(r.health.connected for r in gw.runners)
-        parts.append(f"nebulizers {up}/{len(gw.runners)} connected")
-    if gw.oximeter_runners:
-        up = sum(o.health.connected for o in gw.oximeter_runners)
-        parts.append(f"oximeters {up}/{len(gw.oximeter_runners)} connected")
+        state = "broker DISCONNECTED"
+    parts = [state, f"outbox {snap.outbox_depth}"]
+    if snap.devices:
+        up = sum(d.connected for d in snap.devices.values())
+        parts.append(f"nebulizers {up}/{len(snap.devices)} connected")
+    if snap.oximeters:
+        up = sum(o.connected for o in snap.oximeters.values())
+        parts.append(f"oximeters {up}/{len(snap.oximeters)} connected")
     return ", ".join(parts)
 
 
-async def run(gw: Gateway, notifier: Notifier) -> None:
+def _status(snapshot: Callable[[], GatewaySnapshot]) -> str:
+    try:
+        return status_line(snapshot())
+    except Exception:  # noqa: BLE001 - a store problem is reported elsewhere; never stop pinging
+        return "status unknown (store unreadable: see the log)"
+
+
+async def run(snapshot: Callable[[], GatewaySnapshot], notifier: Notifier) -> None:
     """READY=1 now, then WATCHDOG=1 and STATUS= lines until cancelled (then STOPPING=1).
 
-    Started by :meth:`Gateway.run` after the store, the audit trail and every
+    Started by the gateway (last of its tasks) after the store, the audit trail and every
     other task are up, so READY means "the gateway runs" (whether or not the
     broker is reachable: dose events wait in the outbox). Real seconds, not the
     gateway clock: systemd's watchdog runs on wall time whatever a simulation's speed.
     """
     if not notifier.enabled:
         return
-    last_status = status_line(gw)
+    last_status = _status(snapshot)
     notifier.ready(last_status)
     ping = notifier.ping_interval_s
     tick = min(ping, STATUS_INTERVAL_S) if ping is not None else STATUS_INTERVAL_S
@@ -183,7 +184,7 @@ async def run(gw: Gateway, notifier: Notifier) -> None:
                 notifier.watchdog()
             if loop.time() >= next_status:
                 next_status = loop.time() + STATUS_INTERVAL_S
-                line = status_line(gw)
+                line = _status(snapshot)
                 if line != last_status:
                     notifier.status(line)
                     last_status = line

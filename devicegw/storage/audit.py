@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from devicegw.core.ports import AuditKind
 from devicegw.safe_text import printable
+from devicegw.storage.outbox import payload_sha256
 from devicegw.storage.store import Store, StoreError
 from drivers.clock import Clock
 
@@ -342,6 +343,8 @@ class AuditTrail:
         self._clock = clock
         self.gateway_id = gateway_id
         self._lock = threading.Lock()
+        self._coalescer = _Coalescer()
+        self._held_seq = 0
         with self._transaction() as cur:
             existed = _has_table(store.conn)
             present = {
@@ -371,9 +374,73 @@ class AuditTrail:
         subject_id: str | None = None,
         session_no: int | None = None,
         body: Mapping[str, object],
-    ) -> AuditRecord:
-        """Append one record and return it once it is on disk."""
+    ) -> AuditRecord | None:
+        """Append one record and return it once it is on disk.
+
+        A device's repeated identification/refusal records are rate limited
+        (:class:`_Coalescer`): above the limit nothing is appended (``None``) and
+        the suppressed records are summarised in one ``audit_coalesced`` record.
+        """
         kind = AuditKind(kind)
+        if device_id is not None and kind in COALESCED_KINDS:
+            for summary in self._coalescer.flush_due(self._clock.monotonic()):
+                self._append_summary(summary)
+            if not self._coalescer.admit(device_id, kind, self._clock.monotonic(), self._now()):
+                return None
+        if self._store.conn.in_transaction:  # part of someone's transaction: theirs to hold
+            return self._append_now(
+                kind, device_id=device_id, subject_id=subject_id, session_no=session_no, body=body
+            )
+        appended: list[AuditRecord] = []
+
+        def write() -> None:
+            appended.append(
+                self._append_now(
+                    kind,
+                    device_id=device_id,
+                    subject_id=subject_id,
+                    session_no=session_no,
+                    body=body,
+                )
+            )
+
+        # A full disk: held in memory and appended (in order) when space returns.
+        self._held_seq += 1
+        self._store.held.run(f"audit:{self._held_seq}", write)
+        return appended[0] if appended else None
+
+    def flush_coalesced(self, *, everything: bool = False) -> None:
+        """Write the summaries of coalesced records whose window has closed (all at a stop)."""
+        now = float("inf") if everything else self._clock.monotonic()
+        for summary in self._coalescer.flush_due(now):
+            self._append_summary(summary)
+
+    def _append_summary(self, summary: _Suppressed) -> None:
+        self._append_now(
+            AuditKind.audit_coalesced,
+            device_id=summary.device_id,
+            body={
+                "kind": summary.kind.value,
+                "count": summary.count,
+                "first_utc": summary.first_utc,
+                "last_utc": summary.last_utc,
+                "limit": COALESCE_LIMIT,
+                "window_s": COALESCE_WINDOW_S,
+            },
+        )
+
+    def _now(self) -> str:
+        return _utc_text(self._clock.now())
+
+    def _append_now(
+        self,
+        kind: AuditKind,
+        *,
+        device_id: str | None = None,
+        subject_id: str | None = None,
+        session_no: int | None = None,
+        body: Mapping[str, object],
+    ) -> AuditRecord:
         body_json = self._body_json(body)
         with self._transaction() as cur:
             return self._append_in(
@@ -452,7 +519,7 @@ class AuditTrail:
         restricted detail): it is read by engineering roles, like the detail feed.
         """
         event, detail = record.event, record.detail
-        return self.append(
+        return self._append_now(
             AuditKind.session_finished,
             device_id=event.device.device_id,
             subject_id=event.subject_id,
@@ -468,6 +535,10 @@ class AuditTrail:
                 "end_reason": detail.end_reason,
                 "data_source": event.data_source,
                 "config_sha256": event.config_sha256,
+                # The stored bytes of the event and its detail (as the outbox holds them,
+                # devicegw.mqtt.publisher.encode): a changed payload breaks this binding.
+                "payload_sha256": payload_sha256(event.model_dump_json().encode("utf-8")),
+                "detail_sha256": payload_sha256(detail.model_dump_json().encode("utf-8")),
             },
         )
 
@@ -534,6 +605,75 @@ class AuditTrail:
             ),
         )
         return record
+
+
+#: Device-originated kinds a device can repeat at will (an IDENT flood): rate limited.
+COALESCED_KINDS = frozenset({AuditKind.device_identified, AuditKind.device_refused})
+#: Per device and kind: at most this many records per window; the rest are counted.
+COALESCE_LIMIT = 10
+COALESCE_WINDOW_S = 60.0
+
+
+@dataclass(slots=True)
+class _Suppressed:
+    device_id: str
+    kind: AuditKind
+    count: int
+    first_utc: str
+    last_utc: str
+
+
+@dataclass(slots=True)
+class _Window:
+    start: float
+    written: int = 0
+    suppressed: _Suppressed | None = None
+
+
+class _Coalescer:
+    """At most :data:`COALESCE_LIMIT` records per device and kind per window.
+
+    Beyond it, records are counted (first and last time) and summarised in one
+    ``audit_coalesced`` record when the window closes, with a WARNING when the
+    suppression starts: a device cannot flood the trail (issue 14 item 7), and
+    the trail still says that it tried, how often and when.
+    """
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, AuditKind], _Window] = {}
+
+    def admit(self, device_id: str, kind: AuditKind, mono: float, utc: str) -> bool:
+        key = (device_id, kind)
+        window = self._windows.get(key)
+        if window is None or mono - window.start >= COALESCE_WINDOW_S:
+            window = self._windows[key] = _Window(start=mono)
+        if window.written < COALESCE_LIMIT:
+            window.written += 1
+            return True
+        if window.suppressed is None:
+            window.suppressed = _Suppressed(device_id, kind, 0, utc, utc)
+            log.warning(
+                "device %s repeats %s beyond %d records per %.0f s: coalescing them in the "
+                "audit trail (count, first and last time)",
+                printable(device_id),
+                kind.value,
+                COALESCE_LIMIT,
+                COALESCE_WINDOW_S,
+                extra={"device_id": device_id},
+            )
+        window.suppressed.count += 1
+        window.suppressed.last_utc = utc
+        return False
+
+    def flush_due(self, mono: float) -> list[_Suppressed]:
+        """Summaries of windows that have closed (all of them for ``inf``)."""
+        due: list[_Suppressed] = []
+        for key, window in list(self._windows.items()):
+            if mono - window.start >= COALESCE_WINDOW_S:
+                if window.suppressed is not None:
+                    due.append(window.suppressed)
+                del self._windows[key]
+        return due
 
 
 class _Transaction:
@@ -668,9 +808,22 @@ def verify(store: Store, *, witness: AuditHead | None = None) -> VerifyResult:
             ok=False, records=count, head=AuditHead(count, prev_hash), first_bad=seq, reason=reason
         )
 
-    rows = conn.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
+    saved = conn.text_factory
+    # Damaged text must name its record (as an edit), not raise UnicodeDecodeError.
+    conn.text_factory = _lenient_text
     try:
-        for row in rows:
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM audit ORDER BY seq")
+    except sqlite3.DatabaseError as exc:
+        conn.text_factory = saved
+        return fail(1, f"the audit table cannot be read (damaged store): {exc}")
+    try:
+        for row in _rows_or_damage(rows):
+            if isinstance(row, sqlite3.DatabaseError):
+                return fail(
+                    count + 1,
+                    f"the store is damaged from here on (SQLite: {row}); "
+                    f"records after {count} cannot be read",
+                )
             record, malformed = _row_to_record(row)
             expected = count + 1
             if record.seq > expected:
@@ -704,6 +857,7 @@ def verify(store: Store, *, witness: AuditHead | None = None) -> VerifyResult:
             prev_hash = record.hash
     finally:
         rows.close()
+        conn.text_factory = saved
     if witness is not None and not witnessed and witness.count > 0:
         return fail(
             count + 1,
@@ -711,6 +865,75 @@ def verify(store: Store, *, witness: AuditHead | None = None) -> VerifyResult:
             "truncated",
         )
     return VerifyResult(ok=True, records=count, head=AuditHead(count, prev_hash))
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _rows_or_damage(
+    rows: sqlite3.Cursor,
+) -> Generator[tuple[Any, ...] | sqlite3.DatabaseError, None, None]:
+    """The cursor's rows; a read error ends them as one last item instead of raising."""
+    while True:
+        try:
+            row = rows.fetchone()
+        except sqlite3.DatabaseError as exc:
+            yield exc
+            return
+        if row is None:
+            return
+        yield row
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReport:
+    """``devicegw audit verify``: the whole store, one line per finding."""
+
+    audit: VerifyResult
+    integrity: list[str]
+    outbox: list[str]
+    quarantined: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.audit.ok and not self.integrity and not self.outbox
+
+    def lines(self) -> list[str]:
+        out = [self.audit.summary()]  # first: the chain (what a witness records)
+        out.append(
+            "store integrity_check: OK"
+            if not self.integrity
+            else f"store integrity_check: FAILED: {'; '.join(self.integrity[:20])}"
+        )
+        if self.outbox:
+            out += [f"outbox: FAILED: {p}" for p in self.outbox]
+        else:
+            out.append("outbox: OK (every row readable, every dose payload as its audit bound it)")
+        out += [f"quarantined (not published): {q}" for q in self.quarantined]
+        return out
+
+
+def verify_store(store: Store, *, witness: AuditHead | None = None) -> StoreReport:
+    """The full check: SQLite's integrity_check, the audit chain, the outbox against the chain."""
+    from devicegw.storage.outbox import verify_outbox
+
+    conn = store.conn
+    try:
+        quarantined = [
+            f"outbox row {r[0]}: {r[1]}"
+            for r in conn.execute(
+                "SELECT id, quarantined FROM outbox WHERE quarantined IS NOT NULL ORDER BY id"
+            )
+        ]
+    except sqlite3.DatabaseError:
+        quarantined = []
+    return StoreReport(
+        audit=verify(store, witness=witness),
+        integrity=store.quick_check(full=True),
+        outbox=verify_outbox(conn),
+        quarantined=quarantined,
+    )
 
 
 def summarize_body(record: AuditRecord, *, width: int = 100) -> str:

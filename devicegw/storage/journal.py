@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from devicegw.storage.store import Store
+from devicegw.storage.store import Store, is_disk_full
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS session_journal (
@@ -48,6 +51,25 @@ class SessionJournal:
     def save(
         self, device_id: str, session_no: int, state: dict[str, object], utc: datetime
     ) -> None:
+        try:
+            self._save(device_id, session_no, state, utc)
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            # A full disk: the next snapshot (5 s on) tries again; the session goes on in memory.
+            log.debug("journal snapshot skipped, the disk is full", extra={"device_id": device_id})
+
+    def commit_decided(self, key: str, write: Callable[[], object]) -> bool:
+        """Commit a decided record now, or hold it in memory while the disk is full.
+
+        ``write`` is the whole transaction (outbox, audit, journal row); it is retried
+        as a whole (:class:`devicegw.storage.store.HeldWrites`). False: held.
+        """
+        return self.store.held.run(key, write)
+
+    def _save(
+        self, device_id: str, session_no: int, state: dict[str, object], utc: datetime
+    ) -> None:
         self.store.conn.execute(
             "INSERT INTO session_journal (device_id, session_no, state, updated_utc)"
             " VALUES (?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
@@ -65,6 +87,11 @@ class SessionJournal:
         return json.loads(row[0]), datetime.fromisoformat(row[1])
 
     def clear(self, device_id: str, session_no: int) -> None:
+        self._write(
+            f"journal-clear:{device_id}:{session_no}", lambda: self._clear(device_id, session_no)
+        )
+
+    def _clear(self, device_id: str, session_no: int) -> None:
         self.store.conn.execute(
             "DELETE FROM session_journal WHERE device_id = ? AND session_no = ?",
             (device_id, session_no),
@@ -78,7 +105,9 @@ class SessionJournal:
             self.clear(device_id, session_no)
 
     def is_recorded(self, event_id: str) -> bool:
-        """Is a dose event with this id already in the outbox (sent or not)?"""
+        """Is a dose event with this id already in the outbox (sent or not), or held?"""
+        if event_id in self.store.held:
+            return True
         try:
             row = self.store.conn.execute(
                 "SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)
@@ -93,6 +122,13 @@ class SessionJournal:
             (f"{model}/{serial_no}",),
         ).fetchone()
         return None if row is None else int(row[0])
+
+    def _write(self, key: str, write: Callable[[], object]) -> None:
+        """Inside a transaction: part of it. Alone: held in memory if the disk is full."""
+        if self.store.conn.in_transaction:
+            write()
+        else:
+            self.store.held.run(key, write)
 
     def recorded_times(self, event_id: str) -> tuple[datetime | None, datetime] | None:
         """Gateway start and end times of a recorded dose event, or None if not recorded.
@@ -144,6 +180,12 @@ class SessionJournal:
         return epoch
 
     def raise_watermark(self, model: str, serial_no: str, session_no: int) -> None:
+        self._write(
+            f"watermark:{model}/{serial_no}:{session_no}",
+            lambda: self._raise_watermark(model, serial_no, session_no),
+        )
+
+    def _raise_watermark(self, model: str, serial_no: str, session_no: int) -> None:
         self.store.conn.execute(
             "INSERT INTO device_watermark (device_key, session_no) VALUES (?, ?)"
             " ON CONFLICT(device_key) DO UPDATE SET session_no ="

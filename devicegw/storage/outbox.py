@@ -15,7 +15,10 @@ a retention limit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -48,6 +51,57 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox(id) WHERE sent_utc IS NULL;
 """
 
+_COLUMNS = "id, kind, device_id, topic, qos, retain, payload, event_id, attempts"
+_KINDS = frozenset(
+    k.value for k in (TopicKind.DOSE, TopicKind.DOSE_DETAIL, TopicKind.STATUS, TopicKind.SAFETY)
+)
+
+
+def payload_sha256(payload: bytes) -> str:
+    """What the audit trail binds a dose event's (and its detail's) stored bytes with."""
+    return hashlib.sha256(payload).hexdigest()
+
+
+def binding_problem(conn: sqlite3.Connection, row: OutboxRow) -> str | None:
+    """Does a dose row's payload match the hash its ``session_finished`` audit record holds?
+
+    None when it does, or when no record binds it (a store from before payload
+    hashes, or a gateway run without an audit trail): nothing to compare with.
+    """
+    if row.kind not in (TopicKind.DOSE, TopicKind.DOSE_DETAIL) or row.event_id is None:
+        return None
+    is_detail = row.kind == TopicKind.DOSE_DETAIL
+    event_id = row.event_id[: -len(DETAIL_KEY_SUFFIX)] if is_detail else row.event_id
+    field = "detail_sha256" if is_detail else "payload_sha256"
+    try:
+        bodies = conn.execute(
+            "SELECT seq, body FROM audit WHERE kind = 'session_finished'"
+            " AND body LIKE ? ORDER BY seq",
+            (f'%"event_id":"{event_id}"%',),
+        ).fetchall()
+    except sqlite3.OperationalError:  # no audit table: nothing binds it
+        return None
+    except sqlite3.DatabaseError as exc:
+        what = f"outbox row {row.id} ({row.kind} {row.event_id})"
+        return f"{what}: its audit binding is unreadable: {exc}"
+    for seq, body in bodies:
+        try:
+            value = json.loads(body)
+        except (ValueError, TypeError):
+            continue
+        if not isinstance(value, dict) or value.get("event_id") != event_id:
+            continue
+        expected = value.get(field)
+        if expected is None:
+            return None
+        if expected != payload_sha256(row.payload):
+            return (
+                f"outbox row {row.id} ({row.kind} {row.event_id}): payload differs from the "
+                f"sha256 bound in audit record {seq}: changed after it was recorded"
+            )
+        return None
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
@@ -73,6 +127,13 @@ class Outbox:
         self.store = store
         self.keep_sent = keep_sent_dose_events
         store.conn.executescript(_SCHEMA)
+        columns = {r[1] for r in store.conn.execute("PRAGMA table_info(outbox)")}
+        if "quarantined" not in columns:
+            # Why a row is not published (unreadable, or its payload changed): kept, reported.
+            store.conn.execute("ALTER TABLE outbox ADD COLUMN quarantined TEXT")
+        self._skip: set[int] = set()  # quarantined rows the store could not mark
+        self._sent_unmarked: set[int] = set()  # acknowledged; marking held by a full disk
+        self.quarantined_now = 0  # rows quarantined by this process
 
     def add(
         self,
@@ -138,15 +199,92 @@ class Outbox:
         return AddResult(added=True, conflict=False)
 
     def pending(self, *, after_id: int = 0, limit: int = 100) -> list[OutboxRow]:
-        rows = self.store.conn.execute(
-            "SELECT id, kind, device_id, topic, qos, retain, payload, event_id, attempts"
-            " FROM outbox WHERE sent_utc IS NULL AND id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        ).fetchall()
-        return [
-            OutboxRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bytes(r[6]), r[7], r[8])
-            for r in rows
-        ]
+        """Unsent rows in order; a row that cannot be read or decoded is quarantined, not fatal.
+
+        Issue 14 item 3: one damaged row (random bytes in its page) must not stop
+        the others. Text columns are read as bytes and decoded here; if SQLite
+        cannot read the page at all, rows are read one by one around it.
+        """
+        conn = self.store.conn
+        saved = conn.text_factory
+        conn.text_factory = bytes
+        try:
+            try:
+                raw = conn.execute(
+                    f"SELECT {_COLUMNS} FROM outbox WHERE sent_utc IS NULL AND quarantined IS NULL"
+                    " AND id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit + len(self._skip) + len(self._sent_unmarked)),
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                why = f"outbox: reading rows after {after_id} failed ({exc}); reading one by one"
+                log.error(why)  # noqa: TRY400 - the error is the message
+                raw = self._one_by_one(after_id, limit)
+        finally:
+            conn.text_factory = saved
+        rows: list[OutboxRow] = []
+        for r in raw:
+            if len(rows) >= limit:
+                break
+            if r[0] in self._skip or r[0] in self._sent_unmarked:
+                continue
+            row, problem = _decode(r)
+            if row is None:
+                self.quarantine(int(r[0]), problem or "unreadable")
+                continue
+            rows.append(row)
+        return rows
+
+    def _one_by_one(self, after_id: int, limit: int) -> list[tuple[object, ...]]:
+        conn = self.store.conn
+        try:
+            top_row = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
+            ).fetchone()
+            top = int(top_row[0]) if top_row else after_id
+        except (sqlite3.DatabaseError, ValueError, TypeError):
+            top = after_id + limit
+        out: list[tuple[object, ...]] = []
+        for row_id in range(after_id + 1, top + 1):
+            if len(out) >= limit:
+                break
+            try:
+                r = conn.execute(
+                    f"SELECT {_COLUMNS}, sent_utc, quarantined FROM outbox WHERE id = ?",
+                    (row_id,),
+                ).fetchone()
+            except sqlite3.DatabaseError as exc:
+                self.quarantine(row_id, f"SQLite cannot read the row: {exc}")
+                continue
+            if r is not None and r[9] is None and r[10] is None:
+                out.append(tuple(r[:9]))
+        return out
+
+    def quarantine(self, row_id: int, why: str) -> None:
+        """Keep a row out of publishing, with the reason; reported, never deleted."""
+        self._skip.add(row_id)
+        self.quarantined_now += 1
+        log.error("outbox row %d quarantined, not published: %s", row_id, why)
+        try:
+            self.store.conn.execute(
+                "UPDATE outbox SET quarantined = ? WHERE id = ?", (why[:500], row_id)
+            )
+        except sqlite3.Error as exc:
+            log.error("outbox row %d: cannot mark it quarantined: %s", row_id, exc)  # noqa: TRY400
+
+    def quarantined(self) -> list[tuple[int, str]]:
+        """Rows kept out of publishing, with why (this process's unmarked ones too)."""
+        marked = {
+            int(r[0]): str(r[1])
+            for r in self.store.conn.execute(
+                "SELECT id, quarantined FROM outbox WHERE quarantined IS NOT NULL ORDER BY id"
+            )
+        }
+        for row_id in self._skip:
+            marked.setdefault(row_id, "unreadable (not marked: the store refused the write)")
+        return sorted(marked.items())
+
+    def check_binding(self, row: OutboxRow) -> str | None:
+        return binding_problem(self.store.conn, row)
 
     def mark_attempt(self, row_id: int) -> None:
         self.store.conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
@@ -159,17 +297,19 @@ class Outbox:
                 "UPDATE outbox SET sent_utc = ? WHERE id = ?", (now.isoformat(), row.id)
             )
 
-    def has_event(self, event_id: str) -> bool:
-        return (
-            self.store.conn.execute(
-                "SELECT 1 FROM outbox WHERE event_id = ?", (event_id,)
-            ).fetchone()
-            is not None
-        )
+    def mark_sent_or_hold(self, row: OutboxRow, now: datetime) -> None:
+        """Mark sent; on a full disk remember it in memory (never sent twice) and mark later."""
+        self._sent_unmarked.add(row.id)
+
+        def write() -> None:
+            self.mark_sent(row, now)
+            self._sent_unmarked.discard(row.id)
+
+        self.store.held.run(f"sent:{row.id}", write)
 
     def depth(self) -> int:
         row = self.store.conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE sent_utc IS NULL"
+            "SELECT COUNT(*) FROM outbox WHERE sent_utc IS NULL AND quarantined IS NULL"
         ).fetchone()
         return int(row[0])
 
@@ -192,3 +332,79 @@ class Outbox:
                 (TopicKind.DOSE_DETAIL, len(DETAIL_KEY_SUFFIX), TopicKind.DOSE),
             ).rowcount
         return int(events + details)
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8")  # strict: an invalid byte is damage
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"{type(value).__name__} where text was stored")
+
+
+def _decode(r: tuple[object, ...]) -> tuple[OutboxRow | None, str | None]:
+    """An :class:`OutboxRow` from raw column values, or why it cannot be one."""
+    try:
+        row_id, kind, device_id, topic, qos, retain, payload, event_id, attempts = r
+        kind_text = _text(kind)
+        topic_text = _text(topic)
+        if kind_text not in _KINDS or not topic_text:
+            return None, f"unknown kind {kind_text!r} or no topic"
+        if not isinstance(payload, bytes | str):
+            return None, "payload of the wrong type"
+        body = payload if isinstance(payload, bytes) else payload.encode("utf-8")
+        if not isinstance(json.loads(body), dict):
+            return None, "payload is not a JSON object"
+        if not isinstance(qos, int) or not isinstance(retain, int) or not isinstance(attempts, int):
+            return None, "qos, retain or attempts of the wrong type"
+        return (
+            OutboxRow(
+                int(str(row_id)),
+                kind_text,  # type: ignore[arg-type]
+                _text(device_id),
+                topic_text,
+                qos,
+                bool(retain),
+                body,
+                _text(event_id),
+                attempts,
+            ),
+            None,
+        )
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        return None, f"undecodable row: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def verify_outbox(conn: sqlite3.Connection) -> list[str]:
+    """Read-only: every outbox row readable, every dose payload as its audit record bound it.
+
+    One line per problem, naming the row (``devicegw audit verify``).
+    """
+    problems: list[str] = []
+    try:
+        has = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
+        ).fetchone()
+    except sqlite3.DatabaseError as exc:
+        return [f"outbox: cannot be read: {exc}"]
+    if has is None:
+        return []
+    saved = conn.text_factory
+    conn.text_factory = bytes
+    try:
+        raw = conn.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return [f"outbox: cannot be read whole (damaged page): {exc}"]
+    finally:
+        conn.text_factory = saved
+    for r in raw:
+        row, why = _decode(r)
+        if row is None:
+            problems.append(f"outbox row {r[0]}: {why}")
+            continue
+        bad = binding_problem(conn, row)
+        if bad is not None:
+            problems.append(bad)
+    return problems

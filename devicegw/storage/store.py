@@ -9,16 +9,125 @@ one backup) holds everything that makes a dose record.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
 from devicegw.errors import GatewayError
 
+log = logging.getLogger(__name__)
+
 
 class StoreError(GatewayError):
     """The durable store cannot be opened or written."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Is this SQLite (or OS) error a full disk or quota (SQLITE_FULL, ENOSPC, EDQUOT)?"""
+    while exc is not None:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+                return True
+            if "disk is full" in str(exc) or "disk I/O error" in str(exc):
+                return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
+
+
+#: Free space the data directory must have at start: the WAL's working space (SQLite
+#: checkpoints at 1,000 pages, ~4 MB, and a checkpoint needs room in the main file
+#: too) plus headroom for a day of events. README "Disk".
+MIN_FREE_BYTES = 16 * 1024 * 1024
+#: Decided writes the disk refused, kept in memory at most (README "Disk").
+HELD_LIMIT = 10_000
+
+
+class HeldWrites:
+    """Decided writes a full disk refused: kept in memory, in order, and retried.
+
+    Issue 14 item 2: a full disk must not kill the gateway or lose a decided
+    event. :meth:`run` tries a write (a callable doing one transaction); if the
+    disk is full it is kept under its key (a later write under the same key
+    replaces it: latest-wins statuses) and :meth:`retry` commits what it can,
+    in order, once space returns. Bounded: beyond :data:`HELD_LIMIT` the oldest
+    is dropped and counted (CRITICAL), which needs ~10,000 decided writes while
+    the disk stays full.
+    """
+
+    def __init__(self, limit: int = HELD_LIMIT) -> None:
+        self._writes: dict[str, Callable[[], object]] = {}
+        self.limit = limit
+        self.dropped = 0
+        self.last_error: str | None = None
+        self.full_since: datetime | None = None
+
+    def __len__(self) -> int:
+        return len(self._writes)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._writes
+
+    def dose_events(self) -> int:
+        """Held dose records (keyed by their ``event_id``; other writes by ``what:...``)."""
+        return sum(1 for key in self._writes if ":" not in key)
+
+    def run(self, key: str, write: Callable[[], object]) -> bool:
+        """Write now (True) or, if the disk is full, hold it (False); other errors raise."""
+        if self._writes:  # keep the order: nothing overtakes what is held
+            self._hold(key, write, None)
+            self.retry()
+            return key not in self._writes
+        try:
+            write()
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            self._hold(key, write, exc)
+            return False
+        return True
+
+    def _hold(self, key: str, write: Callable[[], object], exc: BaseException | None) -> None:
+        if exc is not None:
+            self.last_error = str(exc)
+            if self.full_since is None:
+                self.full_since = datetime.now(UTC)
+                log.error(
+                    "the disk is full: decided writes are held in memory and retried (%s)", exc
+                )
+        self._writes.pop(key, None)
+        self._writes[key] = write
+        while len(self._writes) > self.limit:
+            oldest = next(iter(self._writes))
+            del self._writes[oldest]
+            self.dropped += 1
+            log.critical("held writes over %d: the oldest (%s) is dropped", self.limit, oldest)
+
+    def retry(self) -> int:
+        """Commit what is held, in order, until the disk refuses again; how many remain."""
+        for key in list(self._writes):
+            write = self._writes[key]
+            try:
+                write()
+            except Exception as exc:
+                if is_disk_full(exc):
+                    self.last_error = str(exc)
+                    return len(self._writes)
+                log.exception("a held write failed for another reason; kept: %s", key)
+                return len(self._writes)
+            del self._writes[key]
+        if self.full_since is not None:
+            log.warning("disk space is back: every held write is committed")
+        self.full_since = None
+        self.last_error = None
+        return 0
 
 
 class Store:
@@ -26,6 +135,7 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.held = HeldWrites()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: every statement outside an explicit BEGIN is its own transaction.
@@ -50,10 +160,14 @@ class Store:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # Also after a failed COMMIT (a full disk): SQLite may or may not have rolled
+            # back by itself; either way nothing of this transaction is kept.
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         self._meta_table()
@@ -70,6 +184,32 @@ class Store:
 
     def _meta_table(self) -> None:
         self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+
+    def quick_check(self, *, full: bool = False) -> list[str]:
+        """SQLite's ``quick_check`` (or the full ``integrity_check``): the problems, [] if none.
+
+        A damaged file that SQLite cannot even read is one problem, not an exception.
+        """
+        pragma = "integrity_check" if full else "quick_check"
+        try:
+            rows = self.conn.execute(f"PRAGMA {pragma}(100)").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return [f"{pragma} could not read the file: {exc}"]
+        problems = [str(r[0]) for r in rows]
+        return [] if problems == ["ok"] else problems
+
+    def repair_indexes(self) -> list[str]:
+        """Rebuild every index from its table (a damaged index holds no data); problems left."""
+        try:
+            self.conn.execute("REINDEX")
+        except sqlite3.DatabaseError as exc:
+            return [f"REINDEX failed: {exc}"]
+        return self.quick_check(full=True)
+
+    def free_bytes(self) -> int:
+        """Free space for this process in the store's directory."""
+        st = os.statvfs(self.path.parent)
+        return st.f_bavail * st.f_frsize
 
     def size_bytes(self) -> int:
         """Disk used by the store, WAL included."""

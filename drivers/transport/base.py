@@ -1,16 +1,45 @@
-"""The one small interface every byte transport implements (serial, in-memory, ...)."""
+"""The one link contract every transport implements: serial, BLE and the in-memory twin.
+
+A link moves *chunks* of bytes between the gateway and one device. What a
+chunk is depends on the transport, and the link says so in :attr:`Link.unit`:
+
+- ``"stream"``: a chunk is any slice of a continuous byte stream (a serial
+  port's read); message boundaries are the codec's business (a deframer).
+- ``"message"``: a chunk is one whole message exactly as the device sent it
+  (a BLE characteristic value: ICD section 4 says a VM-1 value is one payload,
+  with no flags, escapes or CRC), so it goes to the payload codec as it is.
+
+Everything else is the same for every backend, and ``tests/test_link_contract.py``
+runs one suite against each:
+
+- ``open`` connects (raises :class:`~drivers.errors.TransportError` if it cannot);
+- ``read`` returns one non-empty chunk, or raises ``TransportError`` once the
+  link is gone (unplugged, disconnected, closed), and keeps raising until the
+  link is closed and opened again; it never returns ``b""``;
+- ``write`` sends one chunk (a message link: one whole message);
+- ``close`` is idempotent and never raises for a link that is already gone.
+
+Reconnecting is the caller's loop (``devicegw.runtime.reconnect``): close the
+lost link, wait a capped, jittered backoff, open a new one.
+"""
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from drivers.link_unit import LinkUnit
+from drivers.oximeter.downsample import ReceivedSample
 
-class ByteLink(Protocol):
-    """A bidirectional byte stream that can break and be reopened.
+__all__ = ["ByteLink", "Link", "LinkUnit", "SampleSource"]
 
-    ``read`` returns at least one byte, or raises ``TransportError`` when the
-    link is gone (unplugged, closed by the peer); it never returns ``b""``.
-    """
+
+class Link(Protocol):
+    """A bidirectional link that can break and be reopened; see the module docstring."""
+
+    @property
+    def unit(self) -> LinkUnit:
+        """``"stream"`` (chunks are slices of a byte stream) or ``"message"`` (one message each)."""
+        ...
 
     @property
     def description(self) -> str: ...
@@ -20,5 +49,29 @@ class ByteLink(Protocol):
     async def read(self) -> bytes: ...
 
     async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+#: The name the runtime has always used; the same contract.
+ByteLink = Link
+
+
+class SampleSource(Protocol):
+    """An oximeter as the gateway reads it: timestamped samples, whatever the transport.
+
+    A serial oximeter is an adapter over a stream :class:`Link`
+    (:class:`drivers.transport.adapters.NoninSerialSource`); a BLE oximeter link
+    is a sample source itself, because which GATT characteristic carried a value
+    is part of its meaning (PLX continuous vs spot-check). ``read_samples``
+    returns at least one sample, or raises ``TransportError`` once the link is gone.
+    """
+
+    @property
+    def description(self) -> str: ...
+
+    async def open(self) -> None: ...
+
+    async def read_samples(self) -> list[ReceivedSample]: ...
 
     async def close(self) -> None: ...

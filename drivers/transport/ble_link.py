@@ -1,38 +1,35 @@
 """VM-1 over Bluetooth LE (ICD section 4), with bleak on BlueZ.
 
 A BLE characteristic value is one whole VM-1 payload (header + body, no flags,
-escapes or CRC), so this link moves *payloads*, not a byte stream:
+escapes or CRC), so :class:`Vm1BleLink` is a :class:`~drivers.transport.base.Link`
+whose unit is ``"message"``: ``read`` returns one payload exactly as the device
+sent it and ``write`` sends one payload. The gateway hands each payload to the
+payload codec once (:class:`drivers.vm1.stream.Vm1PayloadDecoder`); nothing is
+framed on the way, so no CRC is made up and recordings store what the device sent.
 
-- :class:`PayloadLink` is the interface the gateway core programs against
-  (``open``, ``read_payload``, ``send_payload``, ``close``, ``description``).
-  Importing this module does not import bleak: bleak is imported when a link
-  is opened, so the core never depends on it.
-- :class:`Vm1BleLink` implements it: discovery by address, by advertised name
-  (``VM-1 <serial_no>``) or by the VM-1 service UUID, restricted to an
-  allow-list; connection with bleak-retry-connector's ``establish_connection``
-  (retries on BlueZ's transient errors, GATT service cache validated before
-  use); subscriptions to Status and Output (notify) and Events and Control
-  point (indicate); Ident read once connected. Every value, notification or
-  read, is delivered by :meth:`Vm1BleLink.read_payload` in arrival order, so
-  the core sees the same payload sequence the serial link's deframer yields.
-  Host commands are written to the Control point with response.
-- :class:`FramedPayloadLink` wraps any PayloadLink as a
-  :class:`~drivers.transport.base.ByteLink` (payload <-> serial frame), so the
-  existing serial message path (``NebulizerRunner`` -> ``Vm1Pipeline``) runs
-  over BLE unchanged.
+Discovery (by address, by advertised name ``VM-1 <serial_no>`` or by the VM-1
+service UUID, restricted to an allow-list) and the connection
+(bleak-retry-connector's ``establish_connection``) are the shared
+:class:`~drivers.transport.ble_central.BleCentral`. Once connected the link
+subscribes to Status and Output (notify) and Events and Control point
+(indicate) and reads Ident. Every value, notification or read, is delivered by
+:meth:`Vm1BleLink.read` in arrival order, so the core sees the same payload
+sequence the serial link's deframer yields. Host commands are written to the
+Control point with response.
 
 Reconnecting is the caller's loop, as for serial: a lost link raises
-:class:`~devicegw.errors.TransportError` from ``read_payload``; the caller
-closes it, waits ``Backoff.next_delay()`` (capped, jittered:
-:mod:`drivers.backoff`) and opens a new one (``NebulizerRunner.run`` does
-exactly this). Inside one ``open`` bleak-retry-connector retries the connect
-itself a few times with its own short backoffs.
+:class:`~drivers.errors.TransportError` from ``read``; the caller closes it,
+waits ``Backoff.next_delay()`` (capped, jittered: :mod:`drivers.backoff`) and
+opens a new one (``NebulizerRunner.run`` does exactly this). Inside one ``open``
+bleak-retry-connector retries the connect itself a few times with its own
+short backoffs.
 
 Choices where the ICD is silent:
 
 - IDENT has no notify property, so GET_INFO's IDENT cannot arrive by itself.
-  When the Control point indicates an OK ACK for GET_INFO the link reads Ident
-  and delivers the value after that ACK, which is the order serial gives.
+  When the Control point indicates an OK ACK for GET_INFO (decoded by the VM-1
+  codec) the link reads Ident and delivers the value after that ACK, which is
+  the order serial gives.
 - A device that connects but does not offer the VM-1 service (wrong device,
   or one whose GATT database is not up yet) is a failed open, not a link.
 """
@@ -42,20 +39,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
-from drivers.errors import TransportError
-from drivers.vm1.framing import Deframer, encode_frame
+from drivers.errors import ProtocolError, TransportError
+from drivers.transport.base import LinkUnit
+from drivers.transport.ble_central import BleCentral, Inbox
+from drivers.vm1.codec import decode_payload
+from drivers.vm1.messages import Ack, AckResult, MsgType
 
 if TYPE_CHECKING:
     from bleak import BleakClient
     from bleak.backends.device import BLEDevice
-    from bleak.backends.scanner import AdvertisementData
 
 __all__ = [
     "VM1_SERVICE_UUID",
-    "FramedPayloadLink",
-    "PayloadLink",
     "Vm1BleLink",
     "vm1_local_name",
 ]
@@ -82,9 +79,6 @@ BATTERY_LEVEL_UUID: Final = "00002a19-0000-1000-8000-00805f9b34fb"
 #: answer can overtake the subscription).
 SUBSCRIBED: Final = (VM1_STATUS_UUID, VM1_OUTPUT_UUID, VM1_EVENTS_UUID, VM1_CONTROL_POINT_UUID)
 
-_ACK = 0x07
-_GET_INFO = 0x81
-_ACK_OK = 0
 _QUEUE_MAX = 4096  # ~6 minutes of 10 Hz OUTPUT; a core that stalls longer loses the link
 
 
@@ -93,34 +87,8 @@ def vm1_local_name(serial_no: str) -> str:
     return f"VM-1 {serial_no}"
 
 
-class PayloadLink(Protocol):
-    """A message link that can break and be reopened; one payload per call.
-
-    ``read_payload`` returns one whole payload, or raises ``TransportError``
-    when the link is gone; it never returns ``b""``.
-    """
-
-    @property
-    def description(self) -> str: ...
-
-    async def open(self) -> None: ...
-
-    async def read_payload(self) -> bytes: ...
-
-    async def send_payload(self, payload: bytes) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class _Lost:
-    """Queue marker: the connection went away."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
 class Vm1BleLink:
-    """One VM-1 over BLE; see the module docstring.
+    """One VM-1 over BLE, a message :class:`~drivers.transport.base.Link`; module docstring.
 
     ``allow`` lists the devices this gateway may use, by Bluetooth address or
     advertised name; anything else is never connected to. Pick the device with
@@ -128,6 +96,8 @@ class Vm1BleLink:
     device advertising the VM-1 service is used). ``adapter`` is BlueZ's adapter
     name (``hci0``); ``None`` means BlueZ's default adapter.
     """
+
+    unit: LinkUnit = "message"
 
     def __init__(
         self,
@@ -141,81 +111,69 @@ class Vm1BleLink:
         connect_attempts: int = 3,
         io_timeout_s: float = 5.0,
     ) -> None:
-        if not allow:
-            raise ValueError("a BLE link needs a non-empty allow-list of addresses or names")
-        self._allow_addresses = {a.upper() for a in allow}
-        self._allow_names = set(allow)
-        if address is not None and address.upper() not in self._allow_addresses:
-            raise ValueError(f"BLE address {address} is not on the allow-list")
-        if name is not None and name not in self._allow_names:
-            raise ValueError(f"BLE name {name!r} is not on the allow-list")
-        self.address = address
-        self.name = name
-        self.adapter = adapter
+        self.central = BleCentral(
+            service_uuid=VM1_SERVICE_UUID,
+            label="VM-1",
+            allow=allow,
+            address=address,
+            name=name,
+            adapter=adapter,
+            device_id=device_id,
+            scan_timeout_s=scan_timeout_s,
+            connect_attempts=connect_attempts,
+            io_timeout_s=io_timeout_s,
+        )
         self.device_id = device_id
-        self.scan_timeout_s = scan_timeout_s
-        self.connect_attempts = connect_attempts
-        self.io_timeout_s = io_timeout_s
         self._client: BleakClient | None = None
-        self._queue: asyncio.Queue[bytes | _Lost] = asyncio.Queue(_QUEUE_MAX)
+        self._inbox: Inbox[bytes] = Inbox(lambda: self.description, device_id, _QUEUE_MAX)
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._connected_address: str | None = None
 
-    # ------------------------------------------------------------------ PayloadLink
+    # ------------------------------------------------------------------ Link
 
     @property
     def description(self) -> str:
-        target = self._connected_address or self.address or self.name or "VM-1 service"
-        return f"ble:{self.adapter or 'default'}/{target}"
+        return self.central.description
 
     @property
     def connected_address(self) -> str | None:
         """The address of the connected device, once open."""
-        return self._connected_address
+        return self.central.connected_address
+
+    async def find(self) -> BLEDevice:
+        """Scan until an allow-listed device matching the target advertises."""
+        return await self.central.find()
 
     async def open(self) -> None:
         if self._client is not None:
             raise TransportError(f"{self.description} is already open", device_id=self.device_id)
         self._closing = False
-        self._queue = asyncio.Queue(_QUEUE_MAX)
-        device = await self.find()
-        client = await self._connect(device)
+        self._inbox.reset()
+        client = await self.central.connect(self._on_disconnected)
         self._client = client
-        self._connected_address = device.address
         try:
-            self._require_vm1_service(client, device)
             for uuid in SUBSCRIBED:
-                await self._io(client.start_notify(uuid, self._on_value), f"subscribe {uuid}")
-            ident = await self._io(client.read_gatt_char(VM1_IDENT_UUID), "read Ident")
-            self._put(bytes(ident))
+                await self.central.io(
+                    client.start_notify(uuid, self._on_value), f"subscribe {uuid}"
+                )
+            ident = await self.central.io(client.read_gatt_char(VM1_IDENT_UUID), "read Ident")
+            self._inbox.put(bytes(ident))
         except BaseException:
             await self.close()
             raise
         log.info("BLE link open: %s", self.description)
 
-    def _require_vm1_service(self, client: BleakClient, device: BLEDevice) -> None:
-        if client.services.get_service(VM1_SERVICE_UUID) is None:
-            raise TransportError(
-                f"BLE device {device.address} ({device.name}) does not offer the VM-1 service",
-                device_id=self.device_id,
-            )
+    async def read(self) -> bytes:
+        """The next VM-1 payload as the device sent it; TransportError once the link is lost."""
+        return await self._inbox.get()
 
-    async def read_payload(self) -> bytes:
-        item = await self._queue.get()
-        if isinstance(item, _Lost):
-            self._queue.put_nowait(item)  # every later read fails the same way
-            raise TransportError(
-                f"BLE link {self.description} lost: {item.reason}", device_id=self.device_id
-            )
-        return item
-
-    async def send_payload(self, payload: bytes) -> None:
+    async def write(self, data: bytes) -> None:
+        """Write one host-command payload to the Control point (with response)."""
         client = self._client
         if client is None or not client.is_connected:
             raise TransportError(f"{self.description} is not connected", device_id=self.device_id)
-        await self._io(
-            client.write_gatt_char(VM1_CONTROL_POINT_UUID, payload, response=True),
+        await self.central.io(
+            client.write_gatt_char(VM1_CONTROL_POINT_UUID, data, response=True),
             "write Control point",
         )
 
@@ -228,119 +186,20 @@ class Vm1BleLink:
         if tasks:
             await asyncio.wait(tasks)
         if client is not None:
-            from bleak.exc import BleakError
-
-            try:
-                async with asyncio.timeout(self.io_timeout_s):
-                    await client.disconnect()
-            except (BleakError, OSError, EOFError, TimeoutError) as exc:
-                log.warning("BLE link %s: disconnect failed: %r", self.description, exc)
-        while not self._queue.empty():  # unread values of a closed link are stale
-            self._queue.get_nowait()
-        self._queue.put_nowait(_Lost("closed"))
-
-    # ------------------------------------------------------------------ discovery
-
-    async def find(self) -> BLEDevice:
-        """Scan until an allow-listed device matching the target advertises."""
-        from bleak import BleakScanner
-        from bleak.exc import BleakError
-
-        try:
-            device = await BleakScanner.find_device_by_filter(
-                self._matches, timeout=self.scan_timeout_s, **self._bluez_args()
-            )
-        except (BleakError, OSError, EOFError) as exc:
-            raise self._bluetooth_unavailable(exc) from exc
-        if device is None:
-            raise TransportError(
-                f"{self._target_text()} not found: no allow-listed device advertised within "
-                f"{self.scan_timeout_s:g} s on adapter {self.adapter or 'default'}",
-                device_id=self.device_id,
-            )
-        return device
-
-    def _matches(self, device: BLEDevice, adv: AdvertisementData) -> bool:
-        name = adv.local_name or device.name
-        if device.address.upper() not in self._allow_addresses and name not in self._allow_names:
-            return False
-        if self.address is not None:
-            return device.address.upper() == self.address.upper()
-        if self.name is not None:
-            return name == self.name
-        return VM1_SERVICE_UUID in adv.service_uuids
-
-    def _target_text(self) -> str:
-        if self.address is not None:
-            return f"VM-1 at {self.address}"
-        if self.name is not None:
-            return f"VM-1 {self.name!r}"
-        return "VM-1 (by service)"
-
-    def _bluez_args(self) -> dict[str, Any]:
-        return {"bluez": {"adapter": self.adapter}} if self.adapter else {}
-
-    def _bluetooth_unavailable(self, exc: BaseException) -> TransportError:
-        text = str(exc) or type(exc).__name__
-        if "not found" in text and "adapter" in text:
-            why = f"Bluetooth adapter {self.adapter} not found"
-        elif isinstance(exc, OSError | EOFError) or "ServiceUnknown" in text:
-            why = "BlueZ is not reachable on the system D-Bus (bluetoothd not running?)"
-        else:
-            why = "Bluetooth is not available"
-        return TransportError(f"{why}: {text}", device_id=self.device_id)
-
-    # ------------------------------------------------------------------ connection
-
-    async def _connect(self, device: BLEDevice) -> BleakClient:
-        from bleak.exc import BleakError
-        from bleak_retry_connector import BleakClientWithServiceCache, establish_connection
-
-        try:
-            client = await establish_connection(
-                BleakClientWithServiceCache,
-                device,
-                self.device_id or device.address,
-                disconnected_callback=self._on_disconnected,
-                max_attempts=self.connect_attempts,
-                **self._bluez_args(),
-            )
-        except (BleakError, OSError, EOFError, TimeoutError) as exc:
-            raise TransportError(
-                f"cannot connect to BLE device {device.address} ({device.name}): {exc}",
-                device_id=self.device_id,
-            ) from exc
-        return client
-
-    async def _io(self, awaitable: Any, what: str) -> Any:
-        from bleak.exc import BleakError
-
-        try:
-            async with asyncio.timeout(self.io_timeout_s):
-                return await awaitable
-        except (BleakError, OSError, EOFError, TimeoutError) as exc:
-            raise TransportError(
-                f"BLE link {self.description}: {what} failed: {exc!r}", device_id=self.device_id
-            ) from exc
+            await self.central.disconnect(client)
+        self._inbox.lose("closed", discard=True)  # unread values of a closed link are stale
 
     # ------------------------------------------------------------------ callbacks
 
     def _on_disconnected(self, client: BleakClient) -> None:
         if not self._closing:
             log.debug("BLE link %s: disconnected by the device or the radio", self.description)
-            self._put(_Lost("disconnected"))
+            self._inbox.lose("disconnected")
 
     def _on_value(self, char: Any, data: bytearray) -> None:
         value = bytes(data)
-        self._put(value)
-        uuid = str(getattr(char, "uuid", ""))
-        if (
-            uuid == VM1_CONTROL_POINT_UUID
-            and len(value) == 9
-            and value[0] == _ACK
-            and value[7] == _GET_INFO
-            and value[8] == _ACK_OK
-        ):
+        self._inbox.put(value)
+        if str(getattr(char, "uuid", "")) == VM1_CONTROL_POINT_UUID and _acks_get_info(value):
             task = asyncio.get_running_loop().create_task(
                 self._read_ident_after_ack(), name=f"{self.description} ident"
             )
@@ -352,49 +211,17 @@ class Vm1BleLink:
         if client is None:
             return
         try:
-            value = await self._io(client.read_gatt_char(VM1_IDENT_UUID), "read Ident")
+            value = await self.central.io(client.read_gatt_char(VM1_IDENT_UUID), "read Ident")
         except TransportError as exc:
-            log.debug("%s", exc)  # the lost link reaches read_payload by itself
+            log.debug("%s", exc)  # the lost link reaches read by itself
             return
-        self._put(bytes(value))
-
-    def _put(self, item: bytes | _Lost) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            # The core stopped reading: what is queued is stale, and the gap must be visible.
-            log.warning("BLE link %s: reader stalled, dropping the link", self.description)
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            self._queue.put_nowait(_Lost("reader stalled, queue overflow"))
+        self._inbox.put(bytes(value))
 
 
-class FramedPayloadLink:
-    """A :class:`PayloadLink` seen as a :class:`~drivers.transport.base.ByteLink`.
-
-    ``read`` returns each payload as one serial frame; ``write`` takes serial
-    frames and sends each payload in them. This lets the serial message path
-    (deframer, pipeline, ``NebulizerRunner``) run over BLE without a change.
-    """
-
-    def __init__(self, link: PayloadLink) -> None:
-        self.link = link
-        self._deframer = Deframer()
-
-    @property
-    def description(self) -> str:
-        return self.link.description
-
-    async def open(self) -> None:
-        self._deframer = Deframer()
-        await self.link.open()
-
-    async def read(self) -> bytes:
-        return encode_frame(await self.link.read_payload())
-
-    async def write(self, data: bytes) -> None:
-        for payload in self._deframer.feed(data):
-            await self.link.send_payload(payload)
-
-    async def close(self) -> None:
-        await self.link.close()
+def _acks_get_info(payload: bytes) -> bool:
+    """Is this Control point value the device's OK ACK of GET_INFO? (Decoded by the codec.)"""
+    try:
+        msg = decode_payload(payload)
+    except ProtocolError:
+        return False  # the core counts it as a bad payload when it reads it
+    return isinstance(msg, Ack) and msg.cmd == MsgType.GET_INFO and msg.result == AckResult.OK

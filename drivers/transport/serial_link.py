@@ -15,12 +15,17 @@ import serial
 import serial_asyncio_fast
 
 from drivers.errors import PortAbsentError, TransportError
+from drivers.transport.base import LinkUnit
 from drivers.transport.port_watch import port_present
 
 _READ_CHUNK = 4096
 
 
 class SerialLink:
+    """A serial port as a :class:`~drivers.transport.base.Link` (a byte stream)."""
+
+    unit: LinkUnit = "stream"
+
     def __init__(self, path: str, *, baudrate: int = 115200, device_id: str | None = None) -> None:
         self.path = path
         self.baudrate = baudrate

@@ -1,21 +1,38 @@
-"""VM-1 serial stream <-> messages: the deframer and the payload codec joined, still no I/O.
+"""VM-1 link chunks -> messages, with link statistics, still no I/O.
 
-This is what a serial driver (and the simulator, for host commands) feeds its
-reads into. Nothing here raises on input: every problem becomes a counter in
-:class:`StreamStats`, so a noisy link degrades into visible numbers instead
-of a dead reader task.
+Two decoders with one interface (``feed(chunk) -> list[Message]``, ``stats``,
+``reset``), one per :data:`~drivers.transport.base.LinkUnit`:
+
+- :class:`Vm1StreamDecoder` for a byte stream (serial): the deframer, then
+  the payload codec;
+- :class:`Vm1PayloadDecoder` for a message link (BLE: one characteristic
+  value is one payload, ICD section 4): straight to the payload codec, once.
+
+:func:`vm1_decoder` picks one by the link's unit, :func:`encode_for_link` the
+matching encoding of a host command. Nothing here raises on input: every
+problem becomes a counter in :class:`StreamStats`, so a noisy link degrades
+into visible numbers instead of a dead reader task.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import assert_never
 
 from drivers.errors import ProtocolError
+from drivers.link_unit import LinkUnit
 from drivers.vm1.codec import decode_payload, encode_payload
 from drivers.vm1.framing import Deframer, DeframerStats, encode_frame
 from drivers.vm1.messages import Message
 
-__all__ = ["StreamStats", "Vm1StreamDecoder", "encode_message_frame"]
+__all__ = [
+    "StreamStats",
+    "Vm1PayloadDecoder",
+    "Vm1StreamDecoder",
+    "encode_for_link",
+    "encode_message_frame",
+    "vm1_decoder",
+]
 
 _HOST_TYPE_BIT = 0x80  # host -> device types are 0x81..0x87
 
@@ -66,14 +83,17 @@ class Vm1StreamDecoder:
         out: list[Message] = []
         stats = self.stats
         for payload in self._deframer.feed(data):
-            self._track_seq(payload)
-            try:
-                out.append(decode_payload(payload))
-            except ProtocolError as exc:
-                stats.bad_payloads += 1
-                self.last_error = exc
+            self._decode(payload, out)
         stats.messages += len(out)
         return out
+
+    def _decode(self, payload: bytes, out: list[Message]) -> None:
+        self._track_seq(payload)
+        try:
+            out.append(decode_payload(payload))
+        except ProtocolError as exc:
+            self.stats.bad_payloads += 1
+            self.last_error = exc
 
     def reset(self) -> None:
         """Forget partial frames and sequence history, e.g. after the port reopens."""
@@ -100,3 +120,40 @@ class Vm1StreamDecoder:
         if gap:
             self.stats.seq_gaps += 1
             self.stats.frames_lost += gap
+
+
+class Vm1PayloadDecoder(Vm1StreamDecoder):
+    """Whole payloads (one per chunk, as a BLE value carries) -> messages; same stats.
+
+    There is no frame layer: ``frames_ok``/``frames_bad`` count payloads as they
+    arrived, and a payload the codec rejects is a bad payload (the link layer
+    already checked its integrity, so there is no CRC to fail).
+    """
+
+    __slots__ = ()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """The message in the payload ``data`` (empty if it does not decode); never raises."""
+        out: list[Message] = []
+        self.stats.frames_ok += 1
+        self._decode(bytes(data), out)
+        self.stats.messages += len(out)
+        return out
+
+
+def vm1_decoder(unit: LinkUnit) -> Vm1StreamDecoder:
+    """The decoder for chunks of a link of this unit."""
+    if unit == "stream":
+        return Vm1StreamDecoder()
+    if unit == "message":
+        return Vm1PayloadDecoder()
+    assert_never(unit)
+
+
+def encode_for_link(msg: Message, unit: LinkUnit) -> bytes:
+    """``msg`` as one chunk for a link of this unit: a serial frame or a bare payload."""
+    if unit == "stream":
+        return encode_message_frame(msg)
+    if unit == "message":
+        return encode_payload(msg)
+    assert_never(unit)

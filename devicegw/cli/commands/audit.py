@@ -49,9 +49,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     with audit.open_store(path) as store:
         if args.audit_command == "verify":
-            result = audit.verify(store, witness=witness)
-            print(printable(result.summary()))
-            return 0 if result.ok else 1
+            # The chain, SQLite's full integrity_check and the outbox against the chain.
+            report = audit.verify_store(store, witness=witness)
+            for line in report.lines():
+                print(printable(line))
+            return 0 if report.ok else 1
         records = audit.iter_records(store, device_id=args.device, since=since)
         with contextlib.closing(records):
             if args.json:

@@ -28,6 +28,11 @@ def register(sub: SubParsers) -> None:
         help="run the clock N times faster (simulated devices only)",
     )
     run.add_argument("--record", metavar="DIR", default=None, help="record raw link events in DIR")
+    run.add_argument(
+        "--new-store",
+        action="store_true",
+        help="confirm starting with a new, empty store where one existed (audited)",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -42,15 +47,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     scale = args.time_scale if args.time_scale is not None else config.gateway.time_scale
     try:
         # Under systemd (Type=notify): READY=1, WATCHDOG=1, STATUS= (deploy/systemd).
-        gateway = Gateway(config, clock=make_clock(scale), notifier=Notifier.from_environment())
+        gateway = Gateway(
+            config,
+            clock=make_clock(scale),
+            notifier=Notifier.from_environment(),
+            new_store=args.new_store,
+        )
     except ConfigError as exc:
         error(exc)
         return EXIT_CONFIG
     except (GatewayError, OSError) as exc:
         error(f"cannot start: {exc}")
         return EXIT_FATAL
+
+    async def serve() -> None:
+        async with gateway:  # closes the store and the recorder on the way out
+            await gateway.run()
+
     try:
-        return run_until_signalled(gateway.run())
+        return run_until_signalled(serve())
     except Exception as exc:  # noqa: BLE001 - one line for anything before the tasks run
         # Every running task is supervised (devicegw/runtime/supervise.py); what arrives
         # here failed before the tasks started. One line here, the traceback in the log.

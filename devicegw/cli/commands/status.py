@@ -88,6 +88,24 @@ def _status_view(snap: dict[str, Any], stale: bool) -> list[RenderableType]:
             f"outbox depth {snap['outbox_depth']}, store {float(snap['store_bytes']) / 1e6:.1f} MB"
         )
     )
+    store = snap.get("store") or {}
+    if store.get("held_writes"):
+        out.append(
+            text(
+                f"DISK FULL since {store.get('disk_full_since')}: {store['held_writes']} decided "
+                f"write(s) held in memory ({store.get('held_dose_events', 0)} dose event(s)), "
+                f"retried until space returns: {store.get('last_error') or ''}",
+                "bold red",
+            )
+        )
+    if store.get("quarantined_rows"):
+        out.append(
+            text(
+                f"{store['quarantined_rows']} outbox row(s) quarantined (not published): "
+                "run `devicegw audit verify`",
+                "bold red",
+            )
+        )
     restarts = snap.get("task_restarts") or {}
     if restarts:
         errors = snap.get("task_errors") or {}

@@ -45,14 +45,9 @@ def register(sub: SubParsers) -> None:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from devicegw.edc.tail import (
-        ALL_TOPICS,
-        AckStore,
-        Printer,
-        TailOptions,
-        run_edc_client,
-        run_tail,
-    )
+    from devicegw.edc.ack_store import AckStore
+    from devicegw.edc.client import run_edc_client
+    from devicegw.edc.tail import ALL_TOPICS, Printer, TailOptions, run_tail
 
     password = None
     if args.password_env:

@@ -1,0 +1,52 @@
+"""Adapters between the link contract and what the gateway reads (the one place for them).
+
+:class:`NoninSerialSource`: a Nonin OEM III on a stream
+:class:`~drivers.transport.base.Link` (serial) as a
+:class:`~drivers.transport.base.SampleSource`: bytes -> one sample per
+packet (3 per second), stamped with the injected clock on arrival.
+
+A VM-1 needs no adapter: its :class:`~devicegw.core.vm1_pipeline.Vm1Pipeline`
+takes the link's chunks and decodes them by the link's unit; the BLE oximeter
+links are sample sources themselves (:mod:`drivers.transport.ble_oximeter_link`).
+"""
+
+from __future__ import annotations
+
+from drivers.clock import Clock
+from drivers.oximeter.downsample import ReceivedSample
+from drivers.oximeter.nonin import NoninDecoder, to_sample
+from drivers.transport.base import Link
+
+__all__ = ["NoninSerialSource"]
+
+
+class NoninSerialSource:
+    """Nonin OEM III bytes -> one sample per packet (3 per second)."""
+
+    def __init__(self, link: Link, clock: Clock, source: str) -> None:
+        self._link = link
+        self._clock = clock
+        self._source = source
+        self._decoder = NoninDecoder()
+        self.checksum_errors = 0
+
+    @property
+    def description(self) -> str:
+        return self._link.description
+
+    async def open(self) -> None:
+        self._decoder = NoninDecoder()
+        await self._link.open()
+
+    async def read_samples(self) -> list[ReceivedSample]:
+        while True:
+            packets = self._decoder.feed(await self._link.read())
+            self.checksum_errors = self._decoder.stats.checksum_errors
+            if packets:
+                t_s, utc = self._clock.monotonic(), self._clock.now()
+                return [
+                    ReceivedSample(to_sample(p, source=self._source), t_s, utc) for p in packets
+                ]
+
+    async def close(self) -> None:
+        await self._link.close()
