@@ -104,7 +104,6 @@ def replay(out: Path) -> None:
     )
 
 
-
 def replay_parallel(out: Path, jobs: int) -> None:
     """The same recordings, one device per task in ``jobs`` worker processes."""
     files = sorted(out.glob("*.dgwrec"))
