@@ -203,14 +203,16 @@ class Vm1Pipeline:
         self.health.last_error = None
         self.tracker.link_up(utc)
 
-    def link_down(self, utc: datetime) -> None:
+    def link_down(self, utc: datetime, *, error: str | None = None) -> None:
+        """The link closed; ``error`` (e.g. why the device was refused) stays in the status:
+        a later status must not hide it before it was sent (statuses are latest-wins)."""
         self._held.clear()
         self.health.identified = False
         if self.health.connected:
             self.health.connected = False
             self.tracker.link_down(utc)
             self._utc = utc
-            self.publish_status()
+            self.publish_status(error=error)
 
     # -- bytes in ----------------------------------------------------------------
 

@@ -188,7 +188,7 @@ class NebulizerRunner:
         if self.health.connected:
             for obs in self.observers:
                 obs.link_closed(self.device.id, reason, utc, mono)
-        self.pipeline.link_down(utc)
+        self.pipeline.link_down(utc, error=self.health.refused if reason == "refused" else None)
 
     async def _handshake(self) -> None:
         """On every (re)connect: identify the device and set its clock (ICD section 2)."""

@@ -106,20 +106,26 @@ class SerialLink:
 
     async def read(self) -> bytes:
         fd = self._fd_or_raise()
+        waited = False
         while True:
             try:
-                data = os.read(fd, _READ_CHUNK)
+                data: bytes | None = os.read(fd, _READ_CHUNK)
             except BlockingIOError:
-                await self._ready(fd, write=False)
-                fd = self._fd_or_raise()  # closed meanwhile?
-                continue
+                data = None
             except OSError as exc:  # EIO: the device or the pty's other side went away
                 raise TransportError(
                     f"serial port {self.path} failed: {exc}", device_id=self.device_id
                 ) from exc
-            if not data:
+            if data:
+                return data
+            # A tty in raw mode with VMIN=0 answers "nothing yet" with 0 bytes, not EAGAIN;
+            # 0 bytes right after the loop said "readable" is a port that went away (as
+            # pyserial itself judges it).
+            if data == b"" and waited:
                 raise TransportError(f"serial port {self.path} closed", device_id=self.device_id)
-            return data
+            await self._ready(fd, write=False)
+            fd = self._fd_or_raise()  # closed meanwhile?
+            waited = True
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
