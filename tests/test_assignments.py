@@ -151,3 +151,59 @@ def test_kit_list_never_takes_an_arm(tmp_path: Path) -> None:
     dup.write_text("kit_number,subject_id\nK-A,CVD-042-0017\nK-A,CVD-042-0018\n")
     with pytest.raises(KitListError, match="twice"):
         load_kit_list(dup)
+
+
+def test_assignments_command_lists_current_and_history(tmp_path: Path) -> None:
+    """`devicegw assignments` as a process reads the history from the gateway store."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    clock = ManualClock()
+    with Store.in_dir(data) as s:
+        svc = _service(s, clock)
+        svc.assign(
+            bed="B1",
+            subject_id="CVD-042-0017",
+            kit_number="K-A",
+            operator="nurse.lee",
+            reason="admission",
+        )
+        clock.advance(60)
+        svc.assign(
+            bed="B2",
+            subject_id="CVD-042-0021",
+            kit_number="K-B",
+            operator="nurse.lee",
+            reason="admission",
+        )
+        clock.advance(60)
+        svc.end(bed="B2", operator="nurse.kim", reason="[bold]discharged[/bold]")
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "gw1"\nsite = "s1"\ndata_dir = "{data}"\n'
+        '[broker]\nhost = "127.0.0.1"\nport = 18830\n'
+    )
+    root = Path(__file__).resolve().parent.parent
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "devicegw.cli", "assignments", "--config", str(cfg), *args],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            timeout=60,
+            check=False,
+        )
+
+    res = cli("--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert list(out["current"]) == ["B1"]
+    assert [a["bed"] for a in out["history"]] == ["B1", "B2", "B2"]
+    assert out["history"][2]["subject_id"] is None
+    res = cli("--bed", "B2")
+    assert res.returncode == 0, res.stderr
+    assert "CVD-042-0021" in res.stdout and "CVD-042-0017" not in res.stdout
+    assert "[bold]" in res.stdout  # a reason is data, shown as typed, never markup

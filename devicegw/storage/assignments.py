@@ -293,12 +293,7 @@ class AssignmentService:
 
     def history(self, bed: str | None = None) -> list[Assignment]:
         """Every assignment and end (of ``bed``, or of all beds), oldest first."""
-        sql = "SELECT * FROM assignment"
-        args: tuple[str, ...] = ()
-        if bed is not None:
-            sql += " WHERE bed = ?"
-            args = (bed,)
-        return [_row(r) for r in self._store.conn.execute(sql + " ORDER BY seq", args)]
+        return read_history(self._store, bed)
 
     def in_force_at(self, bed: str, t: datetime) -> Assignment | None:
         """The assignment of ``bed`` in force at ``t`` (a session's start); None if unassigned."""
@@ -313,10 +308,7 @@ class AssignmentService:
     # -- internals -------------------------------------------------------------------------
 
     def _current_locked(self) -> dict[str, Assignment]:
-        latest: dict[str, Assignment] = {}
-        for a in self.history():
-            latest[a.bed] = a
-        return {bed: a for bed, a in latest.items() if not a.is_end}
+        return current_of(self.history())
 
     def _kit_used(self, kit_number: str) -> bool:
         row = self._store.conn.execute(
@@ -397,6 +389,32 @@ class AssignmentService:
         return Assignment(
             seq, bed, subject_id, kit_number, now, operator, channel, reason, override_reason
         )
+
+
+def read_history(store: Store, bed: str | None = None) -> list[Assignment]:
+    """Every assignment and end in ``store`` (of ``bed``, or all), oldest first; read only.
+
+    For ``devicegw assignments``: works on a store the running daemon holds, and on
+    one that has never had an assignment (an empty list).
+    """
+    row = store.conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'assignment'"
+    ).fetchone()
+    if row is None:
+        return []
+    sql = "SELECT * FROM assignment"
+    args: tuple[str, ...] = ()
+    if bed is not None:
+        sql, args = sql + " WHERE bed = ?", (bed,)
+    return [_row(r) for r in store.conn.execute(sql + " ORDER BY seq", args)]
+
+
+def current_of(history: list[Assignment]) -> dict[str, Assignment]:
+    """The assignment in force on each assigned bed, given a history oldest first."""
+    latest: dict[str, Assignment] = {}
+    for a in history:
+        latest[a.bed] = a
+    return {bed: a for bed, a in latest.items() if not a.is_end}
 
 
 def _printable(text: str) -> str:
