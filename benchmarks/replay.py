@@ -9,7 +9,8 @@ Step 1 generates one recording per subject with the scenario runner
 simulated, OUTPUT at 10 Hz, STATUS at 1 Hz, sessions ``--gap-s`` apart and
 about 8 minutes long; every 10th session a user stop, every 7th a 2-minute
 pause). Step 2 replays all of it on one core, as fast as possible, through
-the same pipeline the daemon runs. Printed figures, no assertions:
+the same pipeline the daemon runs; step 3 again with ``play_parallel`` (one
+device per task, ``--jobs`` processes). Printed figures, no assertions:
 
 - frames/s: VM-1 frames decoded per second of wall time;
 - x real time (ward): gateway time the recordings span / wall time (the
@@ -31,7 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devicegw.cli.replay import Player, simulate_record  # noqa: E402
+from devicegw.cli.replay import simulate_record  # noqa: E402
+from devicegw.recording.player import Player, play_parallel  # noqa: E402
 from simulators.scenario import Scenario, parse_scenario  # noqa: E402
 
 
@@ -102,6 +104,22 @@ def replay(out: Path) -> None:
     )
 
 
+def replay_parallel(out: Path, jobs: int) -> None:
+    """The same recordings, one device per task in ``jobs`` worker processes."""
+    files = sorted(out.glob("*.dgwrec"))
+    s = play_parallel(files, jobs=jobs)
+    print(f"replay (play_parallel, {jobs} processes, as fast as possible): {len(files)} files")
+    print(f"  {s.frames:,} frames in {s.wall_s:.1f} s: {s.frames / s.wall_s:,.0f} frames/s")
+    print(
+        f"  x real time (ward, {s.span_s / 3600:.1f} h recorded side by side): "
+        f"{s.span_s / s.wall_s:,.0f}x   (target >= 1,000x)"
+    )
+    print(
+        f"  x real time (per device, {s.device_seconds / 3600:,.1f} device-hours): "
+        f"{s.device_seconds / s.wall_s:,.0f}x"
+    )
+
+
 def ward_month_sample(jobs: int) -> None:
     """Two beds x 2 days, then extrapolate to 40 beds x 30 days (2 sessions a day)."""
     beds, days, per_day = 2, 2, 2
@@ -139,6 +157,7 @@ def main() -> None:
         out = Path(args.keep) if args.keep else Path(tmp)
         generate(out, args.subjects, args.sessions, args.gap_s, args.jobs)
         replay(out)
+        replay_parallel(out, args.jobs)
 
 
 if __name__ == "__main__":

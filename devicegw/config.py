@@ -450,6 +450,10 @@ class Spo2Rules(_Strict):
     clear_s: float = Field(default=10.0, ge=0, le=600)
     #: A sample holds at most this long (coverage); longer silences are gaps.
     max_sample_gap_s: float = Field(default=5.0, gt=0, le=600)
+    #: A baseline needs at least this many seconds covered by valid samples.
+    baseline_min_valid_s: float = Field(default=30.0, ge=0, le=3600)
+    #: A window is "monitored" only if valid samples cover at least this share of it.
+    min_coverage_pct: float = Field(default=80.0, ge=0, le=100)
 
     def out(self) -> Spo2RulesOut:
         return Spo2RulesOut(**self.model_dump())

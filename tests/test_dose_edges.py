@@ -8,14 +8,17 @@ and its restricted detail (docs/blinding.md).
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import pytest
 
-from devicegw.config import Config, parse_config
+from devicegw.config import Config, TrialSettings, parse_config
 from devicegw.contract.payloads import DoseRecord, dose_event_id
 from devicegw.contract.vocabulary import REASON_FEED, Feed, TopicKind, Verdict
 from devicegw.core.vm1_pipeline import Vm1Pipeline
+from devicegw.edc.export import read_events, render
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.outbox import Outbox
 from devicegw.storage.store import Store
@@ -499,3 +502,48 @@ def test_the_same_session_fetched_again_is_still_recorded_once(tmp_path: Path) -
     feed(p, b)
     assert len(sink.records) == 1
     store.close()
+
+
+# -- to the export ------------------------------------------------------------------------
+
+
+def test_edge_records_export_honestly() -> None:
+    """An indeterminate dose has no ECDOSE and asks a query; a dose finished from what was
+    seen after a device restart is exported with what is known, its reasons blinded."""
+    indeterminate = ListSink()
+    b = stream()
+    b.record(
+        {
+            "session_no": 42,
+            "start_wall_s": 0,
+            "fill_ul": 3000,
+            "reason": EndReason.COMPLETE,
+            "neb_ms": 60_000,
+            "cum_ul": 2900,
+            "residual_ul": 100,
+            "end_wall_s": 0,
+        }
+    )
+    feed(pipeline(indeterminate), b)
+    overdose = ListSink()
+    b = stream()
+    b.start(session_no=43, fill=6000)
+    b.nebulize(885)
+    b.end(EndReason.COMPLETE, residual=105, neb_ms=885_000, session_no=43)
+    feed(pipeline(overdose), b)
+    events = [*indeterminate.events, *overdose.events]
+    lines = [e.model_dump_json() for e in events]
+    trial = TrialSettings(study_id="CVD-042", time_zone="Europe/Berlin")
+    files = render(read_events(lines), "sdtm-ec", trial=trial)
+    ec = list(csv.DictReader(io.StringIO(files["ec.csv"])))
+    supp = list(csv.DictReader(io.StringIO(files["suppec.csv"])))
+    by_ref = {row["ECSPID"]: row for row in ec}
+    unknown = by_ref[str(indeterminate.events[0].event_id)]
+    assert unknown["ECDOSE"] == "" and unknown["ECOCCUR"] == ""
+    queried = {r["IDVARVAL"] for r in supp if r["QNAM"] == "QUERYFL" and r["QVAL"] == "Y"}
+    assert unknown["ECSEQ"] in queried
+    over = by_ref[str(overdose.events[0].event_id)]
+    assert over["ECDOSE"] == "5.9" or over["ECDOSE"].startswith("5.9")
+    text = files["ec.csv"] + files["suppec.csv"]
+    for restricted in ("delivery_implausible", "fill_above_prescribed", "reservoir"):
+        assert restricted not in text.lower()

@@ -321,7 +321,8 @@ def test_artefact_scenario_gives_no_desaturation_on_any_protocol(protocol: str) 
     assert not [e for e in events if isinstance(e, SafetyAlertRaised)]
     [summary] = [e.summary for e in events if isinstance(e, SessionSpo2Summary)]
     s = summary.session
-    assert s.desaturations == [] and summary.spo2_monitoring == "monitored"
+    # Valid samples cover under half the session: below min_coverage_pct (80 %).
+    assert s.desaturations == [] and summary.spo2_monitoring == "monitoring_inadequate"
     assert s.samples_excluded > 0.4 * s.samples_total
     assert s.nadir_spo2 is not None and s.nadir_spo2 >= 92
     assert 35 < s.coverage_pct < 60

@@ -514,7 +514,8 @@ def test_link_drop_mid_session_is_flagged_and_ends_the_hold() -> None:
     r.values(1080, 1100, 95.0)
     r.end(1100)
     s = r.summary
-    assert s.spo2_monitoring == "monitored" and "link_interrupted" in s.flags
+    # 30 s of a 100 s session without the oximeter: below min_coverage_pct (80 %).
+    assert s.spo2_monitoring == "monitoring_inadequate" and "link_interrupted" in s.flags
     assert s.session.coverage_pct == 70.5
 
 
@@ -558,6 +559,8 @@ def test_rules_are_validated() -> None:
         "sustain_s": 10.0,
         "clear_s": 10.0,
         "max_sample_gap_s": 5.0,
+        "baseline_min_valid_s": 30.0,
+        "min_coverage_pct": 80.0,
     }
 
 
@@ -611,3 +614,79 @@ def test_flagged_low_values_never_make_an_event(
     assert r.post.session_and_observation.desaturations == []
     excluded = sum(not s.valid for t, s in during if t < 1000)
     assert r.summary.session.samples_excluded == excluded
+
+
+# --------------------------------------------------------------------------- adequacy (issue 10)
+
+
+def test_a_low_baseline_alerts_on_a_drop_not_for_standing_still() -> None:
+    """Baseline 88 %: below the absolute threshold all session long, no alert; a drop is one."""
+    still = dose(88.0, lambda off: 88.0)
+    assert still.of(SafetyAlertRaised) == []
+    assert "low_baseline" in still.summary.flags
+    assert still.summary.baseline.spo2 == 88.0
+    dropped = dose(88.0, dip(88.0, 83.0, at=30, length=30))
+    [raised] = dropped.of(SafetyAlertRaised)
+    assert raised.alert.kind == "relative_drop"
+
+
+def test_a_baseline_needs_enough_valid_data() -> None:
+    """10 s of valid samples before the start is not a baseline (30 s needed): first minute."""
+    r = dose(95.0, lambda off: 96.0, pre_s=10)
+    assert r.summary.baseline.source == "first_minute"
+    assert {"baseline_pre_session_inadequate", "baseline_first_minute"} <= set(r.summary.flags)
+    none = Run()
+    none.values(990, 1000, 95.0)
+    none.start(1000)
+    none.values(1000, 1020, 95.0)  # 20 s in the first minute, then nothing valid
+    for t in range(1020, 1120):
+        none.feed(t, sample(None, None, QualityFlag.NO_FINGER))
+    none.end(1120)
+    assert none.summary.baseline.source == "unavailable"
+    assert "baseline_unavailable" in none.summary.flags
+
+
+def test_a_session_mostly_without_valid_data_is_monitoring_inadequate() -> None:
+    r = Run()
+    r.values(880, 1000, 95.0)
+    r.start(1000)
+    r.values(1000, 1030, 95.0)
+    for t in range(1030, 1120):
+        r.feed(t, sample(95.0, 80.0, QualityFlag.ARTIFACT))
+    r.end(1120)
+    assert r.summary.spo2_monitoring == "monitoring_inadequate"
+    assert r.summary.unavailable_reason is None
+    assert r.summary.session.coverage_pct < 80.0
+    adequate = dose(95.0, lambda off: 95.0)
+    assert adequate.summary.spo2_monitoring == "monitored"
+
+
+def test_alert_time_without_valid_data_is_in_the_summary() -> None:
+    """A raised alert whose SpO2 then went unobserved for a while says so at the top."""
+    r = Run(Spo2Rules(observation_window_s=0))
+    r.values(880, 1000, 95.0)
+    r.start(1000)
+    r.values(1000, 1030, 95.0)
+    r.values(1030, 1050, 85.0)  # raised after 10 s
+    for t in range(1050, 1080):  # 30 s with the sensor off, the SpO2 unknown
+        r.feed(t, sample(None, None, QualityFlag.NO_FINGER))
+    r.values(1080, 1120, 95.0)
+    r.end(1120)
+    stats = r.summary.session
+    [desat] = stats.desaturations
+    assert desat.invalid_gap_s > 0
+    assert stats.alert_time_without_valid_data_s == desat.invalid_gap_s
+
+
+def test_plx_readings_from_device_storage_are_not_live_samples() -> None:
+    """A PLX spot-check flagged 'from measurement storage' is excluded, counted by its flag."""
+    r = Run()
+    r.values(880, 1000, 95.0)
+    r.start(1000)
+    r.values(1000, 1060, 95.0)
+    r.feed(1060.5, sample(70.0, 80.0, QualityFlag.FROM_STORAGE))  # an old stored reading
+    r.values(1061, 1120, 95.0)
+    r.end(1120)
+    assert r.of(SafetyAlertRaised) == []
+    assert r.summary.session.excluded_by_flag == {"from_storage": 1}
+    assert r.summary.session.nadir_spo2 == 95.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -61,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         error(exc)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`devicegw status | head`): nothing of ours failed. Point
+        # stdout at /dev/null so the interpreter's final flush does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # what a shell reports for SIGPIPE
     return rc
 
 

@@ -1,13 +1,11 @@
 """Replay recordings through the live pipeline, and make recordings from scenarios.
 
-Player (``devicegw replay``): reads ``.dgwrec`` files (:mod:`devicegw.recording.format`),
-builds one :class:`~devicegw.core.vm1_pipeline.Vm1Pipeline` per device (the very
-class the live runner feeds) from ``--config`` or from the recording's header,
-and feeds it the recorded bytes with the recorded gateway UTC and monotonic
-readings. Dose checks therefore see exactly what they saw live, and the dose
-events come out byte-identical (``mqtt_publisher.encode``). ``--speed N`` paces
-the records on a :class:`~drivers.clock.ScaledClock`; ``--as-fast-as-possible``
-does not wait at all. Pacing changes when events come out, never what they say.
+``devicegw replay``: the command around :class:`devicegw.recording.player.Player`
+(the library that feeds recordings through fresh pipelines): argparse, printing
+what it emits (``devicegw.mqtt.publisher.encode``), an optional progress bar and
+the summary table (from the public :class:`~devicegw.recording.player.ReplaySummary`).
+``--speed N`` paces the records on a :class:`~drivers.clock.ScaledClock`;
+``--as-fast-as-possible`` does not wait at all.
 
 Scenario runner (``devicegw simulate --scenario F --record DIR``): drives the
 pure :class:`~simulators.vm1_model.Vm1Model` in virtual time (no pty, no
@@ -29,52 +27,45 @@ import argparse
 import asyncio
 import contextlib
 import heapq
+import json
 import random
 import sys
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO
 
 from devicegw.config import Config, DeviceSettings, GatewaySettings, load_config
-from devicegw.contract.payloads import (
-    DeviceDetail,
-    DeviceStatus,
-    DoseDetail,
-    DoseEvent,
-    DoseRecord,
-    Telemetry,
-    TelemetryDetail,
-)
 from devicegw.contract.topics import Topics
 from devicegw.contract.vocabulary import Verdict
-from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
 from devicegw.errors import ConfigError, GatewayError
 from devicegw.mqtt.publisher import encode
 from devicegw.recording.format import (
     CLOSE,
-    HEADER,
     OPEN,
     RX,
     TX,
-    ReadStats,
-    Record,
     RecordingError,
-    RecordingHeader,
     RecordingWriter,
-    first_header,
-    iter_records,
-    parse_header,
     show_lines,
     utc_to_us,
 )
-from drivers.clock import Clock, ScaledClock
+from devicegw.recording.player import (
+    OUTPUT_KINDS,
+    DeviceSummary,
+    Emitted,
+    OutputKind,
+    Player,
+    ReplaySummary,
+    play_parallel,
+)
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from simulators.scenario import Scenario
 
 __all__ = [
@@ -93,296 +84,11 @@ __all__ = [
     "synthesized_device",
 ]
 
-OutputKind = Literal[
-    "dose", "dose-detail", "status", "device-detail", "telemetry", "telemetry-detail"
-]
-OUTPUT_KINDS: tuple[OutputKind, ...] = (
-    "dose",
-    "dose-detail",
-    "status",
-    "device-detail",
-    "telemetry",
-    "telemetry-detail",
-)
-
 #: Virtual UTC at which ``simulate --record`` powers the devices on, unless told otherwise.
 DEFAULT_SIM_START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 _SIM_NAMESPACE = uuid.UUID("0b7e4a52-7d0f-4f57-9c1e-2a8f3b8e6d10")
 #: Gateway's delay between the port reappearing and its reopen (its first backoff step).
 SIM_REOPEN_DELAY_S = 0.5
-
-
-# ======================================================================== player
-
-
-@dataclass(frozen=True, slots=True)
-class Emitted:
-    """One output of a replayed device (what the daemon would have published)."""
-
-    device_id: str
-    kind: OutputKind
-    payload: DoseEvent | DoseDetail | DeviceStatus | DeviceDetail | Telemetry | TelemetryDetail
-
-    def encoded(self) -> bytes:
-        return encode(self.payload)
-
-
-@dataclass(slots=True)
-class DeviceSummary:
-    sessions: int = 0
-    verdicts: Counter[str] = field(default_factory=Counter)
-    runs: int = 0
-
-
-@dataclass(slots=True)
-class ReplaySummary:
-    files: int = 0
-    records: int = 0
-    rx_bytes: int = 0
-    frames: int = 0  # VM-1 frames decoded (good and bad)
-    first_utc_us: int | None = None
-    last_utc_us: int | None = None
-    #: Sum over devices (and gateway runs) of the time their recordings span.
-    device_seconds: float = 0.0
-    wall_s: float = 0.0
-    skipped_bytes: int = 0
-    problems: list[str] = field(default_factory=list)
-    devices: dict[str, DeviceSummary] = field(default_factory=dict)
-
-    @property
-    def span_s(self) -> float:
-        """Gateway time the recordings span (first record to last, all devices)."""
-        if self.first_utc_us is None or self.last_utc_us is None:
-            return 0.0
-        return (self.last_utc_us - self.first_utc_us) / 1e6
-
-    @property
-    def sessions(self) -> int:
-        return sum(d.sessions for d in self.devices.values())
-
-    def verdicts(self) -> Counter[str]:
-        total: Counter[str] = Counter()
-        for d in self.devices.values():
-            total.update(d.verdicts)
-        return total
-
-
-class _Sink:
-    """The GatewaySink of a replayed device: counts verdicts, forwards what was asked for."""
-
-    def __init__(
-        self,
-        summary: DeviceSummary,
-        kinds: frozenset[str],
-        emit: Callable[[Emitted], None] | None,
-    ) -> None:
-        self._summary = summary
-        self._kinds = kinds
-        self._emit = emit
-
-    def _out(self, item: Emitted) -> None:
-        if self._emit is not None and item.kind in self._kinds:
-            self._emit(item)
-
-    def dose_record(self, device_id: str, record: DoseRecord) -> None:
-        self._summary.sessions += 1
-        self._summary.verdicts[record.event.verdict] += 1
-        self._out(Emitted(device_id, "dose", record.event))
-        self._out(Emitted(device_id, "dose-detail", record.detail))
-
-    def device_status(self, device_id: str, status: DeviceStatus) -> None:
-        self._out(Emitted(device_id, "status", status))
-
-    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
-        self._out(Emitted(device_id, "device-detail", detail))
-
-    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
-        self._out(Emitted(device_id, "telemetry", telemetry))
-        self._out(Emitted(device_id, "telemetry-detail", detail))
-
-
-@dataclass(slots=True)
-class _Run:
-    run_id: str
-    pipeline: Vm1Pipeline
-    first_utc_us: int
-    last_utc_us: int
-
-
-class Player:
-    """Feeds recordings through fresh pipelines; see the module docstring.
-
-    ``emit`` receives every output of the kinds in ``kinds`` in the order the
-    pipelines produce them. Files of one device are played one after the
-    other (ordered by their first record); devices are interleaved by UTC.
-    A new gateway run in a device's recording (another ``run_id``) starts a
-    fresh pipeline, as the restarted daemon did.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[str | Path],
-        *,
-        config: Config | None = None,
-        emit: Callable[[Emitted], None] | None = None,
-        kinds: Sequence[OutputKind] = ("dose",),
-    ) -> None:
-        self.paths = [Path(p) for p in paths]
-        self.config = config
-        self.summary = ReplaySummary(files=len(self.paths))
-        self._emit = emit
-        self._kinds = frozenset(kinds)
-        self._runs: dict[str, _Run] = {}
-        self._finished: list[_Run] = []
-        self._groups: dict[str, list[tuple[int, Path]]] = {}
-        self.total_bytes = 0
-        for path in self.paths:
-            header, rec = first_header(path)
-            self._groups.setdefault(header.device_id, []).append((rec.utc_us, path))
-            self.total_bytes += path.stat().st_size
-        for group in self._groups.values():
-            group.sort()
-
-    # -- the record stream -----------------------------------------------------------
-
-    def _device_stream(self, device_id: str) -> Iterator[tuple[str, Record]]:
-        for _, path in self._groups[device_id]:
-            stats = ReadStats()
-            for rec in iter_records(path, stats):
-                yield device_id, rec
-            if stats.bytes_skipped:
-                self.summary.skipped_bytes += stats.bytes_skipped
-                self.summary.problems.append(f"{path}: {stats.problem}")
-
-    def records(self) -> Iterator[tuple[str, Record]]:
-        """Every record of every file, devices merged in UTC order."""
-        streams = [self._device_stream(d) for d in self._groups]
-        if len(streams) == 1:
-            return streams[0]
-        return heapq.merge(*streams, key=_utc_key)
-
-    # -- applying records ----------------------------------------------------------
-
-    def _start_run(self, device_id: str, header: RecordingHeader, utc_us: int) -> _Run:
-        if self.config is not None:
-            config = self.config
-            device = next((d for d in config.devices if d.id == device_id), None)
-            if device is None:
-                raise RecordingError(
-                    f"device {device_id} of the recording is not in the given configuration"
-                )
-        else:
-            config = header.config()
-            device = config.devices[0]
-        dev_summary = self.summary.devices.setdefault(device_id, DeviceSummary())
-        dev_summary.runs += 1
-        sink = _Sink(dev_summary, self._kinds, self._emit)
-        return _Run(header.run_id, Vm1Pipeline(device, config, sink), utc_us, utc_us)
-
-    def apply(self, device_id: str, rec: Record) -> None:
-        """Feed one record to its device's pipeline."""
-        kind = rec.kind
-        run = self._runs.get(device_id)
-        if kind == HEADER:
-            header = parse_header(rec)
-            if run is None or run.run_id != header.run_id:
-                if run is not None:
-                    self._finished.append(run)
-                self._runs[device_id] = self._start_run(device_id, header, rec.utc_us)
-            return
-        if run is None:
-            raise RecordingError(f"{device_id}: records before the first header")
-        run.last_utc_us = rec.utc_us
-        if kind == RX:
-            self.summary.rx_bytes += len(rec.payload)
-            # A refused device: the live runner dropped the link; the recording shows the close.
-            with contextlib.suppress(UnexpectedDeviceError):
-                run.pipeline.feed(rec.payload, rec.utc, rec.mono)
-        elif kind == OPEN:
-            run.pipeline.link_up(rec.utc)
-        elif kind == CLOSE:
-            run.pipeline.link_down(rec.utc)
-        elif kind == TX:
-            # What the gateway asked: an unanswerable GET_SESSION finishes a session.
-            run.pipeline.sent(rec.payload)
-
-    def _note(self, rec: Record) -> None:
-        s = self.summary
-        s.records += 1
-        if s.first_utc_us is None:
-            s.first_utc_us = rec.utc_us
-        if s.last_utc_us is None or rec.utc_us > s.last_utc_us:
-            s.last_utc_us = rec.utc_us
-
-    def _finish(self, wall_s: float) -> ReplaySummary:
-        s = self.summary
-        s.wall_s = wall_s
-        runs = [*self._finished, *self._runs.values()]
-        s.device_seconds = sum((r.last_utc_us - r.first_utc_us) / 1e6 for r in runs)
-        s.frames = sum(r.pipeline.health.frames_ok + r.pipeline.health.frames_bad for r in runs)
-        return s
-
-    # -- running ---------------------------------------------------------------------
-
-    def run(self, *, progress: Callable[[int], None] | None = None) -> ReplaySummary:
-        """As fast as possible, synchronously. ``progress`` gets approximate bytes read."""
-        t0 = time.perf_counter()
-        apply = self.apply
-        note = self._note
-        done = 0
-        for n, (device_id, rec) in enumerate(self.records(), 1):
-            note(rec)
-            apply(device_id, rec)
-            if progress is not None:
-                done += len(rec.payload) + 25
-                if n % 2048 == 0:
-                    progress(done)
-        if progress is not None:
-            progress(self.total_bytes)
-        return self._finish(time.perf_counter() - t0)
-
-    async def run_async(
-        self,
-        *,
-        speed: float | None,
-        clock: Clock | None = None,
-        progress: Callable[[int], None] | None = None,
-        yield_every: int = 512,
-    ) -> ReplaySummary:
-        """Paced by ``clock`` (default ``ScaledClock(speed)``), or unpaced if ``speed`` is None.
-
-        Unpaced, it still yields to the event loop every ``yield_every`` records,
-        so a publisher task keeps draining.
-        """
-        t0 = time.perf_counter()
-        if speed is not None and clock is None:
-            clock = ScaledClock(speed)
-        # Waits shorter than 2 ms of real time are batched with the next ones.
-        min_ahead = 0.002 * clock.scale if clock is not None else 0.0
-        start_us: int | None = None
-        base = 0.0
-        done = 0
-        for n, (device_id, rec) in enumerate(self.records(), 1):
-            if clock is not None:
-                if start_us is None:
-                    start_us, base = rec.utc_us, clock.monotonic()
-                ahead = base + (rec.utc_us - start_us) / 1e6 - clock.monotonic()
-                if ahead > min_ahead:
-                    await clock.sleep(ahead)
-            elif n % yield_every == 0:
-                await asyncio.sleep(0)
-            self._note(rec)
-            self.apply(device_id, rec)
-            done += len(rec.payload) + 25
-            if progress is not None and (n % 256 == 0 or clock is not None):
-                progress(done)
-        if progress is not None:
-            progress(self.total_bytes)
-        return self._finish(time.perf_counter() - t0)
-
-
-def _utc_key(item: tuple[str, Record]) -> int:
-    return item[1].utc_us
 
 
 # ======================================================================== scenario runner
@@ -711,7 +417,22 @@ def add_cli_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--publish",
         metavar="HOST:PORT",
         default=None,
-        help="also publish the dose events and their restricted details",
+        help="also publish the dose events and their restricted details straight to this "
+        "broker (QoS 1, no outbox, no TLS/auth: a test and demo aid, not the gateway's "
+        "durable path)",
+    )
+    rp.add_argument(
+        "--summary-json",
+        metavar="PATH",
+        default=None,
+        help="also write the summary (counts, verdicts, span, speed) as JSON to PATH",
+    )
+    rp.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes, one device per task (as fast as possible only; no --publish); "
+        "the events come out in the same order, after all workers finished",
     )
     rp.add_argument("--quiet", action="store_true", help="print no events (summary only)")
     rp.add_argument(
@@ -757,6 +478,10 @@ def replay_cli(args: argparse.Namespace) -> int:
         raise ConfigError(f"--kinds: unknown output kind(s) {', '.join(bad)}")
     if args.speed is not None and args.speed <= 0:
         raise ConfigError("--speed must be positive")
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1")
+    if args.jobs > 1 and (args.speed is not None or args.publish):
+        raise ConfigError("--jobs runs as fast as possible and does not publish")
     config = load_config(args.config) if args.config else None
     publish = _host_port(args.publish) if args.publish else None
     return asyncio.run(
@@ -767,6 +492,8 @@ def replay_cli(args: argparse.Namespace) -> int:
             speed=args.speed,
             publish=publish,
             quiet=args.quiet,
+            summary_json=Path(args.summary_json) if args.summary_json else None,
+            jobs=args.jobs,
             progress=args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()),
         )
     )
@@ -781,6 +508,8 @@ async def _replay_main(
     publish: tuple[str, int] | None,
     quiet: bool,
     progress: bool,
+    summary_json: Path | None = None,
+    jobs: int = 1,
 ) -> int:
     from rich.console import Console
     from rich.progress import (
@@ -796,7 +525,7 @@ async def _replay_main(
 
     def emit(item: Emitted) -> None:
         if not quiet and item.kind in kinds:
-            out.write(item.encoded() + b"\n")
+            out.write(encode(item.payload) + b"\n")
         if publish is not None and item.kind in ("dose", "dose-detail"):
             queue.put_nowait(item)
 
@@ -817,24 +546,34 @@ async def _replay_main(
     publisher: asyncio.Task[int] | None = None
     if publish is not None:
         publisher = asyncio.create_task(_publish(publish, queue, player), name="replay-publisher")
-    with bar:
-        task = bar.add_task("replay", total=player.total_bytes)
-
-        def on_progress(done: int) -> None:
-            bar.update(task, completed=min(done, player.total_bytes))
-
-        summary = await player.run_async(speed=speed, progress=on_progress)
+    if jobs > 1:  # as fast as possible, nothing to publish: no loop work meanwhile
+        summary = play_parallel(files, jobs=jobs, config=config, emit=emit, kinds=played)
+    else:
+        summary = await _play_with_bar(player, bar, speed)
     out.flush()
     published = 0
     if publisher is not None:
         queue.put_nowait(None)
         published = await publisher
     console.print(summary_table(summary))
+    if summary_json is not None:
+        text = json.dumps(summary.as_dict(), indent=2) + "\n"
+        await asyncio.to_thread(summary_json.write_text, text)
     if publish is not None:
         console.print(f"published {published} dose event(s) to {publish[0]}:{publish[1]}")
     for problem in summary.problems:
         console.print(f"[yellow]skipped a torn tail:[/] {problem}")
     return 0
+
+
+async def _play_with_bar(player: Player, bar: Progress, speed: float | None) -> ReplaySummary:
+    with bar:
+        task = bar.add_task("replay", total=player.total_bytes)
+
+        def on_progress(done: int) -> None:
+            bar.update(task, completed=min(done, player.total_bytes))
+
+        return await player.run_async(speed=speed, progress=on_progress)
 
 
 async def _publish(
@@ -849,17 +588,17 @@ async def _publish(
         while (item := await queue.get()) is not None:
             topics = _topics_for(player, item.device_id)
             if item.kind == "dose":
-                await c.publish(topics.dose(item.device_id), item.encoded(), qos=1)
+                await c.publish(topics.dose(item.device_id), encode(item.payload), qos=1)
                 count += 1
             else:
-                await c.publish(topics.dose_detail(item.device_id), item.encoded(), qos=1)
+                await c.publish(topics.dose_detail(item.device_id), encode(item.payload), qos=1)
     return count
 
 
 def _topics_for(player: Player, device_id: str) -> Topics:
-    run = player._runs.get(device_id)
-    config = run.pipeline.config if run is not None else player.config
-    assert config is not None
+    config = player.config_for(device_id)
+    if config is None:  # cannot happen: a device emits only after its header
+        raise RecordingError(f"{device_id}: output before the recording's header")
     return Topics(config.broker.topic_prefix, config.gateway.site, config.gateway.id)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "BaselineOut",
     "DesaturationKind",
     "DesaturationOut",
+    "MonitoringState",
     "OximeterRef",
     "PostDoseSafetySummary",
     "SafetyAlert",
@@ -56,7 +57,9 @@ UnavailableReason = Literal[
     "reconciled_from_device_log",  # rebuilt from the nebulizer's log: no overlay possible
     "gateway_restart",  # the gateway restarted during the session: the overlay was lost
 ]
-MonitoringState = Literal["monitored", "unavailable"]
+#: ``monitoring_inadequate``: samples came, but valid ones covered less of the window than
+#: ``min_coverage_pct``: what they show is reported, and is not enough to call it monitored.
+MonitoringState = Literal["monitored", "monitoring_inadequate", "unavailable"]
 
 
 class _Payload(BaseModel):
@@ -86,6 +89,8 @@ class Spo2RulesOut(_Payload):
     sustain_s: float
     clear_s: float
     max_sample_gap_s: float
+    baseline_min_valid_s: float = 30.0
+    min_coverage_pct: float = 80.0
 
 
 class BaselineOut(_Payload):
@@ -141,6 +146,11 @@ class Spo2WindowStats(_Payload):
         description="valid-sample time with SpO2 below absolute_threshold (default 90 %)"
     )
     desaturations: list[DesaturationOut]
+    alert_time_without_valid_data_s: float = Field(
+        default=0.0,
+        description="of the desaturations' duration, the time with no valid sample to show "
+        "the SpO2 (sum of their invalid_gap_s): an alert's length is only as good as its data",
+    )
 
 
 class Spo2Summary(_Payload):

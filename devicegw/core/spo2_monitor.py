@@ -78,6 +78,7 @@ from devicegw.contract.spo2 import (
     BaselineOut,
     DesaturationKind,
     DesaturationOut,
+    MonitoringState,
     OximeterRef,
     PostDoseSafetySummary,
     SafetyAlert,
@@ -252,6 +253,7 @@ class _Stats:
             mean_pulse_bpm=_r(self.sum_pulse / self.valid, 2) if self.valid else None,
             time_below_threshold_s=_r(below),
             desaturations=desats,
+            alert_time_without_valid_data_s=_r(sum(d.invalid_gap_s for d in desats)),
         )
 
 
@@ -316,7 +318,7 @@ class _Dose:
     baseline_source: Literal["pre_session", "first_minute", "unavailable"] = "unavailable"
     baseline_n: int = 0
     baseline_final: bool = False
-    fallback: list[tuple[float, float]] = field(default_factory=list)
+    fallback: list[tuple[float, float, float]] = field(default_factory=list)  # (t, spo2, pulse)
     end: float | None = None
     obs_end: float | None = None
     session: _Stats = field(init=False)
@@ -396,7 +398,7 @@ class Spo2Monitor:
             return events
         assert sample.spo2 is not None and sample.pulse_bpm is not None
         if not dose.baseline_final and t < dose.start + self.rules.baseline_fallback_s:
-            dose.fallback.append((sample.spo2, sample.pulse_bpm))
+            dose.fallback.append((t, sample.spo2, sample.pulse_bpm))
         events += self._detect(dose, t, sample.spo2)
         dose.last_valid_t = t
         return events
@@ -417,9 +419,11 @@ class Spo2Monitor:
                 events += self._close(prev, t, truncated=True)
         dose = _Dose(correlation_id=correlation_id, start=t, start_utc=start_utc)
         lo = t - self.rules.baseline_window_s
-        pre = [(s, p) for (ts, s, p) in self._ring if lo <= ts < t]
-        if pre:
+        pre = [(ts, s, p) for (ts, s, p) in self._ring if lo <= ts < t]
+        if pre and self._covered_s(pre, t) >= self.rules.baseline_min_valid_s:
             self._set_baseline(dose, pre, "pre_session")
+        elif pre:
+            dose.flag("baseline_pre_session_inadequate")
         if not self._link_up:
             for w in dose.windows():
                 w.link_down_seen = True
@@ -504,25 +508,39 @@ class Spo2Monitor:
 
     # ------------------------------------------------------------------ baseline
 
+    def _covered_s(self, values: list[tuple[float, float, float]], until: float) -> float:
+        """Seconds the valid samples ``(t, spo2, pulse)`` speak for, each for at most
+        ``max_sample_gap_s`` (a baseline needs enough of them, not one reading)."""
+        gap = self.rules.max_sample_gap_s
+        times = [v[0] for v in values]
+        ends = [*times[1:], until]
+        return sum(min(max(0.0, b - a), gap) for a, b in zip(times, ends, strict=True))
+
     def _set_baseline(
         self,
         dose: _Dose,
-        values: list[tuple[float, float]],
+        values: list[tuple[float, float, float]],
         source: Literal["pre_session", "first_minute"],
     ) -> None:
-        dose.baseline_spo2 = _r(statistics.median(v[0] for v in values), 2)
-        dose.baseline_pulse = _r(statistics.median(v[1] for v in values), 2)
+        dose.baseline_spo2 = _r(statistics.median(v[1] for v in values), 2)
+        dose.baseline_pulse = _r(statistics.median(v[2] for v in values), 2)
         dose.baseline_source = source
         dose.baseline_n = len(values)
         dose.baseline_final = True
         dose.fallback = []
+        if dose.baseline_spo2 < self.rules.absolute_threshold:
+            # Already below the threshold: only a drop from here is a desaturation, or
+            # the subject would be alerted at every dose for standing still.
+            dose.flag("low_baseline")
 
     def _finish_baseline(self, dose: _Dose) -> None:
-        if dose.fallback:
+        end = dose.start + self.rules.baseline_fallback_s
+        if dose.fallback and self._covered_s(dose.fallback, end) >= self.rules.baseline_min_valid_s:
             self._set_baseline(dose, dose.fallback, "first_minute")
             dose.flag("baseline_first_minute")
         else:
             dose.baseline_final = True
+            dose.fallback = []
             dose.flag("baseline_unavailable")
 
     # ------------------------------------------------------------------ detection
@@ -531,7 +549,8 @@ class Spo2Monitor:
         rules = self.rules
         base = dose.baseline_spo2
         relative = base is not None and base - spo2 >= rules.drop_points
-        absolute = spo2 < rules.absolute_threshold
+        low_baseline = base is not None and base < rules.absolute_threshold
+        absolute = spo2 < rules.absolute_threshold and not low_baseline
         low = relative or absolute
         run = dose.run
         if (
@@ -625,14 +644,18 @@ class Spo2Monitor:
 
     # ------------------------------------------------------------------ windows
 
-    def _monitoring(self, w: _Stats) -> tuple[bool, UnavailableReason | None]:
+    def _monitoring(
+        self, w: _Stats, stats: Spo2WindowStats
+    ) -> tuple[MonitoringState, UnavailableReason | None]:
         if self.context.oximeter is None:
-            return False, "no_oximeter_assigned"
+            return "unavailable", "no_oximeter_assigned"
         if w.valid:
-            return True, None
+            if stats.coverage_pct < self.rules.min_coverage_pct:
+                return "monitoring_inadequate", None
+            return "monitored", None
         if w.link_down_seen:
-            return False, "oximeter_disconnected"
-        return False, "no_samples" if w.total == 0 else "no_valid_samples"
+            return "unavailable", "oximeter_disconnected"
+        return "unavailable", "no_samples" if w.total == 0 else "no_valid_samples"
 
     def _desats_out(
         self, dose: _Dose, lo: float, until: float, extra: tuple[float, float, bool] | None
@@ -654,18 +677,17 @@ class Spo2Monitor:
         dose.combined.end = dose.obs_end
         dose.observation = _Stats(t, dose.obs_end, link_down_seen=not self._link_up)
         extra = self._pending_hold(t)
-        ok, reason = self._monitoring(dose.session)
+        session_stats = dose.session.out(
+            dose.start, self._desats_out(dose, dose.start, t, extra), extra_hold=extra
+        )
+        state, reason = self._monitoring(dose.session, session_stats)
         summary = Spo2Summary(
             correlation_id=dose.correlation_id,
-            spo2_monitoring="monitored" if ok else "unavailable",
+            spo2_monitoring=state,
             unavailable_reason=reason,
             oximeter=self.context.oximeter,
             baseline=dose.baseline_out(),
-            session=dose.session.out(
-                dose.start,
-                self._desats_out(dose, dose.start, t, extra),
-                extra_hold=extra,
-            ),
+            session=session_stats,
             alerts_raised=dose.alerts_raised,
             flags=list(dose.flags),
             rules=self.rules.out(),
@@ -689,7 +711,10 @@ class Spo2Monitor:
         extra = self._pending_hold(t)
         dose.observation.end = t
         dose.combined.end = t
-        ok, reason_code = self._monitoring(dose.combined)
+        combined_stats = dose.combined.out(
+            dose.start, self._desats_out(dose, dose.start, t, extra), extra_hold=extra
+        )
+        state, reason_code = self._monitoring(dose.combined, combined_stats)
         ctx = self.context
         summary = PostDoseSafetySummary(
             event_id=uuid.uuid5(dose.correlation_id, "post_dose_safety_summary"),
@@ -699,18 +724,14 @@ class Spo2Monitor:
             bed=ctx.bed,
             device_id=ctx.device_id,
             oximeter=ctx.oximeter,
-            spo2_monitoring="monitored" if ok else "unavailable",
+            spo2_monitoring=state,
             unavailable_reason=reason_code,
             session_start_utc=dose.start_utc,
             session_end_offset_s=_r(dose.end - dose.start),
             observation_end_offset_s=_r(t - dose.start),
             observation_truncated=truncated,
             baseline=dose.baseline_out(),
-            session_and_observation=dose.combined.out(
-                dose.start,
-                self._desats_out(dose, dose.start, t, extra),
-                extra_hold=extra,
-            ),
+            session_and_observation=combined_stats,
             observation=dose.observation.out(
                 dose.start,
                 self._desats_out(dose, dose.end, t, extra),

@@ -4,7 +4,7 @@ The writer (:class:`RecordingWriter`) is just another :class:`LinkObserver`
 (STYLE item 5): the device runners hand it every byte received or sent and
 every link open/close, with the gateway's clock readings at that moment. The
 reader (:func:`iter_records`, :class:`RecordDecoder`) streams the records back
-so :mod:`devicegw.cli.replay` can feed them through the same pipeline.
+so :mod:`devicegw.recording.player` can feed them through the same pipeline.
 
 The format is documented in ``docs/recording-format.md``. In short: an 8-byte
 magic, then length-prefixed, CRC-32-checked records. Each record is

@@ -45,6 +45,7 @@ class QualityFlag(StrEnum):
     MARGINAL_PERFUSION = "marginal_perfusion"
     POOR_SIGNAL = "poor_signal"
     EARLY_ESTIMATE = "early_estimate"
+    # Gating again: a reading from the device's memory is not a live sample of the subject.
     FROM_STORAGE = "from_storage"
 
 
@@ -53,7 +54,6 @@ _INFORMATIONAL = frozenset(
         QualityFlag.MARGINAL_PERFUSION,
         QualityFlag.POOR_SIGNAL,
         QualityFlag.EARLY_ESTIMATE,
-        QualityFlag.FROM_STORAGE,
     }
 )
 
@@ -63,7 +63,7 @@ GATING_FLAGS: frozenset[QualityFlag] = frozenset(QualityFlag) - _INFORMATIONAL
 Yellow/"marginal" perfusion and PLX "poor signal" are degraded but still
 reported by the devices as measurements; red/low perfusion and everything
 that says the value is not a live patient reading (held display, test or
-demonstration data, calibration) gate.
+demonstration data, calibration, a PLX reading from measurement storage) gate.
 """
 
 

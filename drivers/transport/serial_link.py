@@ -1,18 +1,24 @@
-"""Serial transport over pyserial-asyncio-fast (USB CDC-ACM, RS-232, or a pty).
+"""Serial transport: pyserial opens and configures the port, the event loop reads it.
 
 Opens the port with the device's settings (VM-1: 115200 8N1, no flow
 control), takes an exclusive lock so two gateways cannot share a port, and
 discards whatever the OS buffered before we opened it: the device talks
 continuously and a stale half-frame is worth nothing.
+
+Reading and writing go through the event loop (``add_reader`` / ``add_writer``
+on the descriptor, then ``os.read`` / ``os.write``), never through pyserial's
+``read``, which calls ``select()``: ``select()`` refuses descriptors above 1023,
+so with a few hundred ports open every read failed, once per loop iteration
+(issue 13). pyserial opens the descriptor non-blocking; epoll has no such limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 import serial
-import serial_asyncio_fast
 
 from drivers.errors import PortAbsentError, TransportError
 from drivers.transport.base import LinkUnit
@@ -30,12 +36,18 @@ class SerialLink:
         self.path = path
         self.baudrate = baudrate
         self.device_id = device_id
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._port: serial.Serial | None = None
+        self._fd: int | None = None
+        self._waiters: set[asyncio.Future[None]] = set()
 
     @property
     def description(self) -> str:
         return f"serial:{self.path}@{self.baudrate}"
+
+    @property
+    def fileno(self) -> int | None:
+        """The open port's descriptor (None when closed)."""
+        return self._fd
 
     async def open(self) -> None:
         if not port_present(self.path):
@@ -43,53 +55,99 @@ class SerialLink:
                 f"serial port {self.path} does not exist", path=self.path, device_id=self.device_id
             )
         try:
-            reader, writer = await serial_asyncio_fast.open_serial_connection(
-                url=self.path,
-                baudrate=self.baudrate,
+            port = serial.Serial(
+                self.path,
+                self.baudrate,
                 bytesize=serial.EIGHTBITS,
                 parity=serial.PARITY_NONE,
                 stopbits=serial.STOPBITS_ONE,
                 xonxoff=False,
                 rtscts=False,
                 exclusive=True,
+                timeout=0,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             raise TransportError(
                 f"cannot open serial port {self.path}: {exc}", device_id=self.device_id
             ) from exc
-        port = getattr(writer.transport, "serial", None)
-        if port is not None:
-            with contextlib.suppress(serial.SerialException, OSError):
-                port.reset_input_buffer()
-        self._reader, self._writer = reader, writer
+        with contextlib.suppress(serial.SerialException, OSError):
+            port.reset_input_buffer()
+        fd = port.fileno()
+        os.set_blocking(fd, False)
+        self._port, self._fd = port, fd
+
+    def _fd_or_raise(self) -> int:
+        if self._fd is None:
+            raise TransportError(f"{self.path} is not open", device_id=self.device_id)
+        return self._fd
+
+    async def _ready(self, fd: int, *, write: bool) -> None:
+        """Wait until ``fd`` is readable (or writable), one-shot, through the event loop."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        if write:
+            loop.add_writer(fd, wake)
+        else:
+            loop.add_reader(fd, wake)
+        self._waiters.add(ready)
+        try:
+            await ready
+        finally:
+            self._waiters.discard(ready)
+            if write:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
 
     async def read(self) -> bytes:
-        if self._reader is None:
-            raise TransportError(f"{self.path} is not open", device_id=self.device_id)
-        try:
-            data = await self._reader.read(_READ_CHUNK)
-        except (serial.SerialException, OSError) as exc:
-            raise TransportError(
-                f"serial port {self.path} failed: {exc}", device_id=self.device_id
-            ) from exc
-        if not data:
-            raise TransportError(f"serial port {self.path} closed", device_id=self.device_id)
-        return data
+        fd = self._fd_or_raise()
+        while True:
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                await self._ready(fd, write=False)
+                fd = self._fd_or_raise()  # closed meanwhile?
+                continue
+            except OSError as exc:  # EIO: the device or the pty's other side went away
+                raise TransportError(
+                    f"serial port {self.path} failed: {exc}", device_id=self.device_id
+                ) from exc
+            if not data:
+                raise TransportError(f"serial port {self.path} closed", device_id=self.device_id)
+            return data
 
     async def write(self, data: bytes) -> None:
-        if self._writer is None:
-            raise TransportError(f"{self.path} is not open", device_id=self.device_id)
-        try:
-            self._writer.write(data)
-            await self._writer.drain()
-        except (serial.SerialException, OSError, ConnectionError) as exc:
-            raise TransportError(
-                f"write to {self.path} failed: {exc}", device_id=self.device_id
-            ) from exc
+        view = memoryview(data)
+        while view:
+            fd = self._fd_or_raise()
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                await self._ready(fd, write=True)
+                continue
+            except OSError as exc:
+                raise TransportError(
+                    f"write to {self.path} failed: {exc}", device_id=self.device_id
+                ) from exc
+            view = view[n:]
 
     async def close(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        port, fd, self._port, self._fd = self._port, self._fd, None, None
+        if fd is not None:
+            # Nothing may stay registered with the loop for a descriptor about to close.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+            for waiter in list(self._waiters):
+                if not waiter.done():
+                    waiter.set_exception(
+                        TransportError(f"serial port {self.path} closed", device_id=self.device_id)
+                    )
+        if port is not None:
+            with contextlib.suppress(serial.SerialException, OSError):
+                port.close()

@@ -1,0 +1,474 @@
+"""Replay recordings through the live pipeline: the player, as a library.
+
+Reads ``.dgwrec`` files (:mod:`devicegw.recording.format`), builds one
+:class:`~devicegw.core.vm1_pipeline.Vm1Pipeline` per device (the very class the
+live runner feeds) from a given configuration or from the recording's header, and
+feeds it the recorded bytes with the recorded gateway UTC and monotonic readings.
+Dose checks therefore see exactly what they saw live; encoded with
+``devicegw.mqtt.publisher.encode`` the dose events are byte-identical. Pacing
+(:meth:`Player.run_async` on a :class:`~drivers.clock.ScaledClock`) changes when
+events come out, never what they say.
+
+The result is public: :class:`ReplaySummary` (counts, verdicts per device, the
+time recorded and the time taken) and :meth:`Player.config_for` (the
+configuration a device's pipeline runs with, e.g. for its topics). No argparse,
+no terminal, no broker here: ``devicegw replay`` (``devicegw/cli/replay.py``)
+prints and publishes what the player emits.
+
+Scope: the nebulizer streams (VM-1). Oximeter streams are not recorded yet, so a
+session replayed from a recording of a bed with an oximeter has no SpO2 overlay
+(``spo2``: ``no_oximeter_assigned``) while the live event had one; the dose
+itself (volume, verdict, times) is identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from devicegw.config import Config
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseDetail,
+    DoseEvent,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+)
+from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
+from devicegw.recording.format import (
+    CLOSE,
+    HEADER,
+    OPEN,
+    RX,
+    TX,
+    ReadStats,
+    Record,
+    RecordingError,
+    RecordingHeader,
+    first_header,
+    iter_records,
+    parse_header,
+)
+from drivers.clock import Clock, ScaledClock
+
+__all__ = [
+    "OUTPUT_KINDS",
+    "DeviceSummary",
+    "Emitted",
+    "OutputKind",
+    "Player",
+    "ReplaySummary",
+    "play_parallel",
+]
+
+OutputKind = Literal[
+    "dose", "dose-detail", "status", "device-detail", "telemetry", "telemetry-detail"
+]
+OUTPUT_KINDS: tuple[OutputKind, ...] = (
+    "dose",
+    "dose-detail",
+    "status",
+    "device-detail",
+    "telemetry",
+    "telemetry-detail",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """One output of a replayed device (what the daemon would have published)."""
+
+    device_id: str
+    kind: OutputKind
+    payload: DoseEvent | DoseDetail | DeviceStatus | DeviceDetail | Telemetry | TelemetryDetail
+
+
+@dataclass(slots=True)
+class DeviceSummary:
+    sessions: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+    runs: int = 0
+
+
+@dataclass(slots=True)
+class ReplaySummary:
+    files: int = 0
+    records: int = 0
+    rx_bytes: int = 0
+    frames: int = 0  # VM-1 frames decoded (good and bad)
+    first_utc_us: int | None = None
+    last_utc_us: int | None = None
+    #: Sum over devices (and gateway runs) of the time their recordings span.
+    device_seconds: float = 0.0
+    wall_s: float = 0.0
+    skipped_bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+    devices: dict[str, DeviceSummary] = field(default_factory=dict)
+
+    @property
+    def span_s(self) -> float:
+        """Gateway time the recordings span (first record to last, all devices)."""
+        if self.first_utc_us is None or self.last_utc_us is None:
+            return 0.0
+        return (self.last_utc_us - self.first_utc_us) / 1e6
+
+    @property
+    def sessions(self) -> int:
+        return sum(d.sessions for d in self.devices.values())
+
+    def verdicts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for d in self.devices.values():
+            total.update(d.verdicts)
+        return total
+
+    @property
+    def speedup(self) -> float:
+        """Gateway time recorded per second taken (``span_s / wall_s``; 0 if nothing ran)."""
+        return self.span_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        """The summary as plain JSON-able data (``devicegw replay --summary-json``)."""
+        return {
+            "files": self.files,
+            "records": self.records,
+            "rx_bytes": self.rx_bytes,
+            "frames": self.frames,
+            "sessions": self.sessions,
+            "verdicts": dict(sorted(self.verdicts().items())),
+            "span_s": self.span_s,
+            "device_seconds": self.device_seconds,
+            "wall_s": self.wall_s,
+            "speedup": self.speedup,
+            "skipped_bytes": self.skipped_bytes,
+            "problems": list(self.problems),
+            "devices": {
+                device_id: {
+                    "sessions": d.sessions,
+                    "runs": d.runs,
+                    "verdicts": dict(sorted(d.verdicts.items())),
+                }
+                for device_id, d in sorted(self.devices.items())
+            },
+        }
+
+
+class _Sink:
+    """The GatewaySink of a replayed device: counts verdicts, forwards what was asked for."""
+
+    def __init__(
+        self,
+        summary: DeviceSummary,
+        kinds: frozenset[str],
+        emit: Callable[[Emitted], None] | None,
+    ) -> None:
+        self._summary = summary
+        self._kinds = kinds
+        self._emit = emit
+
+    def _out(self, item: Emitted) -> None:
+        if self._emit is not None and item.kind in self._kinds:
+            self._emit(item)
+
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
+        self._summary.sessions += 1
+        self._summary.verdicts[record.event.verdict] += 1
+        self._out(Emitted(device_id, "dose", record.event))
+        self._out(Emitted(device_id, "dose-detail", record.detail))
+
+    def device_status(self, device_id: str, status: DeviceStatus) -> None:
+        self._out(Emitted(device_id, "status", status))
+
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        self._out(Emitted(device_id, "device-detail", detail))
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
+        self._out(Emitted(device_id, "telemetry", telemetry))
+        self._out(Emitted(device_id, "telemetry-detail", detail))
+
+
+@dataclass(slots=True)
+class _Run:
+    run_id: str
+    pipeline: Vm1Pipeline
+    first_utc_us: int
+    last_utc_us: int
+
+
+class Player:
+    """Feeds recordings through fresh pipelines; see the module docstring.
+
+    ``emit`` receives every output of the kinds in ``kinds`` in the order the
+    pipelines produce them. Files of one device are played one after the
+    other (ordered by their first record); devices are interleaved by UTC.
+    A new gateway run in a device's recording (another ``run_id``) starts a
+    fresh pipeline, as the restarted daemon did.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        config: Config | None = None,
+        emit: Callable[[Emitted], None] | None = None,
+        kinds: Sequence[OutputKind] = ("dose",),
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.config = config
+        self.summary = ReplaySummary(files=len(self.paths))
+        self._emit = emit
+        self._kinds = frozenset(kinds)
+        self._runs: dict[str, _Run] = {}
+        self._finished: list[_Run] = []
+        self._groups: dict[str, list[tuple[int, Path]]] = {}
+        self.total_bytes = 0
+        for path in self.paths:
+            header, rec = first_header(path)
+            self._groups.setdefault(header.device_id, []).append((rec.utc_us, path))
+            self.total_bytes += path.stat().st_size
+        for group in self._groups.values():
+            group.sort()
+
+    def config_for(self, device_id: str) -> Config | None:
+        """The configuration ``device_id``'s current pipeline runs with (None before its header).
+
+        With a configuration given to the player, that one; otherwise the one
+        rebuilt from the device's recording header.
+        """
+        run = self._runs.get(device_id)
+        return run.pipeline.config if run is not None else self.config
+
+    # -- the record stream -----------------------------------------------------------
+
+    def _device_stream(self, device_id: str) -> Iterator[tuple[str, Record]]:
+        for _, path in self._groups[device_id]:
+            stats = ReadStats()
+            for rec in iter_records(path, stats):
+                yield device_id, rec
+            if stats.bytes_skipped:
+                self.summary.skipped_bytes += stats.bytes_skipped
+                self.summary.problems.append(f"{path}: {stats.problem}")
+
+    def records(self) -> Iterator[tuple[str, Record]]:
+        """Every record of every file, devices merged in UTC order."""
+        streams = [self._device_stream(d) for d in self._groups]
+        if len(streams) == 1:
+            return streams[0]
+        return heapq.merge(*streams, key=_utc_key)
+
+    # -- applying records ----------------------------------------------------------
+
+    def _start_run(self, device_id: str, header: RecordingHeader, utc_us: int) -> _Run:
+        if self.config is not None:
+            config = self.config
+            device = next((d for d in config.devices if d.id == device_id), None)
+            if device is None:
+                raise RecordingError(
+                    f"device {device_id} of the recording is not in the given configuration"
+                )
+        else:
+            config = header.config()
+            device = config.devices[0]
+        dev_summary = self.summary.devices.setdefault(device_id, DeviceSummary())
+        dev_summary.runs += 1
+        sink = _Sink(dev_summary, self._kinds, self._emit)
+        return _Run(header.run_id, Vm1Pipeline(device, config, sink), utc_us, utc_us)
+
+    def apply(self, device_id: str, rec: Record) -> None:
+        """Feed one record to its device's pipeline."""
+        kind = rec.kind
+        run = self._runs.get(device_id)
+        if kind == HEADER:
+            header = parse_header(rec)
+            if run is None or run.run_id != header.run_id:
+                if run is not None:
+                    self._finished.append(run)
+                self._runs[device_id] = self._start_run(device_id, header, rec.utc_us)
+            return
+        if run is None:
+            raise RecordingError(f"{device_id}: records before the first header")
+        run.last_utc_us = rec.utc_us
+        if kind == RX:
+            self.summary.rx_bytes += len(rec.payload)
+            # A refused device: the live runner dropped the link; the recording shows the close.
+            with contextlib.suppress(UnexpectedDeviceError):
+                run.pipeline.feed(rec.payload, rec.utc, rec.mono)
+        elif kind == OPEN:
+            run.pipeline.link_up(rec.utc)
+        elif kind == CLOSE:
+            run.pipeline.link_down(rec.utc)
+        elif kind == TX:
+            # What the gateway asked: an unanswerable GET_SESSION finishes a session.
+            run.pipeline.sent(rec.payload)
+
+    def _note(self, rec: Record) -> None:
+        s = self.summary
+        s.records += 1
+        if s.first_utc_us is None:
+            s.first_utc_us = rec.utc_us
+        if s.last_utc_us is None or rec.utc_us > s.last_utc_us:
+            s.last_utc_us = rec.utc_us
+
+    def _finish(self, wall_s: float) -> ReplaySummary:
+        s = self.summary
+        s.wall_s = wall_s
+        runs = [*self._finished, *self._runs.values()]
+        s.device_seconds = sum((r.last_utc_us - r.first_utc_us) / 1e6 for r in runs)
+        s.frames = sum(r.pipeline.health.frames_ok + r.pipeline.health.frames_bad for r in runs)
+        return s
+
+    # -- running ---------------------------------------------------------------------
+
+    def run(self, *, progress: Callable[[int], None] | None = None) -> ReplaySummary:
+        """As fast as possible, synchronously. ``progress`` gets approximate bytes read."""
+        t0 = time.perf_counter()
+        apply = self.apply
+        note = self._note
+        done = 0
+        for n, (device_id, rec) in enumerate(self.records(), 1):
+            note(rec)
+            apply(device_id, rec)
+            if progress is not None:
+                done += len(rec.payload) + 25
+                if n % 2048 == 0:
+                    progress(done)
+        if progress is not None:
+            progress(self.total_bytes)
+        return self._finish(time.perf_counter() - t0)
+
+    async def run_async(
+        self,
+        *,
+        speed: float | None,
+        clock: Clock | None = None,
+        progress: Callable[[int], None] | None = None,
+        yield_every: int = 512,
+    ) -> ReplaySummary:
+        """Paced by ``clock`` (default ``ScaledClock(speed)``), or unpaced if ``speed`` is None.
+
+        Unpaced, it still yields to the event loop every ``yield_every`` records,
+        so a publisher task keeps draining.
+        """
+        t0 = time.perf_counter()
+        if speed is not None and clock is None:
+            clock = ScaledClock(speed)
+        # Waits shorter than 2 ms of real time are batched with the next ones.
+        min_ahead = 0.002 * clock.scale if clock is not None else 0.0
+        start_us: int | None = None
+        base = 0.0
+        done = 0
+        for n, (device_id, rec) in enumerate(self.records(), 1):
+            if clock is not None:
+                if start_us is None:
+                    start_us, base = rec.utc_us, clock.monotonic()
+                ahead = base + (rec.utc_us - start_us) / 1e6 - clock.monotonic()
+                if ahead > min_ahead:
+                    await clock.sleep(ahead)
+            elif n % yield_every == 0:
+                await asyncio.sleep(0)
+            self._note(rec)
+            self.apply(device_id, rec)
+            done += len(rec.payload) + 25
+            if progress is not None and (n % 256 == 0 or clock is not None):
+                progress(done)
+        if progress is not None:
+            progress(self.total_bytes)
+        return self._finish(time.perf_counter() - t0)
+
+
+def _utc_key(item: tuple[str, Record]) -> int:
+    return item[1].utc_us
+
+
+# ======================================================================== parallel
+
+
+#: One worker's outputs: (UTC of the record that produced it, the output), in order.
+_Timed = tuple[int, Emitted]
+
+
+def _play_device(
+    job: tuple[list[Path], Config | None, tuple[OutputKind, ...]],
+) -> tuple[ReplaySummary, list[_Timed]]:
+    """Worker: one device's files through its own player; outputs stamped with their UTC."""
+    paths, config, kinds = job
+    out: list[_Timed] = []
+    at = [0]
+    player = Player(paths, config=config, kinds=kinds, emit=lambda item: out.append((at[0], item)))
+    t0 = time.perf_counter()
+    for device_id, rec in player.records():
+        at[0] = rec.utc_us
+        player._note(rec)
+        player.apply(device_id, rec)
+    return player._finish(time.perf_counter() - t0), out
+
+
+def _merge_summaries(parts: Sequence[ReplaySummary], files: int, wall_s: float) -> ReplaySummary:
+    total = ReplaySummary(files=files, wall_s=wall_s)
+    for part in parts:
+        total.records += part.records
+        total.rx_bytes += part.rx_bytes
+        total.frames += part.frames
+        total.device_seconds += part.device_seconds
+        total.skipped_bytes += part.skipped_bytes
+        total.problems.extend(part.problems)
+        total.devices.update(part.devices)
+        if part.first_utc_us is not None and (
+            total.first_utc_us is None or part.first_utc_us < total.first_utc_us
+        ):
+            total.first_utc_us = part.first_utc_us
+        if part.last_utc_us is not None and (
+            total.last_utc_us is None or part.last_utc_us > total.last_utc_us
+        ):
+            total.last_utc_us = part.last_utc_us
+    return total
+
+
+def play_parallel(
+    paths: Sequence[str | Path],
+    *,
+    jobs: int,
+    config: Config | None = None,
+    emit: Callable[[Emitted], None] | None = None,
+    kinds: Sequence[OutputKind] = ("dose",),
+) -> ReplaySummary:
+    """Replay as fast as possible with each device in a worker process (``jobs`` of them).
+
+    Devices are independent (one pipeline each), so each device's files are
+    played by one worker. The outputs are handed to ``emit`` after all workers
+    finished, merged by the UTC of the record that produced them (ties: the
+    device order of :class:`Player`, then each device's own order) -- the order
+    ``Player.run`` emits in when every device's recorded UTC only moves forward.
+    The summary is the sum of the workers' (``wall_s``: the whole parallel run).
+    """
+    t0 = time.perf_counter()
+    layout = Player(paths, config=config, kinds=kinds)  # groups the files by device
+    job_list = [([p for _, p in group], config, tuple(kinds)) for group in layout._groups.values()]
+    if jobs <= 1 or len(job_list) <= 1:
+        results = [_play_device(job) for job in job_list]
+    else:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(job_list))) as pool:
+            results = list(
+                pool.map(_play_device, job_list, chunksize=max(1, len(job_list) // (4 * jobs)))
+            )
+    if emit is not None:
+        streams = [outputs for _, outputs in results]
+        for _, item in heapq.merge(*streams, key=_timed_key):
+            emit(item)
+    return _merge_summaries(
+        [part for part, _ in results], len(layout.paths), time.perf_counter() - t0
+    )
+
+
+def _timed_key(item: _Timed) -> int:
+    return item[0]

@@ -1,0 +1,83 @@
+"""No select() ceiling (issue 13): a serial port whose descriptor is above 1023 works.
+
+pyserial's ``Serial.read`` calls ``select()``, which raises ``ValueError:
+filedescriptor out of range`` for descriptors >= 1024; the gateway's serial link
+reads through the event loop instead. Real pyserial on a real pseudo-terminal,
+opened after 1,100 spare descriptors so its number is above 1023.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import tty
+from collections.abc import Iterator
+
+import pytest
+
+from drivers.transport.serial_link import SerialLink
+
+SPARE = 1100
+
+
+@pytest.fixture
+def high_descriptors() -> Iterator[None]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = SPARE + 200
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below {want}: cannot test here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(SPARE)]
+    try:
+        yield
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_serial_port_above_descriptor_1023_reads_and_writes(high_descriptors: None) -> None:
+    controller, device = os.openpty()
+    tty.setraw(device)
+    os.set_blocking(controller, False)
+    link = SerialLink(os.ttyname(device), device_id="neb-high")
+    try:
+        await link.open()
+        assert link.fileno is not None and link.fileno > 1023
+        os.write(controller, b"\x7e from the device \x7e")
+        got = b""
+        async with asyncio.timeout(5):
+            while len(got) < 19:
+                got += await link.read()
+        assert got == b"\x7e from the device \x7e"
+        await link.write(b"GET_INFO" * 100)  # larger than one write may take at once
+        sent = b""
+        async with asyncio.timeout(5):
+            while len(sent) < 800:
+                await asyncio.sleep(0.01)
+                with contextlib.suppress(BlockingIOError):
+                    sent += os.read(controller, 4096)
+        assert sent == b"GET_INFO" * 100
+    finally:
+        await link.close()
+        os.close(controller)
+        os.close(device)
+
+
+async def test_close_wakes_a_pending_read() -> None:
+    """Closing the link ends a read that is waiting, with a TransportError, not a hang."""
+    from drivers.errors import TransportError
+
+    controller, device = os.openpty()
+    link = SerialLink(os.ttyname(device), device_id="neb-close")
+    await link.open()
+    reader = asyncio.create_task(link.read())
+    await asyncio.sleep(0.05)
+    await link.close()
+    with pytest.raises(TransportError):
+        async with asyncio.timeout(5):
+            await reader
+    os.close(controller)
+    os.close(device)
