@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from devicegw import __version__
 from devicegw.cli.commands import (
+    assignments,
     audit,
     check_config,
     demo,
@@ -25,7 +26,18 @@ from devicegw.cli.terminal import error
 from devicegw.errors import GatewayError
 
 # In the order ``devicegw --help`` lists them.
-COMMANDS = (run, status, check_config, simulate, demo, tail, export, schema, audit)
+COMMANDS = (
+    run,
+    status,
+    assignments,
+    check_config,
+    simulate,
+    demo,
+    tail,
+    export,
+    schema,
+    audit,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

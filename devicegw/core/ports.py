@@ -54,6 +54,15 @@ class AuditKind(StrEnum):
     #: body: serial_no, what showed the reset, recorded_up_to, device_last_session_no, epoch.
     device_counter_reset = "device_counter_reset"
 
+    #: body: bed, subject_id, kit_number, operator, channel, reason, effective_utc,
+    #: override_reason (kit reuse), replaces (the previous assignment's seq or null).
+    #: Appended by devicegw.storage.assignments.AssignmentService (issue 11).
+    bed_assigned = "bed_assigned"
+    #: body: bed, the ended assignment (subject_id, kit_number), operator, channel, reason.
+    bed_unassigned = "bed_unassigned"
+    #: body: bed, what was asked (subject_id, kit_number), operator, channel, reason, refusal.
+    assignment_refused = "assignment_refused"
+
 
 class AuditLog(Protocol):
     """The append-only audit trail (``devicegw.storage.audit.AuditTrail``)."""
