@@ -1,4 +1,4 @@
-"""Replay recordings through the live pipeline, and make recordings from scenarios.
+"""``devicegw replay`` and ``recording show``: recordings through the live pipeline.
 
 ``devicegw replay``: the command around :class:`devicegw.recording.player.Player`
 (the library that feeds recordings through fresh pipelines): argparse, printing
@@ -7,18 +7,8 @@ the summary table (from the public :class:`~devicegw.recording.player.ReplaySumm
 ``--speed N`` paces the records on a :class:`~drivers.clock.ScaledClock`;
 ``--as-fast-as-possible`` does not wait at all.
 
-Scenario runner (``devicegw simulate --scenario F --record DIR``): drives the
-pure :class:`~simulators.vm1_model.Vm1Model` in virtual time (no pty, no
-sleeping) and writes what a gateway would have recorded: the link opening,
-the device's port-open IDENT, the gateway's handshake (GET_INFO, SET_CLOCK to
-the virtual UTC, SET_RATE if the device is configured with ``output_rate_hz``)
-as sent bytes with the device's answers, then every message the device sends,
-received at the instant it is sent. Scripted link drops close the link (what
-the device sends meanwhile is lost) and the gateway reopens 0.5 s after the
-port returns; line noise and bit flips are injected like the pty simulator
-does. The virtual gateway does not run the pipeline, so it never sends
-GET_SESSION for a missed SESSION_END (scenarios in which the gateway needs the
-device's session log replay as "end missed").
+The scenario recorder behind ``devicegw simulate --record`` is
+:mod:`devicegw.cli.scenario_recorder`.
 """
 
 from __future__ import annotations
@@ -26,32 +16,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import heapq
 import json
-import random
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from devicegw.config import Config, DeviceSettings, GatewaySettings, load_config
+from devicegw.cli.scenario_recorder import (
+    DEFAULT_SIM_START,
+    SimRecordStats,
+    record_scenario,
+    simulate_record,
+    synthesized_device,
+)
+from devicegw.config import Config, load_config
 from devicegw.contract.topics import Topics
 from devicegw.contract.vocabulary import Verdict
 from devicegw.errors import ConfigError, GatewayError
 from devicegw.mqtt.publisher import encode
 from devicegw.recording.format import (
-    CLOSE,
-    OPEN,
-    RX,
-    TX,
     RecordingError,
-    RecordingWriter,
     show_lines,
-    utc_to_us,
 )
 from devicegw.recording.player import (
     OUTPUT_KINDS,
@@ -66,7 +54,6 @@ from devicegw.recording.player import (
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from simulators.scenario import Scenario
 
 __all__ = [
     "DEFAULT_SIM_START",
@@ -83,245 +70,6 @@ __all__ = [
     "summary_table",
     "synthesized_device",
 ]
-
-#: Virtual UTC at which ``simulate --record`` powers the devices on, unless told otherwise.
-DEFAULT_SIM_START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
-_SIM_NAMESPACE = uuid.UUID("0b7e4a52-7d0f-4f57-9c1e-2a8f3b8e6d10")
-#: Gateway's delay between the port reappearing and its reopen (its first backoff step).
-SIM_REOPEN_DELAY_S = 0.5
-
-
-# ======================================================================== scenario runner
-
-
-@dataclass(slots=True)
-class SimRecordStats:
-    device_id: str
-    scenario: str
-    sim_seconds: float = 0.0
-    frames: int = 0
-    frames_lost: int = 0
-    records: int = 0
-    bytes: int = 0
-    wall_s: float = 0.0
-
-
-def synthesized_device(
-    index: int, scenario: Scenario, *, output_rate_hz: int | None = None
-) -> DeviceSettings:
-    """Config of the ``index``-th simulated device when no --config is given."""
-    serial = scenario.device.serial_no
-    return DeviceSettings(
-        id=f"neb-{serial}" if _ident_ok(serial) else f"neb-sim{index + 1:02d}",
-        type="vm1",
-        link={"kind": "serial", "port": f"sim://{serial}"},  # type: ignore[arg-type]
-        bed=f"SIM{index + 1:02d}",
-        subject_id=f"SIM-{index + 1:04d}",
-        kit_number=f"K-SIM-{index + 1:04d}",
-        output_rate_hz=output_rate_hz,
-    )
-
-
-def _ident_ok(text: str) -> bool:
-    import re
-
-    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}", text) is not None
-
-
-def simulation_config(devices: list[DeviceSettings]) -> Config:
-    return Config(
-        gateway=GatewaySettings(id="gw-sim", site="site-sim"),
-        devices=devices,
-    )
-
-
-def record_scenario(
-    scenario: Scenario,
-    out_dir: str | Path,
-    *,
-    config: Config,
-    device: DeviceSettings,
-    start_utc: datetime = DEFAULT_SIM_START,
-    until_s: float | None = None,
-    tail_s: float = 10.0,
-    run_id: str | None = None,
-    flush_interval_s: float = 60.0,
-) -> SimRecordStats:
-    """Run one scenario in virtual time and write its recording; see the module docstring."""
-    from drivers.vm1.framing import Deframer
-    from drivers.vm1.messages import DeviceMessage, GetInfo, HostCommand, SetClock, SetRate
-    from drivers.vm1.stream import encode_message_frame
-    from simulators.vm1_model import Vm1Model
-
-    t_wall = time.perf_counter()
-    model = Vm1Model.from_scenario(scenario)
-    dev_id = device.id
-    if run_id is None:
-        run_id = str(
-            uuid.uuid5(
-                _SIM_NAMESPACE, f"{scenario.name}/{scenario.device.serial_no}/{start_utc}/{dev_id}"
-            )
-        )
-    writer = RecordingWriter(
-        out_dir,
-        config,
-        run_id=run_id,
-        flush_interval_s=flush_interval_s,
-        source="simulator",
-        header_extra={
-            dev_id: {
-                "scenario": scenario.name,
-                "serial_no": scenario.device.serial_no,
-                "seed": scenario.device.seed,
-                "handshake": "simulated (GET_INFO, SET_CLOCK, SET_RATE if configured)",
-            }
-        },
-    )
-    stats = SimRecordStats(dev_id, scenario.name)
-    utc0 = utc_to_us(start_utc)
-    append = writer.append
-    rng = random.Random(f"vm1/{scenario.device.seed}/link")
-    link_up = False
-    bitflips = 0
-    host_seq = 0
-
-    def us(t: float) -> int:
-        return utc0 + round(t * 1_000_000)
-
-    def emit(msgs: list[DeviceMessage], t: float) -> None:
-        nonlocal bitflips
-        if not msgs:
-            return
-        if not link_up:
-            stats.frames_lost += len(msgs)
-            return
-        frames = [encode_message_frame(m) for m in msgs]
-        while bitflips and frames:
-            i = len(frames) - min(bitflips, len(frames))
-            for j in range(i, len(frames)):
-                f = bytearray(frames[j])
-                f[rng.randrange(1, len(f) - 1)] ^= 1 << rng.randrange(8)
-                frames[j] = bytes(f)
-                bitflips -= 1
-            break
-        stats.frames += len(frames)
-        append(dev_id, RX, t, us(t), b"".join(frames))
-
-    def command(cmd: HostCommand, t: float) -> None:
-        nonlocal host_seq
-        cmd = replace(cmd, seq=host_seq)
-        host_seq = (host_seq + 1) & 0xFF
-        append(dev_id, TX, t, us(t), encode_message_frame(cmd))
-        emit(model.handle_command(cmd, t), t)
-
-    def connect(t: float) -> None:
-        nonlocal link_up
-        emit(model.advance(t), t)  # lost: the link is still down
-        link_up = True
-        append(dev_id, OPEN, t, us(t), f"simulated {scenario.device.serial_no}".encode())
-        emit([model.ident_message(t)], t)  # the device's port-open IDENT
-        command(GetInfo(), t + 0.002)
-        command(SetClock(unix_s=us(t + 0.004) // 1_000_000), t + 0.004)
-        if device.output_rate_hz is not None:
-            command(SetRate(hz=device.output_rate_hz), t + 0.006)
-
-    # (time, order, kind, arg) like the pty simulator's link events.
-    events: list[tuple[float, int, str, float]] = []
-    for i, drop in enumerate(scenario.link_drops):
-        events.append((drop.at_s, i, "drop", drop.duration_s))
-    for i, c in enumerate(scenario.corruption):
-        events.append((c.at_s, 1000 + i, c.kind, float(c.count)))
-    heapq.heapify(events)
-    order = 10_000
-
-    connect(0.0)
-    end = until_s
-    next_event_time = model.next_event_time
-    advance = model.advance
-    while True:
-        nt = next_event_time()
-        if events and events[0][0] <= nt:
-            at, _, kind, arg = heapq.heappop(events)
-            if end is not None and at > end:
-                break
-            emit(advance(at), at)
-            if kind == "drop" and link_up:
-                link_up = False
-                append(dev_id, CLOSE, at, us(at), b"simulated link drop")
-                order += 1
-                heapq.heappush(events, (at + arg + SIM_REOPEN_DELAY_S, order, "reopen", 0.0))
-            elif kind == "reopen" and not link_up:
-                connect(at)
-            elif kind == "garbage" and link_up:
-                junk = b""
-                for _ in range(100):
-                    junk = bytes(rng.getrandbits(8) for _ in range(int(arg)))
-                    if not Deframer().feed(b"\x7e" + junk + b"\x7e"):
-                        break
-                append(dev_id, RX, at, us(at), junk)
-            elif kind == "bitflip":
-                bitflips += int(arg)
-            continue
-        if end is None and model.scripted_done and not events:
-            end = model.time_s + tail_s
-        if end is not None and nt > end:
-            break
-        # next_event_time() is ms / 1000: nudge it so advance()'s floor(t * 1000) reaches it.
-        msgs = advance(nt + 0.0004)
-        if msgs:
-            emit(msgs, nt)
-    t_end = end if end is not None else model.time_s
-    if link_up:
-        append(dev_id, CLOSE, t_end, us(t_end), b"closed")
-    writer.close()
-    stats.sim_seconds = t_end
-    stats.records = writer.stats.records
-    stats.bytes = writer.stats.bytes
-    stats.wall_s = time.perf_counter() - t_wall
-    return stats
-
-
-def _record_job(
-    args: tuple[Scenario, Path, Config, DeviceSettings, datetime, float | None],
-) -> SimRecordStats:
-    scenario, out_dir, config, device, start, until = args
-    return record_scenario(
-        scenario, out_dir, config=config, device=device, start_utc=start, until_s=until
-    )
-
-
-def simulate_record(
-    scenarios: Sequence[Scenario],
-    out_dir: str | Path,
-    *,
-    config: Config | None = None,
-    start_utc: datetime = DEFAULT_SIM_START,
-    until_s: float | None = None,
-    output_rate_hz: int | None = None,
-    jobs: int = 1,
-) -> list[SimRecordStats]:
-    """Record every scenario; device ``i`` is ``config.devices[i]`` (or synthesized)."""
-    if config is not None:
-        if len(config.devices) < len(scenarios):
-            raise ConfigError(
-                f"{len(scenarios)} scenarios but only {len(config.devices)} devices in the config"
-            )
-        devices = list(config.devices[: len(scenarios)])
-    else:
-        devices = [
-            synthesized_device(i, s, output_rate_hz=output_rate_hz) for i, s in enumerate(scenarios)
-        ]
-        config = simulation_config(devices)
-    out = Path(out_dir)
-    jobs_args = [
-        (s, out, config, d, start_utc, until_s) for s, d in zip(scenarios, devices, strict=True)
-    ]
-    if jobs <= 1 or len(scenarios) == 1:
-        return [_record_job(a) for a in jobs_args]
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(_record_job, jobs_args))
 
 
 # ======================================================================== command line
