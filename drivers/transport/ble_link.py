@@ -12,7 +12,9 @@ service UUID, restricted to an allow-list) and the connection
 (bleak-retry-connector's ``establish_connection``) are the shared
 :class:`~drivers.transport.ble_central.BleCentral`. Once connected the link
 subscribes to Status and Output (notify) and Events and Control point
-(indicate) and reads Ident. Every value, notification or read, is delivered by
+(indicate) and reads Ident; Ident is delivered first, then whatever was
+notified while it was being read, as a serial port's open IDENT comes first.
+Every value, notification or read, is delivered by
 :meth:`Vm1BleLink.read` in arrival order, so the core sees the same payload
 sequence the serial link's deframer yields. Host commands are written to the
 Control point with response.
@@ -128,6 +130,7 @@ class Vm1BleLink:
         self._inbox: Inbox[bytes] = Inbox(lambda: self.description, device_id, _QUEUE_MAX)
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._early: list[bytes] | None = None
 
     # ------------------------------------------------------------------ Link
 
@@ -151,16 +154,21 @@ class Vm1BleLink:
         self._inbox.reset()
         client = await self.central.connect(self._on_disconnected)
         self._client = client
+        self._early = []  # values notified before Ident is read are delivered after it
         try:
             for uuid in SUBSCRIBED:
                 await self.central.io(
                     client.start_notify(uuid, self._on_value), f"subscribe {uuid}"
                 )
             ident = await self.central.io(client.read_gatt_char(VM1_IDENT_UUID), "read Ident")
-            self._inbox.put(bytes(ident))
         except BaseException:
+            self._early = None
             await self.close()
             raise
+        early, self._early = self._early, None
+        self._inbox.put(bytes(ident))  # identity first, as a serial port's open IDENT
+        for value in early:
+            self._inbox.put(value)
         log.info("BLE link open: %s", self.description)
 
     async def read(self) -> bytes:
@@ -198,7 +206,10 @@ class Vm1BleLink:
 
     def _on_value(self, char: Any, data: bytearray) -> None:
         value = bytes(data)
-        self._inbox.put(value)
+        if self._early is not None:
+            self._early.append(value)
+        else:
+            self._inbox.put(value)
         if str(getattr(char, "uuid", "")) == VM1_CONTROL_POINT_UUID and _acks_get_info(value):
             task = asyncio.get_running_loop().create_task(
                 self._read_ident_after_ack(), name=f"{self.description} ident"
