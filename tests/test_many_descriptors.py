@@ -14,6 +14,7 @@ import os
 import resource
 import tty
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,49 @@ async def test_close_wakes_a_pending_read() -> None:
             await reader
     os.close(controller)
     os.close(device)
+
+
+def test_soft_limit_is_raised_toward_the_hard_limit() -> None:
+    from devicegw.runtime import descriptors
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        now = descriptors.raise_soft_limit()
+        assert now == descriptors.hard_limit() == descriptors.limit()
+        assert now > 256
+        used = descriptors.in_use()
+        assert used is not None and 0 < used < now
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_ward_that_cannot_fit_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 serial devices on a machine whose hard limit is 1,024 (the limit is patched:
+    lowering the real one would bind the rest of the test run)."""
+    from devicegw.config import parse_config
+    from devicegw.errors import ConfigError
+    from devicegw.runtime import descriptors
+    from devicegw.runtime.preflight import preflight
+
+    devices = [
+        {
+            "id": f"neb-{i:03d}",
+            "type": "vm1",
+            "bed": f"B{i:03d}",
+            "subject_id": f"CVD-042-{i:04d}",
+            "kit_number": f"K-{i:04d}",
+            "link": {"kind": "serial", "port": f"/dev/devicegw/vm1-{i:03d}"},
+        }
+        for i in range(500)
+    ]
+    config = parse_config(
+        {"gateway": {"id": "gw", "site": "s1", "data_dir": str(tmp_path)}, "devices": devices}
+    )
+    monkeypatch.setattr(descriptors, "hard_limit", lambda: 1024)
+    with pytest.raises(ConfigError, match="500 devices need about 1064 file descriptors"):
+        preflight(config)
+    monkeypatch.setattr(descriptors, "hard_limit", lambda: 4096)
+    preflight(config)

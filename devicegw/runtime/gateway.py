@@ -40,7 +40,7 @@ from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.ports import AuditKind
 from devicegw.mqtt.publisher import MqttPublisher, encode
 from devicegw.recording.format import RecordingWriter
-from devicegw.runtime import health, systemd_notify
+from devicegw.runtime import descriptors, health, systemd_notify
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
@@ -323,6 +323,8 @@ class Gateway:
                 last_error=held.last_error,
                 quarantined_rows=self.publisher.outbox.quarantined_now,
             ),
+            descriptors_in_use=descriptors.in_use(),
+            descriptors_limit=descriptors.limit(),
             devices=devices,
             oximeters=oximeters,
             task_restarts=dict(self.restarts.counts),

@@ -92,6 +92,9 @@ class GatewaySnapshot:
     outbox_depth: int
     store_bytes: int
     store: StoreSnapshot
+    #: file descriptors held now (None where /proc is not there) and the limit in force
+    descriptors_in_use: int | None
+    descriptors_limit: int
     devices: dict[str, DeviceSnapshot]
     oximeters: dict[str, OximeterSnapshot]
     #: supervised tasks restarted after an unexpected failure (a bug: see the log)

@@ -18,6 +18,7 @@ from pathlib import Path
 from devicegw.config import Config
 from devicegw.errors import ConfigError
 from devicegw.mqtt.publisher import build_tls_context
+from devicegw.runtime import descriptors
 from devicegw.safe_text import printable
 
 
@@ -36,6 +37,14 @@ def preflight(config: Config) -> list[str]:
             if path is not None:
                 _readable_file(path, f"broker.tls.{field}")
     build_tls_context(config.broker)
+    want, allowed = descriptors.needed(config), descriptors.hard_limit()
+    if want > allowed:
+        raise ConfigError(
+            f"devices: {len(config.devices) + len(config.oximeters)} devices need about {want} "
+            f"file descriptors; this machine allows at most {allowed} (ulimit -Hn, or "
+            "LimitNOFILE= in the systemd unit)",
+            field="devices",
+        )
     if config.broker.password_file is not None:
         _readable_file(config.broker.password_file, "broker.password_file")
     password = config.broker.password()

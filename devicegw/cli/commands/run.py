@@ -37,10 +37,12 @@ def register(sub: SubParsers) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from devicegw.runtime import descriptors
     from devicegw.runtime.gateway import Gateway
     from devicegw.runtime.systemd_notify import Notifier
 
     config, warnings = checked(args.config, record=args.record)
+    descriptors.raise_soft_limit()  # toward the hard limit: a large ward needs more than 1024
     configure_logging(args.log_level or config.gateway.log_level, config.gateway.log_format)
     for warning in warnings:
         log.warning("INSECURE: %s", warning)

@@ -86,6 +86,7 @@ def _status_view(snap: dict[str, Any], stale: bool) -> list[RenderableType]:
     out.append(
         text(
             f"outbox depth {snap['outbox_depth']}, store {float(snap['store_bytes']) / 1e6:.1f} MB"
+            + _descriptors(snap)
         )
     )
     store = snap.get("store") or {}
@@ -153,3 +154,10 @@ def _status_view(snap: dict[str, Any], stale: bool) -> list[RenderableType]:
             )
         out.append(ox_table)
     return out
+
+
+def _descriptors(snap: dict[str, Any]) -> str:
+    used, allowed = snap.get("descriptors_in_use"), snap.get("descriptors_limit")
+    if allowed is None:
+        return ""
+    return f", file descriptors {'?' if used is None else used} of {allowed}"
