@@ -89,6 +89,14 @@ async def test_full_disk_holds_decided_events_and_publishes_them_once(
         events = e2e.dose_events()
         assert len(gw.store.held) == 0
         assert gw.snapshot().store.disk_full_since is None
+        # The retained gateway status said so on the broker: full, then free again.
+        states = [
+            m.json()["store"]
+            for m in e2e.collector.matching("gw-test/status")
+            if m.json().get("store") is not None
+        ]
+        assert any(s["disk_full"] and s["held_dose_events"] >= 1 for s in states), states
+        assert states[-1]["disk_full"] is False, states
     counts = collections.Counter(e["event_id"] for e in events)
     assert len(counts) == 3
     assert set(counts.values()) == {1}, counts

@@ -277,6 +277,16 @@ class DeviceDetail(_Payload):
     active_alarms: list[str]
 
 
+class StoreState(_Payload):
+    """The gateway's store as a monitor must see it: a full disk is said on the topic."""
+
+    disk_full: bool = Field(
+        description="decided writes are held in memory because the disk refused them"
+    )
+    held_writes: int
+    held_dose_events: int
+
+
 class GatewayStatus(_Payload):
     """Retained; the broker publishes the offline form as the gateway's last will."""
 
@@ -290,6 +300,9 @@ class GatewayStatus(_Payload):
     config_sha256: str | None
     devices: list[str]
     since_utc: datetime | None
+    store: StoreState | None = Field(
+        default=None, description="while online; republished when the disk fills or frees"
+    )
 
 
 class Telemetry(_Payload):

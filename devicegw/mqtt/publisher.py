@@ -148,6 +148,7 @@ class MqttPublisher:
         self._telemetry_max = telemetry_buffer
         self._max_inflight = max_inflight
         self._wake = asyncio.Event()
+        self._status_changed = False
         self._connected = asyncio.Event()
         self._seq: dict[Feed, int] = {}
         self.stats = PublisherStats(birth_seq=int(store.get_meta("birth_seq", "0") or 0))
@@ -346,6 +347,11 @@ class MqttPublisher:
             async with asyncio.timeout(2.0):
                 await client.publish(self._status_topic, payload, qos=1, retain=True)
 
+    def republish_status(self) -> None:
+        """The gateway's status changed (e.g. the disk filled): send it again, retained."""
+        self._status_changed = True
+        self._wake.set()
+
     def _take_seq(self, feed: Feed) -> int:
         seq = self._seq.get(feed, 0)
         self._seq[feed] = seq + 1
@@ -403,6 +409,14 @@ class MqttPublisher:
                 task = tg.create_task(self._publish_row(client, row, payload))
                 inflight.add(task)
                 task.add_done_callback(self._task_done(inflight))
+            if self._status_changed:
+                self._status_changed = False
+                status = stamp(
+                    self._status_payload(True),
+                    birth_seq=birth_seq,
+                    seq=self._take_seq(Feed.BLINDED),
+                )
+                await client.publish(self._status_topic, status, qos=1, retain=True)
             backlog = bool(rows) or bool(inflight)
             while self._telemetry and not backlog:
                 topic, body = self._telemetry.popleft()

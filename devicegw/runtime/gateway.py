@@ -32,6 +32,7 @@ from devicegw.contract.payloads import (
     DeviceStatus,
     DoseRecord,
     GatewayStatus,
+    StoreState,
     Telemetry,
     TelemetryDetail,
 )
@@ -102,8 +103,11 @@ class MqttSink:
             listener.telemetry(device_id, telemetry, detail)
 
 
-def gateway_status(config: Config, *, online: bool, since: datetime | None) -> GatewayStatus:
+def gateway_status(
+    config: Config, *, online: bool, since: datetime | None, store: StoreState | None = None
+) -> GatewayStatus:
     return GatewayStatus(
+        store=store,
         gateway_id=config.gateway.id,
         site=config.gateway.site,
         online=online,
@@ -168,7 +172,18 @@ class Gateway:
         started = clock.now()
 
         def status_payload(online: bool) -> bytes:
-            return encode(gateway_status(config, online=online, since=started if online else None))
+            held = self.store.held
+            store = (
+                StoreState(
+                    disk_full=bool(len(held)),
+                    held_writes=len(held),
+                    held_dose_events=held.dose_events(),
+                )
+                if online
+                else None
+            )
+            since = started if online else None
+            return encode(gateway_status(config, online=online, since=since, store=store))
 
         try:  # a broker setting refused here (e.g. an unreadable CA file): close the store
             self.publisher = MqttPublisher(
@@ -366,10 +381,15 @@ class Gateway:
         are held); every minute the witness file and the audit's coalesced summaries."""
         held = self.store.held
         last_minute = self.clock.monotonic()
+        shown = (False, 0)  # (disk full, dose events held) as the status topic last said
         while True:
             await self.clock.sleep(HELD_RETRY_S)
             if len(held):
                 held.retry()
+            state = (bool(len(held)), held.dose_events())
+            if state != shown:  # the disk filled, freed, or holds another dose: say so
+                shown = state
+                self.publisher.republish_status()
             if self.clock.monotonic() - last_minute < WITNESS_INTERVAL_S:
                 continue
             last_minute = self.clock.monotonic()
