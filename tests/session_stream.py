@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from devicegw.config import Config, parse_config
 from devicegw.contract.payloads import (
     DeviceDetail,
     DeviceStatus,
@@ -113,6 +114,41 @@ class StreamBuilder:
 
     def skip(self, seconds: float) -> None:
         self.t_ms += round(seconds * 1000)
+
+
+def one_device_config(
+    *, rules: dict[str, float] | None = None, sha256: str = "", **device: object
+) -> Config:
+    """A gateway with one VM-1 on bed B01 (``device`` overrides its settings)."""
+    settings: dict[str, object] = {
+        "id": "neb-bed01",
+        "type": "vm1",
+        "bed": "B01",
+        "subject_id": "CVD-042-0017",
+        "kit_number": "K-10234",
+        "link": {"kind": "serial", "port": "/dev/ttyUSB0"},
+        **device,
+    }
+    data: dict[str, object] = {"gateway": {"id": "gw1", "site": "site-042"}, "devices": [settings]}
+    if rules:
+        data["dose_rules"] = rules
+    return parse_config(data, sha256=sha256)
+
+
+def device_log_record(**fields: int | EndReason) -> dict[str, int | EndReason]:
+    """A SESSION_RECORD's fields: session 42, 3.0 mL fill, 2.9 mL out, clock never set."""
+    record: dict[str, int | EndReason] = {
+        "session_no": 42,
+        "start_wall_s": 0,
+        "fill_ul": 3000,
+        "reason": EndReason.COMPLETE,
+        "neb_ms": 435_000,
+        "cum_ul": 2900,
+        "residual_ul": 100,
+        "end_wall_s": 0,
+    }
+    record.update(fields)
+    return record
 
 
 class ListSink:

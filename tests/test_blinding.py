@@ -44,7 +44,7 @@ from drivers.vm1.stream import encode_message_frame
 from simulators.scenario import Scenario, parse_scenario
 from tests.e2e_harness import running
 from tests.mqtt_helpers import MosquittoBroker, collecting, mosquitto_binary, require
-from tests.session_stream import StreamBuilder
+from tests.session_stream import StreamBuilder, one_device_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ACL_FILE = ROOT / "docs" / "blinding-mosquitto.acl"
@@ -113,22 +113,7 @@ def test_blinded_payloads_have_no_physical_key() -> None:
 
 
 def record(stream: StreamBuilder) -> DoseRecord:
-    config = parse_config(
-        {
-            "gateway": {"id": "gw1", "site": "site-042"},
-            "devices": [
-                {
-                    "id": "neb-bed01",
-                    "type": "vm1",
-                    "bed": "B01",
-                    "subject_id": "CVD-042-0017",
-                    "kit_number": "K-10234",
-                    "link": {"kind": "serial", "port": "/dev/ttyUSB0"},
-                }
-            ],
-        },
-        sha256="ab" * 32,
-    )
+    config = one_device_config(sha256="ab" * 32)
     tracker = SessionTracker()
     [session] = [
         e.session for rx in stream.out for e in tracker.feed(rx) if isinstance(e, SessionFinished)

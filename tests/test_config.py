@@ -180,7 +180,7 @@ def test_plaintext_password_to_a_remote_broker_is_refused(tmp_path: Path) -> Non
     allowed = load_config(write(tmp_path, yes))
     assert allowed.broker.plaintext_password
     # TLS on, or a broker on this machine: no question to ask.
-    tls = REMOTE_WITH_PASSWORD + '[broker.tls]\nenabled = true\n'
+    tls = REMOTE_WITH_PASSWORD + "[broker.tls]\nenabled = true\n"
     assert not load_config(write(tmp_path, tls)).broker.plaintext_password
     for host in ("127.0.0.1", "127.0.0.53", "::1", "localhost"):
         local = REMOTE_WITH_PASSWORD.replace("mqtt.ward3.example.org", host)

@@ -14,7 +14,6 @@ import yaml
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from devicegw.config import parse_config
 from devicegw.contract.payloads import DoseRecord
 from devicegw.contract.schemas import MODELS, render, schemas
 from devicegw.contract.topics import Topics
@@ -22,7 +21,7 @@ from devicegw.core.dose_check import assess
 from devicegw.core.dose_event import build_dose_record
 from devicegw.core.session_tracker import SessionFinished, SessionTracker
 from drivers.vm1.messages import DeviceState, EndReason, Ident
-from tests.session_stream import StreamBuilder
+from tests.session_stream import StreamBuilder, one_device_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -224,22 +223,7 @@ def test_examples_never_name_an_arm() -> None:
 
 
 def real_dose_record() -> DoseRecord:
-    config = parse_config(
-        {
-            "gateway": {"id": "gw1", "site": "site-042"},
-            "devices": [
-                {
-                    "id": "neb-bed01",
-                    "type": "vm1",
-                    "bed": "B01",
-                    "subject_id": "CVD-042-0017",
-                    "kit_number": "K-10234",
-                    "link": {"kind": "serial", "port": "/dev/ttyUSB0"},
-                }
-            ],
-        },
-        sha256="ab" * 32,
-    )
+    config = one_device_config(sha256="ab" * 32)
     s = StreamBuilder()
     s.status(DeviceState.READY)
     s.start()

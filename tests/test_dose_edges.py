@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from devicegw.config import Config, TrialSettings, parse_config
+from devicegw.config import Config, TrialSettings
 from devicegw.contract.payloads import DoseRecord, dose_event_id
 from devicegw.contract.vocabulary import REASON_FEED, Feed, TopicKind, Verdict
 from devicegw.core.vm1_pipeline import Vm1Pipeline
@@ -24,28 +24,20 @@ from devicegw.storage.outbox import Outbox
 from devicegw.storage.store import Store
 from drivers.vm1.messages import AckResult, DeviceState, EndReason, GetSession, MsgType
 from drivers.vm1.stream import encode_message_frame
-from tests.session_stream import T0, ListSink, StreamBuilder, feed
+from tests.session_stream import (
+    T0,
+    ListSink,
+    StreamBuilder,
+    device_log_record,
+    feed,
+    one_device_config,
+)
 
 UNKNOWN = 0xFFFF
 
 
 def config(**rules: float) -> Config:
-    return parse_config(
-        {
-            "gateway": {"id": "gw", "site": "s1"},
-            "dose_rules": rules,
-            "devices": [
-                {
-                    "id": "neb-bed01",
-                    "type": "vm1",
-                    "bed": "B01",
-                    "subject_id": "CVD-042-0001",
-                    "kit_number": "K-1",
-                    "link": {"kind": "serial", "port": "/dev/ttyUSB0"},
-                }
-            ],
-        }
-    )
+    return one_device_config(rules=rules)
 
 
 def pipeline(sink: ListSink, cfg: Config | None = None) -> Vm1Pipeline:
@@ -186,18 +178,7 @@ def test_rate_faster_than_the_device_can_nebulize_is_not_believed() -> None:
     """The device log says 2.9 mL in 60 s of mesh time (nominal 400 uL/min): not complete."""
     sink = ListSink()
     b = stream()
-    b.record(
-        {
-            "session_no": 42,
-            "start_wall_s": 0,  # device clock never set
-            "fill_ul": 3000,
-            "reason": EndReason.COMPLETE,
-            "neb_ms": 60_000,
-            "cum_ul": 2900,
-            "residual_ul": 100,
-            "end_wall_s": 0,
-        }
-    )
+    b.record(device_log_record(neb_ms=60_000))
     feed(pipeline(sink), b)
     record = only_record(sink)
     assert record.event.verdict is Verdict.INDETERMINATE
@@ -213,18 +194,7 @@ def test_device_log_session_without_a_clock_is_judged_on_its_driven_time() -> No
     """Clock never set: the mesh ran 45 minutes, so the session broke the 30-minute limit."""
     sink = ListSink()
     b = stream()
-    b.record(
-        {
-            "session_no": 42,
-            "start_wall_s": 0,
-            "fill_ul": 3000,
-            "reason": EndReason.COMPLETE,
-            "neb_ms": 2_700_000,
-            "cum_ul": 2900,
-            "residual_ul": 100,
-            "end_wall_s": 0,
-        }
-    )
+    b.record(device_log_record(neb_ms=2_700_000))
     feed(pipeline(sink), b)
     record = only_record(sink)
     assert record.event.verdict is Verdict.DEVIATION
@@ -311,16 +281,14 @@ def test_reboot_inside_a_session_is_finished_from_the_device_record_when_it_has_
     b.reboot()
     b.ident()
     b.record(
-        {
-            "session_no": 42,
-            "start_wall_s": 1_795_507_200,
-            "fill_ul": 3000,
-            "reason": EndReason.FAULT,
-            "neb_ms": 300_000,
-            "cum_ul": 2000,
-            "residual_ul": 1000,
-            "end_wall_s": 1_795_507_500,
-        }
+        device_log_record(
+            start_wall_s=1_795_507_200,
+            reason=EndReason.FAULT,
+            neb_ms=300_000,
+            cum_ul=2000,
+            residual_ul=1000,
+            end_wall_s=1_795_507_500,
+        )
     )
     feed(p, b)
     record = only_record(sink)
@@ -488,16 +456,7 @@ def test_the_same_session_fetched_again_is_still_recorded_once(tmp_path: Path) -
     b.ident(last_session_no=41)
     run_session(b, fill=3000, residual=105, seconds=435)
     b.record(
-        {
-            "session_no": 42,
-            "start_wall_s": 1_795_507_200,
-            "fill_ul": 3000,
-            "reason": EndReason.COMPLETE,
-            "neb_ms": 435_000,
-            "cum_ul": 2900,
-            "residual_ul": 105,
-            "end_wall_s": 1_795_507_635,
-        }
+        device_log_record(start_wall_s=1_795_507_200, residual_ul=105, end_wall_s=1_795_507_635)
     )
     feed(p, b)
     assert len(sink.records) == 1
@@ -512,18 +471,7 @@ def test_edge_records_export_honestly() -> None:
     seen after a device restart is exported with what is known, its reasons blinded."""
     indeterminate = ListSink()
     b = stream()
-    b.record(
-        {
-            "session_no": 42,
-            "start_wall_s": 0,
-            "fill_ul": 3000,
-            "reason": EndReason.COMPLETE,
-            "neb_ms": 60_000,
-            "cum_ul": 2900,
-            "residual_ul": 100,
-            "end_wall_s": 0,
-        }
-    )
+    b.record(device_log_record(neb_ms=60_000))
     feed(pipeline(indeterminate), b)
     overdose = ListSink()
     b = stream()

@@ -145,8 +145,6 @@ async def test_artefact_heavy_stream_raises_no_false_alarm(
     assert stats["excluded_by_flag"]
     # Valid data on most of the session or not: monitored, or said to be inadequate.
     adequate = stats["coverage_pct"] >= 80.0
-    assert dose["spo2"]["spo2_monitoring"] == (
-        "monitored" if adequate else "monitoring_inadequate"
-    )
+    assert dose["spo2"]["spo2_monitoring"] == ("monitored" if adequate else "monitoring_inadequate")
     [post] = [m for m in safety if m["event_type"] == "post_dose_safety_summary"]
     assert post["correlation_id"] == dose["event_id"]

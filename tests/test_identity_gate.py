@@ -63,8 +63,6 @@ def ident(b: StreamBuilder, serial: str = SERIAL, last_session_no: int = 41) -> 
     )
 
 
-
-
 def session(b: StreamBuilder, seconds: float = 300) -> None:
     b.start()
     b.nebulize(seconds)

@@ -52,9 +52,7 @@ async def next_status(col: Collector, *, online: bool, after: int, timeout: floa
     """The first gateway status with ``online`` among the messages from index ``after`` on."""
 
     def found(msgs: list[Received]) -> bool:
-        return any(
-            m.topic == GATEWAY_STATUS and m.json()["online"] is online for m in msgs[after:]
-        )
+        return any(m.topic == GATEWAY_STATUS and m.json()["online"] is online for m in msgs[after:])
 
     await col.wait_for(found, timeout)
     return next(
@@ -77,9 +75,7 @@ def log_tail(log: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(
-    config: Path, log: Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
+async def gateway_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     proc = await start_gateway(config, 1.0, log)
     try:
         yield proc

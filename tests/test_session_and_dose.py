@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from devicegw.config import DoseRules, parse_config
+from devicegw.config import DoseRules
 from devicegw.contract.vocabulary import Verdict
 from devicegw.core.dose_check import assess
 from devicegw.core.session_tracker import (
@@ -16,24 +16,10 @@ from devicegw.core.session_tracker import (
 )
 from devicegw.core.vm1_pipeline import Vm1Pipeline
 from drivers.vm1.messages import AlarmCode, DeviceState, EndReason, SessionRecord
-from tests.session_stream import T0, ListSink, StreamBuilder, feed
+from tests.session_stream import T0, ListSink, StreamBuilder, feed, one_device_config
 
 RULES = DoseRules()
-CONFIG = parse_config(
-    {
-        "gateway": {"id": "gw", "site": "s1"},
-        "devices": [
-            {
-                "id": "neb-bed01",
-                "type": "vm1",
-                "bed": "B01",
-                "subject_id": "CVD-042-0001",
-                "kit_number": "K-1",
-                "link": {"kind": "serial", "port": "/dev/ttyUSB0"},
-            }
-        ],
-    }
-)
+CONFIG = one_device_config()
 
 
 def run(stream: StreamBuilder, tracker: SessionTracker | None = None) -> list[TrackerEvent]:

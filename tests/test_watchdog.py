@@ -235,14 +235,18 @@ async def test_ten_thousand_failures_of_every_kind_and_still_serving(tmp_path: P
         task = asyncio.create_task(gateway.run(), name="gateway-under-test")
         try:
             await until(
-                lambda: noport.health.open_failures >= FAILURES
-                and refused.health.refusals >= FAILURES
-                and gateway.publisher.stats.connect_failures >= FAILURES,
+                lambda: (
+                    noport.health.open_failures >= FAILURES
+                    and refused.health.refusals >= FAILURES
+                    and gateway.publisher.stats.connect_failures >= FAILURES
+                ),
                 WAIT_S,
                 Progress(
-                    lambda: f"{FAILURES} failures of each kind "
-                    f"(open {noport.health.open_failures}, refused {refused.health.refusals}, "
-                    f"broker {gateway.publisher.stats.connect_failures})"
+                    lambda: (
+                        f"{FAILURES} failures of each kind "
+                        f"(open {noport.health.open_failures}, refused {refused.health.refusals}, "
+                        f"broker {gateway.publisher.stats.connect_failures})"
+                    )
                 ),
             )
             assert not task.done()
