@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
 from devicegw.contract.payloads import DoseRecord
 
-__all__ = ["AuditKind", "AuditLog", "SessionJournalPort"]
+__all__ = ["AuditKind", "AuditLog", "RecordedDose", "SessionJournalPort"]
 
 
 class AuditKind(StrEnum):
@@ -64,6 +65,13 @@ class AuditKind(StrEnum):
     assignment_refused = "assignment_refused"
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedDose:
+    """A dose event already in the outbox: its gateway end time, if its payload says it."""
+
+    gateway_end_utc: datetime | None
+
+
 class AuditLog(Protocol):
     """The append-only audit trail (``devicegw.storage.audit.AuditTrail``)."""
 
@@ -103,7 +111,7 @@ class SessionJournalPort(Protocol):
 
     def raise_watermark(self, model: str, serial_no: str, session_no: int) -> None: ...
 
-    def recorded_times(self, event_id: str) -> tuple[datetime | None, datetime] | None: ...
+    def recorded_dose(self, event_id: str) -> RecordedDose | None: ...
 
     def counter_epoch(self, model: str, serial_no: str) -> int: ...
 

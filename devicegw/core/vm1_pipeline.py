@@ -43,7 +43,7 @@ from devicegw.contract.vocabulary import DataSource, Reason
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.dose_check import assess
 from devicegw.core.dose_event import build_dose_record, device_identity
-from devicegw.core.ports import AuditKind, AuditLog, SessionJournalPort
+from devicegw.core.ports import AuditKind, AuditLog, RecordedDose, SessionJournalPort
 from devicegw.core.session_tracker import (
     AlarmChanged,
     FetchSessionRecord,
@@ -481,7 +481,7 @@ class Vm1Pipeline:
         if ident is None:  # unreachable: nothing becomes a session before an accepted IDENT
             raise RuntimeError("a session finished on a device that has not identified itself")
         if self.journal is not None:
-            recorded = self.journal.recorded_times(str(self._event_id(ident, session.session_no)))
+            recorded = self.journal.recorded_dose(str(self._event_id(ident, session.session_no)))
             if recorded is not None and _is_another_dose(session, recorded):
                 self._counter_reset(
                     ident,
@@ -489,7 +489,7 @@ class Vm1Pipeline:
                     "a recorded session number started again after it had ended",
                     session.session_no,
                 )
-            elif self.journal.is_recorded(str(self._event_id(ident, session.session_no))):
+            elif recorded is not None:
                 # Recorded before a restart or by an earlier fetch: the first record stands.
                 log.info(
                     "session already recorded; not recorded again",
@@ -643,11 +643,16 @@ class Vm1Pipeline:
             )
 
 
-def _is_another_dose(session: FinishedSession, recorded: tuple[datetime | None, datetime]) -> bool:
+def _is_another_dose(session: FinishedSession, recorded: RecordedDose) -> bool:
     """A session followed live that started after the recorded one with its number ended:
     the device's counter started again (the same session fetched again starts before)."""
-    start = session.gateway_start_utc
-    return session.data_source == DataSource.LIVE and start is not None and start > recorded[1]
+    start, end = session.gateway_start_utc, recorded.gateway_end_utc
+    return (
+        session.data_source == DataSource.LIVE
+        and start is not None
+        and end is not None
+        and start > end
+    )
 
 
 def _ml(ul: int | None) -> float | None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
+from devicegw.core.ports import RecordedDose
 from devicegw.storage.store import Store, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,11 @@ class SessionJournal:
         else:
             self.store.held.run(key, write)
 
-    def recorded_times(self, event_id: str) -> tuple[datetime | None, datetime] | None:
-        """Gateway start and end times of a recorded dose event, or None if not recorded.
+    def recorded_dose(self, event_id: str) -> RecordedDose | None:
+        """The dose event with this id in the outbox, or None if it is not recorded.
 
-        How a session number the device repeats after a counter reset is told apart
-        from the same session fetched again: a new dose starts after the old one ended.
+        Its gateway end time tells a session number the device repeats after a counter
+        reset from the same session fetched again: a new dose starts after the old ended.
         """
         try:
             row = self.store.conn.execute(
@@ -145,14 +146,10 @@ class SessionJournal:
         if row is None:
             return None
         try:
-            times = json.loads(row[0])["times"]
-            start = times.get("gateway_start_utc")
-            return (
-                None if start is None else datetime.fromisoformat(start),
-                datetime.fromisoformat(times["gateway_end_utc"]),
-            )
+            end = datetime.fromisoformat(json.loads(row[0])["times"]["gateway_end_utc"])
         except (ValueError, KeyError, TypeError):
-            return None  # not readable: treated as the same dose (never a second record)
+            end = None  # not readable: treated as the same dose (never a second record)
+        return RecordedDose(gateway_end_utc=end)
 
     def counter_epoch(self, model: str, serial_no: str) -> int:
         row = self.store.conn.execute(
