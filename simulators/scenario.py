@@ -34,6 +34,7 @@ __all__ = [
     "FaultSpec",
     "LinkDrop",
     "PauseSpec",
+    "RebootSpec",
     "Scenario",
     "SessionScript",
     "format_errors",
@@ -176,6 +177,13 @@ class SessionScript(_Strict):
     rate_bias: float = Field(default=0.03, ge=-0.10, le=0.10)
     #: Liquid left when the mesh runs dry (not aerosolised).
     residual_ul: int = Field(default=105, ge=0, le=150)
+    #: ``blind``: the level sensor reads unknown (0xFFFF) from this fill to the session's
+    #: end (a tilted or fouled sensor): in SESSION_START, SESSION_END, the log and STATUS.
+    level_sensor: Literal["ok", "blind"] = "ok"
+    #: A drifting level sensor: the residual it reports at the session's end instead of
+    #: the true level (e.g. above the fill); ``None``: the true level, within the ICD's
+    #: +-0.1 mL.
+    residual_reading_ul: int | None = Field(default=None, ge=0, le=0xFFFE)
     #: A long press of the button: session ends with USER_STOP.
     stop_at_s: Seconds | None = None
     pauses: tuple[PauseSpec, ...] = Field(default=(), strict=False, max_length=999)
@@ -202,6 +210,21 @@ class SessionScript(_Strict):
         return self
 
 
+class RebootSpec(_Strict):
+    """The device restarts at ``at_s`` (brown-out, watchdog, battery swap).
+
+    Uptime (``dev_ms``), ``seq`` and the device clock start again from zero; the device
+    sends IDENT as at power-up and comes back IDLE. A running session is lost, or with
+    ``records_interrupted_session`` kept in the log ended with reason FAULT.
+    ``session_counter_to``: the session counter restarts from this value and the log
+    is erased, as after a board swap or a re-flash.
+    """
+
+    at_s: Seconds
+    records_interrupted_session: bool = False
+    session_counter_to: int | None = Field(default=None, ge=0, le=0xFFFF_FFFE)
+
+
 class LinkDrop(_Strict):
     """The serial link disappears (USB unplugged) at ``at_s`` for ``duration_s``."""
 
@@ -226,6 +249,7 @@ class Scenario(_Strict):
     device: DeviceSpec
     sessions: tuple[SessionScript, ...] = Field(strict=False)
     link_drops: tuple[LinkDrop, ...] = Field(default=(), strict=False)
+    reboots: tuple[RebootSpec, ...] = Field(default=(), strict=False, max_length=999)
     corruption: tuple[Corruption, ...] = Field(default=(), strict=False)
 
     @model_validator(mode="after")
@@ -247,6 +271,9 @@ class Scenario(_Strict):
             if drop.at_s <= previous_end:
                 raise ValueError(f"link_drops[{i}].at_s: must be after the previous link drop ends")
             previous_end = drop.at_s + drop.duration_s
+        for i in range(1, len(self.reboots)):
+            if self.reboots[i].at_s <= self.reboots[i - 1].at_s:
+                raise ValueError(f"reboots[{i}].at_s: must be after the previous reboot")
         return self
 
     @property
@@ -262,6 +289,7 @@ class Scenario(_Strict):
             if s.fault is not None:
                 times.append(s.fault.at_s)
         times += [d.at_s + d.duration_s for d in self.link_drops]
+        times += [r.at_s for r in self.reboots]
         times += [c.at_s for c in self.corruption]
         return max(times)
 

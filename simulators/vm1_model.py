@@ -66,6 +66,15 @@ Behaviour (ICD rev 1.0 section 3) and the choices made where the ICD is silent:
 - GET_SESSION serves the last 16 *ended* sessions since power-on; sessions
   from before power-on (``last_session_no`` of the scenario) and the running
   session give BAD_ARGUMENT.
+- Level sensor faults (per session script): ``level_sensor = "blind"`` reads
+  unknown (0xFFFF; ``None`` in STATUS) from the fill to the session's end;
+  ``residual_reading_ul`` is what a drifting sensor reports at the end.
+- Reboots (``[[reboots]]``): uptime, ``seq`` and the clock restart from zero,
+  the telemetry rate returns to its default, alarms and faults clear, the
+  device is IDLE with nothing loaded and sends IDENT. A running session is
+  lost (its number stays used), or kept in the log ended with FAULT when the
+  reboot says so. ``session_counter_to`` restarts the counter and erases the
+  log (a board swap or re-flash).
 """
 
 from __future__ import annotations
@@ -106,11 +115,13 @@ from drivers.vm1.messages import (
     Status,
     Stop,
 )
-from simulators.scenario import DeviceSpec, Scenario, SessionScript
+from simulators.scenario import DeviceSpec, RebootSpec, Scenario, SessionScript
 
 __all__ = ["SessionSummary", "Vm1Model"]
 
 DEV_MS_MASK = 0xFFFF_FFFF
+#: The level sensor's "unknown" reading on the wire (ICD section 2).
+LEVEL_UNKNOWN_UL = 0xFFFF
 STATUS_PERIOD_MS = 1000
 PHYSICS_TICK_MS = 100
 DRY_TO_COMPLETE_MS = 3000
@@ -206,9 +217,11 @@ class Vm1Model:
         device: DeviceSpec,
         sessions: Sequence[SessionScript],
         seed: int | None = None,
+        reboots: Sequence[RebootSpec] = (),
     ) -> None:
         self.device = device
         self.sessions = tuple(sessions)
+        self.reboots = tuple(reboots)
         self._seed = device.seed if seed is None else seed
         self._uptime_ms = round(device.uptime_at_start_s * 1000)
         self._sensor_rng = random.Random(f"vm1/{self._seed}/sensor")
@@ -225,6 +238,7 @@ class Vm1Model:
         self._mouthpiece = False
         self._mesh_dry = True  # nothing on the mesh before the first fill
         self._level_ul = 0.0
+        self._level_blind = False
         self._sensor_offset = 0.0
         self._residual_ul = 0.0
         self._battery: float | None = None if device.mains else device.battery_pct
@@ -266,10 +280,12 @@ class Vm1Model:
                     self._script(a.at_s + a.duration_s, self._on_alarm_clear, a.code)
             if s.fault is not None:
                 self._script(s.fault.at_s, self._on_fault, s.fault.code)
+        for i, r in enumerate(self.reboots):
+            self._script(r.at_s, self._on_reboot, i)
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> Vm1Model:
-        return cls(scenario.device, scenario.sessions)
+        return cls(scenario.device, scenario.sessions, reboots=scenario.reboots)
 
     # ------------------------------------------------------------------ public API
 
@@ -394,7 +410,9 @@ class Vm1Model:
         unix_s, at_ms = self._clock
         return (unix_s + (now - at_ms) // 1000) & 0xFFFF_FFFF
 
-    def _level_reading(self) -> int:
+    def _level_reading(self) -> int | None:
+        if self._level_blind:
+            return None
         if self._level_ul <= 0:
             return 0
         noise = self._sensor_rng.gauss(0.0, SENSOR_NOISE_UL)
@@ -453,11 +471,10 @@ class Vm1Model:
         )
 
     def _emit_status(self, now: int) -> None:
-        reservoir = None if AlarmCode.TILT in self._alarms else self._level_reading()
         self._out.append(
             Status(
                 state=self._state,
-                reservoir_ul=reservoir,
+                reservoir_ul=None if AlarmCode.TILT in self._alarms else self._level_reading(),
                 battery_pct=self._battery_reading(),
                 flags=self._flags(),
                 fault_code=self._fault_code,
@@ -560,7 +577,7 @@ class Vm1Model:
             script=script,
             start_ms=now,
             start_wall_s=self._wall_s(now),
-            fill_reading=self._level_reading(),
+            fill_reading=_wire_level(self._level_reading()),
             true_fill_ul=self._level_ul,
             rng=rng,
             breath_cycle_ms=cycle,
@@ -606,7 +623,9 @@ class Vm1Model:
         assert s is not None
         self._integrate(now)
         before = self._status_key()
-        residual = self._level_reading()
+        residual = _wire_level(self._level_reading())
+        if s.script.residual_reading_ul is not None:
+            residual = s.script.residual_reading_ul
         neb_ms = min(round(s.neb_ms), 0xFFFF_FFFF)
         cum_ul = min(int(s.cum_ul), 0xFFFF_FFFF)
         self._out.append(
@@ -644,6 +663,7 @@ class Vm1Model:
         self._mouthpiece = False
         self._update_rates(now)
         self._emit_status_if_changed(now, before)
+        self._level_blind = False  # blind until the session's end, STATUS at the end included
 
     def _pause(self, now: int, cause: str) -> None:
         s = self._active
@@ -753,6 +773,7 @@ class Vm1Model:
         before = self._status_key()
         script = self.sessions[index]
         self._level_ul = float(script.fill_ul)
+        self._level_blind = script.level_sensor == "blind"
         self._residual_ul = float(script.residual_ul)
         self._sensor_offset = self._sensor_rng.uniform(-SENSOR_OFFSET_UL, SENSOR_OFFSET_UL)
         self._mesh_dry = False
@@ -847,6 +868,63 @@ class Vm1Model:
         self._fault_code = code
         self._emit_status_if_changed(now, before)
 
+    def _on_reboot(self, now: int, index: int) -> None:
+        self._pending_script -= 1
+        spec = self.reboots[index]
+        s = self._active
+        if s is not None:
+            self._integrate(now)
+            if spec.records_interrupted_session:
+                # The log entry a device with non-volatile logging writes on its way down.
+                neb_ms = min(round(s.neb_ms), 0xFFFF_FFFF)
+                cum_ul = min(int(s.cum_ul), 0xFFFF_FFFF)
+                summary = SessionSummary(
+                    session_no=s.session_no,
+                    script_index=s.script_index,
+                    reason=EndReason.FAULT,
+                    start_s=s.start_ms / 1000,
+                    end_s=now / 1000,
+                    start_wall_s=s.start_wall_s,
+                    end_wall_s=self._wall_s(now),
+                    fill_ul=s.fill_reading,
+                    residual_ul=_wire_level(self._level_reading()),
+                    neb_ms=neb_ms,
+                    cum_ul=cum_ul,
+                    true_fill_ul=s.true_fill_ul,
+                    true_delivered_ul=s.true_fill_ul - self._level_ul,
+                )
+                self._records.append(summary)
+                self.history.append(summary)
+            self.notes.append(f"{now} ms: reboot interrupted session {s.session_no}")
+        if spec.session_counter_to is not None:
+            self._last_session_no = spec.session_counter_to
+            self._records.clear()
+        self._active = None
+        self._gen += 1
+        self._pause_gen += 1
+        self._output_gen += 1
+        self._rate_gen += 1
+        self._true_rate = 0.0
+        self._est_rate = 0.0
+        self._loaded = None
+        self._level_blind = False
+        self._mesh_dry = True
+        self._mouthpiece = False
+        self._alarms.clear()
+        self._fault_code = 0
+        self._state = DeviceState.IDLE
+        self._clock = None
+        self._hz = DEFAULT_TELEMETRY_HZ
+        self._seq = 0
+        self._last_command = None
+        # dev_ms restarts from zero at this instant.
+        self._uptime_ms = -now
+        if self.device.sends_ident:
+            self._out.append(self._ident(now))
+        self._emit_status(now)
+        if self._battery_low():
+            self._raise_alarm(now, AlarmCode.BATTERY_LOW)
+
     # ------------------------------------------------------------------ commands
 
     def _check(self, cmd: HostCommand) -> AckResult:
@@ -910,6 +988,11 @@ _COMMAND_TYPES: dict[type[HostCommand], MsgType] = {
     SetRate: MsgType.SET_RATE,
     GetSession: MsgType.GET_SESSION,
 }
+
+
+def _wire_level(reading: int | None) -> int:
+    """SESSION_START/END and SESSION_RECORD carry an unknown level as 0xFFFF."""
+    return LEVEL_UNKNOWN_UL if reading is None else reading
 
 
 def _cmd_type(cmd: HostCommand) -> int:

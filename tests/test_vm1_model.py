@@ -36,7 +36,7 @@ from drivers.vm1.messages import (
     Status,
     Stop,
 )
-from simulators.scenario import DeviceSpec, SessionScript
+from simulators.scenario import DeviceSpec, RebootSpec, SessionScript
 from simulators.vm1_model import Vm1Model
 
 M = TypeVar("M")
@@ -517,3 +517,67 @@ def test_dev_ms_wraps_after_two_to_the_32_ms() -> None:
     assert outputs[wrap + 1].dev_ms == 0
     assert one(msgs, SessionStart).dev_ms == 2**32 - 50_000
     assert all(0 <= m.dev_ms < 2**32 for m in msgs)
+
+
+# -- level sensor faults and reboots (the issue-10 edge scenarios) -------------------
+
+
+def test_blind_level_sensor_reads_unknown_from_fill_to_end() -> None:
+    model = Vm1Model(device(), [session(level_sensor="blind")])
+    out = model.advance(600)
+    [start] = of(out, SessionStart)
+    [end] = of(out, SessionEnd)
+    assert start.fill_ul == end.residual_ul == 0xFFFF
+    during = [m for m in of(out, Status) if start.dev_ms <= m.dev_ms <= end.dev_ms]
+    assert during and all(m.reservoir_ul is None for m in during)
+    assert model.session_summaries()[0].record().fill_ul == 0xFFFF
+    assert end.cum_ul > 2500  # the rate estimate still works
+
+
+def test_drifting_level_sensor_reports_its_residual() -> None:
+    model = Vm1Model(device(), [session(residual_reading_ul=3050)])
+    [end] = of(model.advance(600), SessionEnd)
+    assert end.residual_ul == 3050
+
+
+def test_reboot_restarts_uptime_seq_and_clock_and_loses_the_session() -> None:
+    model = Vm1Model(
+        device(uptime_at_start_s=2_200_000), [session()], reboots=[RebootSpec(at_s=70)]
+    )
+    model.handle_command(SetClock(unix_s=WALL, seq=0), 1.0)
+    out = model.advance(100)
+    [start] = of(out, SessionStart)
+    assert start.dev_ms == 2_200_010_000 and start.wall_s != 0
+    idents = of(out, Ident)
+    assert [(i.dev_ms, i.seq, i.last_session_no) for i in idents] == [(0, 0, 42)]
+    after = [m for m in out if m.dev_ms < 100_000 and not isinstance(m, Ident)]
+    assert after and after[0].dev_ms == 0 and after[0].seq == 1
+    status = of(out, Status)[-1]
+    assert status.state is DeviceState.IDLE and not status.flags & FLAG_CLOCK_SET
+    assert not of(out, SessionEnd)  # the session just stops: no SESSION_END
+    assert all(m.dev_ms > 1_000_000 for m in of(out, Output))  # none after the reboot
+    assert model.session_summaries() == []  # lost: GET_SESSION 42 gives BAD_ARGUMENT
+    [ack] = of(model.handle_command(GetSession(session_no=42, seq=9), 101), Ack)
+    assert ack.result is AckResult.BAD_ARGUMENT
+
+
+def test_reboot_can_log_the_interrupted_session() -> None:
+    model = Vm1Model(
+        device(), [session()], reboots=[RebootSpec(at_s=70, records_interrupted_session=True)]
+    )
+    model.advance(100)
+    [summary] = model.session_summaries()
+    assert summary.session_no == 42 and summary.reason is EndReason.FAULT
+    assert summary.neb_ms == 60_000
+
+
+def test_board_swap_restarts_the_session_counter_and_erases_the_log() -> None:
+    model = Vm1Model(
+        device(),
+        [session(), session(fill_at_s=560, start_at_s=570)],
+        reboots=[RebootSpec(at_s=540, session_counter_to=41)],
+    )
+    out = model.advance(1100)
+    assert [s.session_no for s in of(out, SessionStart)] == [42, 42]
+    assert [s.session_no for s in model.session_summaries()] == [42]
+    assert of(out, Ident)[0].last_session_no == 41
