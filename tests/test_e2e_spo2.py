@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import pytest
 from devicegw.config import parse_config
 from devicegw.contract.payloads import DoseEvent
 from devicegw.contract.spo2 import PostDoseSafetySummary, SafetyAlert
+from devicegw.mqtt.publisher import encode
+from devicegw.recording.format import first_header, iter_records
+from devicegw.recording.player import Emitted, Player
 from devicegw.runtime.gateway import Gateway
 from drivers.clock import ScaledClock
 from simulators.oximeter_pty import NoninPtySimulator
@@ -32,9 +36,14 @@ OBSERVATION_S = 300.0  # shortened from the default 30 minutes to keep the test 
 
 
 async def run_bed(
-    broker: MosquittoBroker, tmp_path: Path, oximeter_scenario: str
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    oximeter_scenario: str,
+    *,
+    record_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run one bed until the post-dose summary; returns (dose event, safety messages)."""
+    recording = {} if record_dir is None else {"record_dir": str(record_dir)}
     clock = ScaledClock(100.0)
     ox_scen, vm1_scen = load_pair(SCENARIOS / f"{oximeter_scenario}.toml")
     assert vm1_scen is not None
@@ -44,7 +53,12 @@ async def run_bed(
     ):
         config = parse_config(
             {
-                "gateway": {"id": "gw-spo2", "site": "s1", "data_dir": str(tmp_path / "data")},
+                "gateway": {
+                    "id": "gw-spo2",
+                    "site": "s1",
+                    "data_dir": str(tmp_path / "data"),
+                    **recording,
+                },
                 "broker": {"host": broker.host, "port": broker.port},
                 # The scenarios start the session 30 s after power-on; at 100x the
                 # gateway's own start costs some of those seconds of baseline data.
@@ -150,3 +164,35 @@ async def test_artefact_heavy_stream_raises_no_false_alarm(
     assert dose["spo2"]["spo2_monitoring"] == ("monitored" if adequate else "monitoring_inadequate")
     [post] = [m for m in safety if m["event_type"] == "post_dose_safety_summary"]
     assert post["correlation_id"] == dose["event_id"]
+
+
+async def test_recorded_bed_replays_its_spo2_overlay_and_post_dose_summary(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """run --record with an oximeter on the bed, then replay: the same dose event (its
+    ``spo2`` section included), the same safety alerts and post-dose summary."""
+    rec_dir = tmp_path / "rec"
+    dose, safety = await run_bed(mosquitto, tmp_path, "oximeter_desat", record_dir=rec_dir)
+    files = sorted(rec_dir.glob("*.dgwrec"))
+    assert [f.name.split("-2")[0] for f in files] == ["neb-b01"]  # the bed's one file
+    kinds = {r.kind for r in iter_records(files[0])}
+    assert {"S", "K", "U"} <= kinds
+    assert first_header(files[0])[0].version == 2
+
+    replayed: list[Emitted] = []
+    Player(files, emit=replayed.append, kinds=("dose", "safety")).run()
+    out = [json.loads(encode(e.payload)) for e in replayed]
+    [replayed_dose] = [m for m in out if m["event_type"] == "dose_completion"]
+    replayed_safety = [m for m in out if m["event_type"] != "dose_completion"]
+    assert without_delivery(replayed_dose) == without_delivery(dose)
+    assert replayed_dose["spo2"]["spo2_monitoring"] == "monitored"
+    assert [without_delivery(m) for m in replayed_safety] == [without_delivery(m) for m in safety]
+    assert [m["event_type"] for m in replayed_safety] == [
+        "safety_alert",
+        "safety_alert",
+        "post_dose_safety_summary",
+    ]
+
+
+def without_delivery(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k != "delivery"}

@@ -441,9 +441,7 @@ def payload_bytes(message: aiomqtt.Message) -> bytes:
     return b"" if payload is None else str(payload).encode()
 
 
-async def bounded(
-    run: Callable[[], Awaitable[int]], options: TailOptions, printer: Printer
-) -> int:
+async def bounded(run: Callable[[], Awaitable[int]], options: TailOptions, printer: Printer) -> int:
     """Run one MQTT loop under ``--timeout``; broker errors become TransportError."""
     try:
         async with asyncio.timeout(options.timeout):

@@ -36,8 +36,17 @@ from typing import Any, BinaryIO, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from devicegw import __version__
-from devicegw.config import Config, DeviceSettings, DoseRules, GatewaySettings, TelemetrySettings
+from devicegw.config import (
+    Config,
+    DeviceSettings,
+    DoseRules,
+    GatewaySettings,
+    OximeterSettings,
+    Spo2Rules,
+    TelemetrySettings,
+)
 from devicegw.errors import ProtocolError
+from devicegw.safe_text import printable
 
 __all__ = [
     "FORMAT_VERSION",
@@ -59,7 +68,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAGIC = b"DGWREC1\n"
+#: Version 1: the nebulizer link only. Version 2 adds the bed's oximeter inputs (kinds
+#: S, U, D, K) and is written only for a device whose bed has an oximeter, so recordings
+#: of beds without one stay version 1, byte for byte.
 FORMAT_VERSION = 1
+FORMAT_VERSION_BED = 2
+READ_VERSIONS = frozenset((1, 2))
 SUFFIX = ".dgwrec"
 
 # Record kinds (one ASCII byte each, readable in a hex dump).
@@ -68,7 +82,13 @@ OPEN = "O"
 CLOSE = "C"
 RX = "R"
 TX = "T"
-KINDS = frozenset((HEADER, OPEN, CLOSE, RX, TX))
+# Version 2: what the bed's SpO2 monitor was given (devicegw/recording/bed_inputs.py).
+OX_SAMPLE = "S"
+OX_UP = "U"
+OX_DOWN = "D"
+BED_TICK = "K"
+BED_KINDS = frozenset((OX_SAMPLE, OX_UP, OX_DOWN, BED_TICK))
+KINDS = frozenset((HEADER, OPEN, CLOSE, RX, TX)) | BED_KINDS
 
 #: ``<u32 body length><u32 CRC-32 of body>`` before every body.
 _PREFIX = struct.Struct("<II")
@@ -142,6 +162,9 @@ class RecordingHeader(BaseModel):
     device: DeviceSettings | None = None
     dose_rules: DoseRules = DoseRules()
     telemetry: TelemetrySettings = TelemetrySettings()
+    #: Version 2: the oximeter on the device's bed and the SpO2 rules it was judged by.
+    oximeter: OximeterSettings | None = None
+    spo2_rules: Spo2Rules | None = None
     extra: dict[str, Any] | None = None
 
     def encode(self) -> bytes:
@@ -157,7 +180,9 @@ class RecordingHeader(BaseModel):
             gateway=GatewaySettings(id=self.gateway.id, site=self.gateway.site),
             dose_rules=self.dose_rules,
             telemetry=self.telemetry,
+            spo2_rules=self.spo2_rules or Spo2Rules(),
             devices=[self.device],
+            oximeters=[] if self.oximeter is None else [self.oximeter],
             source_sha256=self.config_sha256,
         )
 
@@ -168,10 +193,10 @@ def parse_header(record: Record) -> RecordingHeader:
         header = RecordingHeader.model_validate(data)
     except (ValueError, ValidationError) as exc:
         raise RecordingError(f"unreadable recording header: {exc}") from exc
-    if header.version != FORMAT_VERSION:
+    if header.version not in READ_VERSIONS:
         raise RecordingError(
             f"recording format version {header.version} is not supported "
-            f"(this devicegw reads version {FORMAT_VERSION})"
+            f"(this devicegw reads versions {', '.join(map(str, sorted(READ_VERSIONS)))})"
         )
     return header
 
@@ -185,8 +210,9 @@ def make_header(
     extra: dict[str, Any] | None = None,
 ) -> RecordingHeader:
     device = next((d for d in config.devices if d.id == device_id), None)
+    oximeter = None if device is None else config.oximeter_for(device)
     return RecordingHeader(
-        version=FORMAT_VERSION,
+        version=FORMAT_VERSION if oximeter is None else FORMAT_VERSION_BED,
         run_id=run_id,
         source=source,
         gateway=_Gateway(id=config.gateway.id, site=config.gateway.site),
@@ -196,6 +222,8 @@ def make_header(
         device=device,
         dose_rules=config.dose_rules,
         telemetry=config.telemetry,
+        oximeter=oximeter,
+        spo2_rules=None if oximeter is None else config.spo2_rules,
         extra=extra,
     )
 
@@ -544,6 +572,14 @@ class RecordingWriter:
 # ---------------------------------------------------------------------------------- showing
 
 
+_BED_LABELS = {
+    OX_SAMPLE: "oximeter sample",
+    OX_UP: "oximeter up",
+    OX_DOWN: "oximeter down",
+    BED_TICK: "bed tick",
+}
+
+
 def show_lines(path: str | Path, *, limit: int | None = None, hex_bytes: int = 24) -> Iterator[str]:
     """Human-readable lines for ``devicegw recording show``: one per record and per message."""
     from drivers.link_unit import LinkUnit
@@ -577,7 +613,12 @@ def show_lines(path: str | Path, *, limit: int | None = None, hex_bytes: int = 2
         if rec.kind in (OPEN, CLOSE):
             decoders = {RX: vm1_decoder(unit), TX: vm1_decoder(unit)}
             label = "open" if rec.kind == OPEN else "close"
-            yield f"{when} {device} {rec.kind} {label}: {rec.text()}"
+            yield f"{when} {device} {rec.kind} {label}: {printable(rec.text(), limit=300)}"
+            continue
+        if rec.kind in BED_KINDS:
+            label = _BED_LABELS[rec.kind]
+            text = printable(rec.text(), limit=300)
+            yield f"{when} {device} {rec.kind} {label}" + (f": {text}" if rec.payload else "")
             continue
         raw = rec.payload.hex(" ")
         if len(rec.payload) > hex_bytes:

@@ -15,10 +15,12 @@ configuration a device's pipeline runs with, e.g. for its topics). No argparse,
 no terminal, no broker here: ``devicegw replay`` (``devicegw/cli/replay.py``)
 prints and publishes what the player emits.
 
-Scope: the nebulizer streams (VM-1). Oximeter streams are not recorded yet, so a
-session replayed from a recording of a bed with an oximeter has no SpO2 overlay
-(``spo2``: ``no_oximeter_assigned``) while the live event had one; the dose
-itself (volume, verdict, times) is identical.
+A recording of a bed with an oximeter (format version 2) also holds what the
+bed's SpO2 monitor was given (:mod:`devicegw.recording.bed_inputs`); the player
+gives it to a fresh :class:`~devicegw.core.bed_monitor.BedMonitor` in file order,
+so the dose event's ``spo2`` section, the safety alerts and the post-dose
+summary (output kind ``safety``) come out as they did live. Version 1
+recordings of such a bed replay without an overlay (``no_oximeter_assigned``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel
+
 from devicegw.config import Config
 from devicegw.contract.payloads import (
     DeviceDetail,
@@ -44,11 +48,18 @@ from devicegw.contract.payloads import (
     Telemetry,
     TelemetryDetail,
 )
+from devicegw.contract.spo2 import PostDoseSafetySummary, SafetyAlert
+from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
+from devicegw.recording.bed_inputs import decode_sample
 from devicegw.recording.format import (
+    BED_TICK,
     CLOSE,
     HEADER,
     OPEN,
+    OX_DOWN,
+    OX_SAMPLE,
+    OX_UP,
     RX,
     TX,
     ReadStats,
@@ -72,7 +83,7 @@ __all__ = [
 ]
 
 OutputKind = Literal[
-    "dose", "dose-detail", "status", "device-detail", "telemetry", "telemetry-detail"
+    "dose", "dose-detail", "status", "device-detail", "telemetry", "telemetry-detail", "safety"
 ]
 OUTPUT_KINDS: tuple[OutputKind, ...] = (
     "dose",
@@ -81,6 +92,7 @@ OUTPUT_KINDS: tuple[OutputKind, ...] = (
     "device-detail",
     "telemetry",
     "telemetry-detail",
+    "safety",
 )
 
 
@@ -90,7 +102,16 @@ class Emitted:
 
     device_id: str
     kind: OutputKind
-    payload: DoseEvent | DoseDetail | DeviceStatus | DeviceDetail | Telemetry | TelemetryDetail
+    payload: (
+        DoseEvent
+        | DoseDetail
+        | DeviceStatus
+        | DeviceDetail
+        | Telemetry
+        | TelemetryDetail
+        | SafetyAlert
+        | PostDoseSafetySummary
+    )
 
 
 @dataclass(slots=True)
@@ -196,6 +217,10 @@ class _Sink:
         self._out(Emitted(device_id, "telemetry", telemetry))
         self._out(Emitted(device_id, "telemetry-detail", detail))
 
+    def safety_event(self, device_id: str, payload: BaseModel) -> None:
+        assert isinstance(payload, SafetyAlert | PostDoseSafetySummary)
+        self._out(Emitted(device_id, "safety", payload))
+
 
 @dataclass(slots=True)
 class _Run:
@@ -203,6 +228,7 @@ class _Run:
     pipeline: Vm1Pipeline
     first_utc_us: int
     last_utc_us: int
+    bed: BedMonitor | None = None
 
 
 class Player:
@@ -282,7 +308,10 @@ class Player:
         dev_summary = self.summary.devices.setdefault(device_id, DeviceSummary())
         dev_summary.runs += 1
         sink = _Sink(dev_summary, self._kinds, self._emit)
-        return _Run(header.run_id, Vm1Pipeline(device, config, sink), utc_us, utc_us)
+        oximeter = config.oximeter_for(device) if header.oximeter is not None else None
+        bed = None if oximeter is None else BedMonitor(config, device, oximeter, sink)
+        pipeline = Vm1Pipeline(device, config, sink, bed=bed)
+        return _Run(header.run_id, pipeline, utc_us, utc_us, bed)
 
     def apply(self, device_id: str, rec: Record) -> None:
         """Feed one record to its device's pipeline."""
@@ -310,6 +339,15 @@ class Player:
         elif kind == TX:
             # What the gateway asked: an unanswerable GET_SESSION finishes a session.
             run.pipeline.sent(rec.payload)
+        elif run.bed is not None:
+            if kind == OX_SAMPLE:
+                run.bed.feed(rec.mono, decode_sample(rec.payload))
+            elif kind == BED_TICK:
+                run.bed.tick(rec.mono)
+            elif kind == OX_UP:
+                run.bed.oximeter_up(rec.mono)
+            elif kind == OX_DOWN:
+                run.bed.oximeter_down(rec.mono)
 
     def _note(self, rec: Record) -> None:
         s = self.summary

@@ -40,6 +40,7 @@ from devicegw.contract.topics import Topics
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.ports import AuditKind
 from devicegw.mqtt.publisher import MqttPublisher, encode
+from devicegw.recording.bed_inputs import RecordingBedMonitor
 from devicegw.recording.format import RecordingWriter
 from devicegw.runtime import descriptors, health, systemd_notify
 from devicegw.runtime.link_events import LinkObserver
@@ -213,7 +214,14 @@ class Gateway:
         self.beds: dict[str, BedMonitor] = {}
         for device in config.devices:
             oximeter = config.oximeter_for(device)
-            if oximeter is not None:
+            if oximeter is None:
+                continue
+            if self.recorder is not None:
+                # The bed's SpO2 inputs go into its nebulizer's recording (replay gives `spo2`).
+                self.beds[device.bed] = RecordingBedMonitor(
+                    config, device, oximeter, self.sink, writer=self.recorder, clock=clock
+                )
+            else:
                 self.beds[device.bed] = BedMonitor(config, device, oximeter, self.sink)
         self.runners = [
             NebulizerRunner(
