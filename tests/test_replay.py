@@ -219,7 +219,8 @@ async def test_live_recording_replays_to_byte_identical_events(
     elapsed = time.perf_counter() - t0
     assert [encode(e.payload) for e in paced] == live.doses
     assert summary.span_s > 200  # ~257 s of gateway time were recorded
-    assert summary.span_s / SCALE * 0.9 <= elapsed <= summary.span_s / SCALE + 5.0
+    # Paced: never ahead of the clock (no upper bound: a loaded host may be slower).
+    assert elapsed >= summary.span_s / SCALE * 0.9
 
 
 # ----------------------------------------------------------------------------- command line
