@@ -332,7 +332,70 @@ def test_golden_dir_has_no_stray_files() -> None:
     names = {p.name for p in GOLDEN.iterdir()}
     for p in golden_files():
         assert p.stem + ".expected.jsonl" in names
-    assert len(names) == 2 * len(golden_files()) + 1  # + README.md
+    assert len(names) == 2 * len(golden_files()) + 2  # + README.md, oximeter/
+    assert {q.name for q in (GOLDEN / "oximeter").iterdir()} == {
+        OXIMETER_GOLDEN.name,
+        OXIMETER_GOLDEN.stem + ".expected.jsonl",
+    }
+
+
+OXIMETER_GOLDEN = GOLDEN / "oximeter" / "neb-VM1-000123-20260105.dgwrec"
+
+
+def test_golden_recording_with_an_oximeter_replays_its_spo2_overlay() -> None:
+    """complete.toml + oximeter_desat.toml on one bed: the dose event's spo2 section and the
+    safety alerts come out of the replay byte for byte."""
+    assert OXIMETER_GOLDEN.stat().st_size < 300_000
+    out: list[Emitted] = []
+    Player([OXIMETER_GOLDEN], emit=out.append, kinds=("dose", "dose-detail", "safety")).run()
+    lines = [encode(e.payload) for e in out]
+    assert (
+        lines
+        == OXIMETER_GOLDEN.with_name(OXIMETER_GOLDEN.stem + ".expected.jsonl")
+        .read_bytes()
+        .splitlines()
+    )
+    docs = [json.loads(line) for line in lines]
+    assert [d["event_type"] for d in docs] == [
+        "safety_alert",
+        "safety_alert",
+        "dose_completion",
+        "dose_detail",
+    ]
+    assert docs[2]["spo2"]["spo2_monitoring"] == "monitored"
+    assert docs[2]["spo2"]["alerts_raised"] == 1
+
+
+def test_scenario_runner_records_a_nonin_on_the_bed(tmp_path: Path) -> None:
+    """simulate --record with --oximeter: deterministic (it is how the golden was made);
+    an oximeter scenario naming another VM-1 scenario is refused."""
+    complete = SCENARIOS / "complete.toml"
+    desat = SCENARIOS / "oximeter" / "oximeter_desat.toml"
+    res = run_cli(
+        "simulate",
+        "--record",
+        str(tmp_path / "rec"),
+        "--output-rate-hz",
+        "2",
+        "--scenario",
+        str(complete),
+        "--oximeter",
+        str(desat),
+    )
+    assert res.returncode == 0, res.stderr
+    [made] = sorted((tmp_path / "rec").iterdir())
+    assert made.read_bytes() == OXIMETER_GOLDEN.read_bytes()
+    res = run_cli(
+        "simulate",
+        "--record",
+        str(tmp_path / "other"),
+        "--scenario",
+        str(SCENARIOS / "pause_2min.toml"),
+        "--oximeter",
+        str(desat),
+    )
+    assert res.returncode == 2
+    assert b"is not one of the --scenario files" in res.stderr
 
 
 ALL_KINDS = ("dose", "dose-detail", "status", "device-detail", "telemetry", "telemetry-detail")

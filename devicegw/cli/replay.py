@@ -54,6 +54,8 @@ from devicegw.recording.player import (
 if TYPE_CHECKING:
     from rich.progress import Progress
 
+    from simulators.oximeter_scenario import OximeterScenario
+
 
 __all__ = [
     "DEFAULT_SIM_START",
@@ -110,11 +112,39 @@ def _parse_utc(text: str) -> datetime:
     return when.astimezone(UTC)
 
 
+def _paired_oximeters(
+    scenario_paths: list[str], oximeter_paths: list[str]
+) -> list[OximeterScenario | None]:
+    """Each --oximeter goes on the bed of the --scenario its ``vm1_scenario`` names."""
+    from simulators.oximeter_scenario import load_oximeter_scenario
+
+    wanted = [Path(p).resolve() for p in scenario_paths]
+    paired: list[OximeterScenario | None] = [None] * len(wanted)
+    for path in oximeter_paths:
+        oximeter = load_oximeter_scenario(path)
+        target = (
+            None
+            if oximeter.vm1_scenario is None
+            else (Path(path).parent / oximeter.vm1_scenario).resolve()
+        )
+        if target not in wanted:
+            raise ConfigError(
+                f"--oximeter {path}: its vm1_scenario ({oximeter.vm1_scenario}) is not one of "
+                "the --scenario files"
+            )
+        i = wanted.index(target)
+        if paired[i] is not None:
+            raise ConfigError(f"--oximeter {path}: {scenario_paths[i]} already has an oximeter")
+        paired[i] = oximeter
+    return paired
+
+
 def simulate_record_cli(args: argparse.Namespace) -> int:
     from simulators.scenario import load_scenario
 
     try:
         scenarios = [load_scenario(p) for p in args.scenario]
+        oximeters = _paired_oximeters(args.scenario, args.oximeter or [])
     except GatewayError as exc:
         sys.stderr.write(f"devicegw simulate: {exc}\n")
         return 2
@@ -129,6 +159,7 @@ def simulate_record_cli(args: argparse.Namespace) -> int:
         until_s=args.until,
         output_rate_hz=args.output_rate_hz,
         jobs=args.jobs,
+        oximeters=oximeters,
     )
     wall = time.perf_counter() - t0
     frames = sum(r.frames for r in results)

@@ -12,6 +12,12 @@ port returns; line noise and bit flips are injected like the pty simulator
 does. The virtual gateway does not run the pipeline, so it never sends
 GET_SESSION for a missed SESSION_END (scenarios in which the gateway needs the
 device's session log replay as "end missed").
+
+A Nonin oximeter scenario paired with a VM-1 scenario (``--oximeter``) adds
+what the bed's SpO2 monitor would have been given (format version 2): the
+oximeter link up at power-on, one sample per packet stamped on arrival (3 per
+second, decoded by the production codec), and the bed's 1 s tick. BLE
+oximeters (PLX, BerryMed) are simulated live only (``simulate --ble``).
 """
 
 from __future__ import annotations
@@ -26,14 +32,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from devicegw.config import Config, DeviceSettings, GatewaySettings
+from devicegw.config import Config, DeviceSettings, GatewaySettings, OximeterSettings
 from devicegw.errors import ConfigError
-from devicegw.recording.format import CLOSE, OPEN, RX, TX, RecordingWriter, utc_to_us
+from devicegw.recording.bed_inputs import encode_sample
+from devicegw.recording.format import (
+    BED_TICK,
+    CLOSE,
+    OPEN,
+    OX_SAMPLE,
+    OX_UP,
+    RX,
+    TX,
+    RecordingWriter,
+    utc_to_us,
+)
+from drivers.oximeter.nonin import NoninDecoder, to_sample
 from drivers.vm1.framing import Deframer
 from drivers.vm1.messages import DeviceMessage, GetInfo, HostCommand, SetClock, SetRate
 from drivers.vm1.stream import encode_message_frame
 
 if TYPE_CHECKING:
+    from simulators.oximeter_scenario import OximeterScenario
     from simulators.scenario import Scenario
 
 __all__ = [
@@ -85,11 +104,84 @@ def _ident_ok(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}", text) is not None
 
 
-def simulation_config(devices: list[DeviceSettings]) -> Config:
+def synthesized_oximeter(device: DeviceSettings, scenario: OximeterScenario) -> OximeterSettings:
+    """Config of a simulated Nonin on ``device``'s bed when no --config is given."""
+    serial = scenario.oximeter.serial_no
+    return OximeterSettings(
+        id=f"ox-{serial}" if _ident_ok(serial) else f"ox-{device.bed.lower()}",
+        type="nonin_oem3",
+        link={"kind": "serial", "port": f"sim://{serial}"},  # type: ignore[arg-type]
+        bed=device.bed,
+        subject_id=device.subject_id,
+        model=scenario.oximeter.model,
+        serial_no=serial,
+    )
+
+
+def simulation_config(
+    devices: list[DeviceSettings], oximeters: Sequence[OximeterSettings] = ()
+) -> Config:
     return Config(
         gateway=GatewaySettings(id="gw-sim", site="site-sim"),
         devices=devices,
+        oximeters=list(oximeters),
     )
+
+
+class _BedInputs:
+    """What the bed's SpO2 monitor would have been given, in virtual time.
+
+    A Nonin's packets are decoded as the live serial source does (one sample per
+    packet, stamped on arrival: sent and received at once here); the bed ticks every
+    second from power-on, as the gateway's BedTicker does.
+    """
+
+    def __init__(
+        self,
+        scenario: OximeterScenario,
+        oximeter: OximeterSettings,
+        writer: RecordingWriter,
+        device_id: str,
+        utc0: int,
+    ) -> None:
+        from simulators.oximeter_sim import NoninSim, make_sim
+
+        if scenario.oximeter.protocol != "nonin":
+            raise ConfigError(
+                f"{scenario.name}: simulate --record takes Nonin (serial) oximeters; "
+                f"a {scenario.oximeter.protocol} oximeter is simulated with --ble"
+            )
+        sim = make_sim(scenario)
+        assert isinstance(sim, NoninSim)
+        self._sim = sim
+        self._decoder = NoninDecoder()
+        self._writer = writer
+        self._device_id = device_id
+        self._oximeter_id = oximeter.id.encode("utf-8")
+        self._utc0 = utc0
+        self._done_s = 0.0
+        self._next_tick_s = 1.0
+
+    def _append(self, kind: str, t: float, payload: bytes) -> None:
+        self._writer.append(self._device_id, kind, t, self._utc0 + round(t * 1_000_000), payload)
+
+    def link_up(self, t: float) -> None:
+        self._append(OX_UP, t, self._oximeter_id)
+
+    def until(self, t: float) -> None:
+        """Everything the monitor was given up to and including ``t``."""
+        if t < self._done_s:
+            return
+        for sent_s, data in self._sim.timed_frames_between(self._done_s, t + 1e-9):
+            while self._next_tick_s < sent_s:
+                self._append(BED_TICK, self._next_tick_s, b"")
+                self._next_tick_s += 1.0
+            for packet in self._decoder.feed(data):
+                self._append(OX_SAMPLE, sent_s, encode_sample(to_sample(packet)))
+        while self._next_tick_s <= t:
+            self._append(BED_TICK, self._next_tick_s, b"")
+            self._next_tick_s += 1.0
+        self._done_s = t + 1e-9
 
 
 class _ScenarioRecording:
@@ -107,6 +199,7 @@ class _ScenarioRecording:
         *,
         device: DeviceSettings,
         start_utc: datetime,
+        bed: _BedInputs | None = None,
     ) -> None:
         from simulators.vm1_model import Vm1Model
 
@@ -117,6 +210,7 @@ class _ScenarioRecording:
         self.dev_id = device.id
         self.stats = SimRecordStats(device.id, scenario.name)
         self.utc0 = utc_to_us(start_utc)
+        self.bed = bed
         self.rng = random.Random(f"vm1/{scenario.device.seed}/link")
         self.link_up = False
         self.bitflips = 0
@@ -202,6 +296,9 @@ class _ScenarioRecording:
         """Play to ``until_s`` (or ``tail_s`` after the script ends); returns the end time."""
         events = self.scripted_events()
         model = self.model
+        bed = self.bed
+        if bed is not None:
+            bed.link_up(0.0)
         self.connect(0.0)
         end = until_s
         while True:
@@ -210,15 +307,21 @@ class _ScenarioRecording:
                 at = events[0][0]
                 if end is not None and at > end:
                     break
+                if bed is not None:
+                    bed.until(at)
                 self.link_event(events, at)
                 continue
             if end is None and model.scripted_done and not events:
                 end = model.time_s + tail_s
             if end is not None and nt > end:
                 break
+            if bed is not None:
+                bed.until(nt)
             # next_event_time() is ms / 1000: nudge it so advance()'s floor(t * 1000) reaches it.
             self.emit(model.advance(nt + 0.0004), nt)
         t_end = end if end is not None else model.time_s
+        if bed is not None:
+            bed.until(t_end)
         if self.link_up:
             self.writer.append(self.dev_id, CLOSE, t_end, self.us(t_end), b"closed")
         return t_end
@@ -235,6 +338,7 @@ def record_scenario(
     tail_s: float = 10.0,
     run_id: str | None = None,
     flush_interval_s: float = 60.0,
+    oximeter: OximeterScenario | None = None,
 ) -> SimRecordStats:
     """Run one scenario in virtual time and write its recording; see the module docstring."""
     t_wall = time.perf_counter()
@@ -260,7 +364,15 @@ def record_scenario(
             }
         },
     )
-    recording = _ScenarioRecording(scenario, writer, device=device, start_utc=start_utc)
+    bed = None
+    if oximeter is not None:
+        settings = config.oximeter_for(device)
+        if settings is None:
+            raise ConfigError(
+                f"oximeter scenario {oximeter.name}: the config has no oximeter on bed {device.bed}"
+            )
+        bed = _BedInputs(oximeter, settings, writer, dev_id, utc_to_us(start_utc))
+    recording = _ScenarioRecording(scenario, writer, device=device, start_utc=start_utc, bed=bed)
     t_end = recording.run(until_s, tail_s)
     writer.close()
     stats = recording.stats
@@ -272,11 +384,19 @@ def record_scenario(
 
 
 def _record_job(
-    args: tuple[Scenario, Path, Config, DeviceSettings, datetime, float | None],
+    args: tuple[
+        Scenario, Path, Config, DeviceSettings, datetime, float | None, OximeterScenario | None
+    ],
 ) -> SimRecordStats:
-    scenario, out_dir, config, device, start, until = args
+    scenario, out_dir, config, device, start, until, oximeter = args
     return record_scenario(
-        scenario, out_dir, config=config, device=device, start_utc=start, until_s=until
+        scenario,
+        out_dir,
+        config=config,
+        device=device,
+        start_utc=start,
+        until_s=until,
+        oximeter=oximeter,
     )
 
 
@@ -289,8 +409,15 @@ def simulate_record(
     until_s: float | None = None,
     output_rate_hz: int | None = None,
     jobs: int = 1,
+    oximeters: Sequence[OximeterScenario | None] = (),
 ) -> list[SimRecordStats]:
-    """Record every scenario; device ``i`` is ``config.devices[i]`` (or synthesized)."""
+    """Record every scenario; device ``i`` is ``config.devices[i]`` (or synthesized).
+
+    ``oximeters[i]``: a Nonin scenario on scenario ``i``'s bed (or None).
+    """
+    if len(oximeters) > len(scenarios):
+        raise ConfigError(f"{len(oximeters)} oximeter scenarios for {len(scenarios)} devices")
+    paired = list(oximeters) + [None] * (len(scenarios) - len(oximeters))
     if config is not None:
         if len(config.devices) < len(scenarios):
             raise ConfigError(
@@ -301,10 +428,18 @@ def simulate_record(
         devices = [
             synthesized_device(i, s, output_rate_hz=output_rate_hz) for i, s in enumerate(scenarios)
         ]
-        config = simulation_config(devices)
+        config = simulation_config(
+            devices,
+            [
+                synthesized_oximeter(d, ox)
+                for d, ox in zip(devices, paired, strict=True)
+                if ox is not None
+            ],
+        )
     out = Path(out_dir)
     jobs_args = [
-        (s, out, config, d, start_utc, until_s) for s, d in zip(scenarios, devices, strict=True)
+        (s, out, config, d, start_utc, until_s, ox)
+        for s, d, ox in zip(scenarios, devices, paired, strict=True)
     ]
     if jobs <= 1 or len(scenarios) == 1:
         return [_record_job(a) for a in jobs_args]

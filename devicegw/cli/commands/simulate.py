@@ -31,7 +31,9 @@ def register(sub: SubParsers) -> None:
         "--oximeter",
         action="append",
         metavar="FILE",
-        help="with --ble: a PLX or BerryMed oximeter scenario TOML, sharing the clock (repeatable)",
+        help="with --ble: a PLX or BerryMed oximeter scenario TOML, sharing the clock; with "
+        "--record: a Nonin scenario, on the bed of the --scenario its vm1_scenario names "
+        "(repeatable)",
     )
     add_simulate_record_args(sim)
     sim.set_defaults(func=cmd_simulate)
@@ -55,7 +57,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
         )
     if args.oximeter:
-        print("devicegw simulate: --oximeter needs --ble (BLE oximeters)", file=sys.stderr)
+        print(
+            "devicegw simulate: --oximeter needs --ble (BLE oximeters) or --record (Nonin)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     from simulators.run import simulate_main
 
