@@ -159,10 +159,19 @@ def fast_dir() -> Iterator[Path]:
         yield Path(d)
 
 
-async def until(condition: Callable[[], bool], timeout: float, what: object) -> None:
+def vanished(path: Path | None) -> bool:
+    return path is not None and not path.exists()
+
+
+async def until(
+    condition: Callable[[], bool], timeout: float, what: object, *, needs: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        # Fail at once, not after WAIT_S, if the test's files vanish under it (seen when a
+        # concurrent pytest run pruned a shared --basetemp).
+        assert not vanished(needs), f"{needs} vanished while waiting for {what}"
         await asyncio.sleep(0.05)
 
 
@@ -241,7 +250,8 @@ async def test_ten_thousand_failures_of_every_kind_and_still_serving(tmp_path: P
                     and gateway.publisher.stats.connect_failures >= FAILURES
                 ),
                 WAIT_S,
-                Progress(
+                needs=not_a_tty,
+                what=Progress(
                     lambda: (
                         f"{FAILURES} failures of each kind "
                         f"(open {noport.health.open_failures}, refused {refused.health.refusals}, "
