@@ -639,6 +639,20 @@ class Vm1Model:
                 dev_ms=(now + self._uptime_ms) & DEV_MS_MASK,
             )
         )
+        self._log_session(s, now, reason, residual, neb_ms, cum_ul)
+        self._active = None
+        self._gen += 1
+        self._pause_gen += 1
+        self._state = DeviceState.FAULT if reason is EndReason.FAULT else DeviceState.DONE
+        self._mouthpiece = False
+        self._update_rates(now)
+        self._emit_status_if_changed(now, before)
+        self._level_blind = False  # blind until the session's end, STATUS at the end included
+
+    def _log_session(
+        self, s: _Session, now: int, reason: EndReason, residual: int, neb_ms: int, cum_ul: int
+    ) -> None:
+        """Keep an ended session in the device's log (GET_SESSION) and the history."""
         summary = SessionSummary(
             session_no=s.session_no,
             script_index=s.script_index,
@@ -656,14 +670,6 @@ class Vm1Model:
         )
         self._records.append(summary)
         self.history.append(summary)
-        self._active = None
-        self._gen += 1
-        self._pause_gen += 1
-        self._state = DeviceState.FAULT if reason is EndReason.FAULT else DeviceState.DONE
-        self._mouthpiece = False
-        self._update_rates(now)
-        self._emit_status_if_changed(now, before)
-        self._level_blind = False  # blind until the session's end, STATUS at the end included
 
     def _pause(self, now: int, cause: str) -> None:
         s = self._active
@@ -876,25 +882,10 @@ class Vm1Model:
             self._integrate(now)
             if spec.records_interrupted_session:
                 # The log entry a device with non-volatile logging writes on its way down.
+                residual = _wire_level(self._level_reading())
                 neb_ms = min(round(s.neb_ms), 0xFFFF_FFFF)
                 cum_ul = min(int(s.cum_ul), 0xFFFF_FFFF)
-                summary = SessionSummary(
-                    session_no=s.session_no,
-                    script_index=s.script_index,
-                    reason=EndReason.FAULT,
-                    start_s=s.start_ms / 1000,
-                    end_s=now / 1000,
-                    start_wall_s=s.start_wall_s,
-                    end_wall_s=self._wall_s(now),
-                    fill_ul=s.fill_reading,
-                    residual_ul=_wire_level(self._level_reading()),
-                    neb_ms=neb_ms,
-                    cum_ul=cum_ul,
-                    true_fill_ul=s.true_fill_ul,
-                    true_delivered_ul=s.true_fill_ul - self._level_ul,
-                )
-                self._records.append(summary)
-                self.history.append(summary)
+                self._log_session(s, now, EndReason.FAULT, residual, neb_ms, cum_ul)
             self.notes.append(f"{now} ms: reboot interrupted session {s.session_no}")
         if spec.session_counter_to is not None:
             self._last_session_no = spec.session_counter_to
