@@ -388,11 +388,23 @@ class DeviceSettings(_Strict):
         Discriminator(_link_kind),
     ]
     bed: TopicSegment
-    subject_id: SubjectId
-    kit_number: KitNumber
+    #: The bed's initial assignment (docs/assignments.md): used only while the bed has no
+    #: assignment history in the store; afterwards `devicegw assign` and its kin decide.
+    #: Both or neither: a bed may start unassigned.
+    subject_id: SubjectId | None = None
+    kit_number: KitNumber | None = None
     # Allow-list: a device answering with another serial number is refused.
     expected_serial: Vm1Serial | None = None
     output_rate_hz: int | None = Field(default=None, ge=1, le=50)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> Self:
+        if (self.subject_id is None) != (self.kit_number is None):
+            missing = "kit_number" if self.kit_number is None else "subject_id"
+            raise FieldProblem(
+                missing, "an initial assignment needs both subject_id and kit_number (or neither)"
+            )
+        return self
 
 
 class OximeterSerialLinkSettings(_Strict):
@@ -417,7 +429,8 @@ class OximeterSettings(_Strict):
         Discriminator(_link_kind),
     ]
     bed: TopicSegment
-    subject_id: SubjectId
+    #: Must match the nebulizer's initial assignment on the same bed (or be absent).
+    subject_id: SubjectId | None = None
     model: ShortText | None = None
     serial_no: ShortText | None = None
 
@@ -459,6 +472,14 @@ class Spo2Rules(_Strict):
         return Spo2RulesOut(**self.model_dump())
 
 
+def _regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from exc
+    return pattern
+
+
 def _known_zone(name: str) -> str:
     try:
         zoneinfo.ZoneInfo(name)
@@ -480,6 +501,11 @@ class TrialSettings(_Strict):
     time_zone: TimeZoneName
     #: Other sites' zones, by ``gateway.site``, for an export over several sites.
     site_time_zones: dict[TopicSegment, TimeZoneName] = Field(default_factory=dict)
+    #: The IWRS kit list (CSV ``kit_number,subject_id``; never an arm): a kit not listed
+    #: for the subject is refused at assignment (docs/assignments.md).
+    kit_list: Path | None = None
+    #: Subject ids must match this regular expression in full (e.g. ``CVD-042-\\d{4}``).
+    subject_pattern: Annotated[str, AfterValidator(_regex)] | None = None
 
     def zone_for(self, site: str) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.site_time_zones.get(site, self.time_zone))
@@ -521,7 +547,7 @@ class Config(_Strict):
             claim("kit", d.kit_number, where, "kit_number")
             claim("vm1-serial", d.expected_serial, where, "expected_serial")
         beds = {d.bed: (i, d) for i, d in enumerate(self.devices)}
-        subject_beds = {d.subject_id: d.bed for d in self.devices}
+        subject_beds = {d.subject_id: d.bed for d in self.devices if d.subject_id is not None}
         for i, ox in enumerate(self.oximeters):
             where = f"oximeters[{i}]"
             claim("id", ox.id, where, "id")
@@ -535,7 +561,9 @@ class Config(_Strict):
                     f"oximeter {ox.id} on bed {ox.bed} is assigned to subject {ox.subject_id}, "
                     f"but the nebulizer on that bed (devices[{neb[0]}]) to {neb[1].subject_id}",
                 )
-            other_bed = subject_beds.setdefault(ox.subject_id, ox.bed)
+            other_bed = (
+                ox.bed if ox.subject_id is None else subject_beds.setdefault(ox.subject_id, ox.bed)
+            )
             if other_bed != ox.bed:
                 raise FieldProblem(
                     f"{where}.subject_id",

@@ -103,8 +103,11 @@ class DoseEvent(_Payload):
     delivery: Delivery | None = None
     event_id: uuid.UUID
     gateway: GatewayRef
-    subject_id: str
-    kit_number: str
+    subject_id: str | None = Field(
+        description="the subject assigned to the bed at the session's start; null only "
+        "with the reason `unassigned` (docs/assignments.md)"
+    )
+    kit_number: str | None = Field(description="null only with the reason `unassigned`")
     bed: str
     device: DeviceIdentity
     session_no: int

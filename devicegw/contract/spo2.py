@@ -185,7 +185,7 @@ class SafetyAlert(_Payload):
     )
     correlation_id: uuid.UUID = Field(description="the dose event's event_id")
     gateway_id: str
-    subject_id: str
+    subject_id: str | None = Field(description="null: the bed was unassigned")
     bed: str
     device_id: str = Field(description="the nebulizer")
     oximeter_device_id: str | None
@@ -210,7 +210,7 @@ class PostDoseSafetySummary(_Payload):
     event_id: uuid.UUID = Field(description="deterministic (UUIDv5 of the correlation id)")
     correlation_id: uuid.UUID = Field(description="the dose event's event_id")
     gateway_id: str
-    subject_id: str
+    subject_id: str | None = Field(description="null: the bed was unassigned")
     bed: str
     device_id: str = Field(description="the nebulizer")
     oximeter: OximeterRef | None

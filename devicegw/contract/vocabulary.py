@@ -87,6 +87,9 @@ class Reason(StrEnum):
     DEVICE_COUNTER_RESET = "device_counter_reset"  # its session counter started again
     SESSION_RECORD_UNAVAILABLE = "session_record_unavailable"  # finished from what was seen
     PAUSE_STATE_UNKNOWN = "pause_state_unknown"  # a pause was open when the link dropped
+    # Whose dose (docs/assignments.md).
+    UNASSIGNED = "unassigned"  # no assignment on the bed at the session's start
+    ASSIGNMENT_CHANGED_DURING_SESSION = "assignment_changed_during_session"
 
 
 #: The feed of every reason code. A reason is blinded only when the protocol needs
@@ -124,6 +127,8 @@ REASON_FEED: dict[Reason, Feed] = {
     Reason.DEVICE_COUNTER_RESET: Feed.BLINDED,
     Reason.SESSION_RECORD_UNAVAILABLE: Feed.BLINDED,
     Reason.PAUSE_STATE_UNKNOWN: Feed.BLINDED,  # the link, not the product
+    Reason.UNASSIGNED: Feed.BLINDED,  # the ward's bookkeeping, not the product
+    Reason.ASSIGNMENT_CHANGED_DURING_SESSION: Feed.BLINDED,
 }
 
 #: Restricted reasons the blinded record still accounts for, in a coarser word.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from typing import Literal, Protocol
 
@@ -82,7 +83,17 @@ class BedMonitor:
     def tick(self, t: float) -> None:
         self._handle(self.monitor.tick(t))
 
-    def session_started(self, t: float, correlation_id: uuid.UUID, start_utc: datetime) -> None:
+    def session_started(
+        self,
+        t: float,
+        correlation_id: uuid.UUID,
+        start_utc: datetime,
+        subject_id: str | None = None,
+    ) -> None:
+        """A session began; its alerts and summaries name ``subject_id``, the bed's assignment
+        at its start (until the next session starts: the observation window is this dose's)."""
+        if subject_id != self.monitor.context.subject_id:
+            self.monitor.context = replace(self.monitor.context, subject_id=subject_id)
         self._handle(self.monitor.session_started(t, correlation_id, start_utc=start_utc))
 
     def session_ended(self, t: float, correlation_id: uuid.UUID) -> Spo2Summary | None:

@@ -34,6 +34,7 @@ from devicegw.contract.payloads import (
 )
 from devicegw.contract.vocabulary import blinded_reasons
 from devicegw.core.dose_check import Assessment
+from devicegw.core.ports import Attribution
 from devicegw.core.session_tracker import FinishedSession, wall_to_utc
 from drivers.vm1.messages import Ident, alarm_name
 
@@ -73,6 +74,7 @@ def build_dose_record(
     ident: Ident,
     config: Config,
     epoch: int = 0,
+    attribution: Attribution | None = None,
 ) -> DoseRecord:
     """The record of a session of the device that identified itself as ``ident``.
 
@@ -82,6 +84,7 @@ def build_dose_record(
     """
     rules = config.dose_rules
     vol = assessment.volumes
+    who = attribution or Attribution(device.subject_id, device.kit_number)
     event_id = dose_event_id(ident.model, ident.serial_no, session.session_no, epoch)
     gateway = GatewayRef(id=config.gateway.id, site=config.gateway.site, version=__version__)
     identity = device_identity(device, ident)
@@ -101,8 +104,8 @@ def build_dose_record(
     event = DoseEvent(
         event_id=event_id,
         gateway=gateway,
-        subject_id=device.subject_id,
-        kit_number=device.kit_number,
+        subject_id=who.subject_id,
+        kit_number=who.kit_number,
         bed=device.bed,
         device=identity,
         session_no=session.session_no,

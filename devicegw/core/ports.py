@@ -16,7 +16,15 @@ from typing import Any, Protocol
 
 from devicegw.contract.payloads import DoseRecord
 
-__all__ = ["AuditKind", "AuditLog", "RecordedDose", "SessionJournalPort"]
+__all__ = [
+    "Attribution",
+    "Attributor",
+    "AuditKind",
+    "AuditLog",
+    "RecordedDose",
+    "SessionJournalPort",
+    "StaticAttributor",
+]
 
 
 class AuditKind(StrEnum):
@@ -116,3 +124,37 @@ class SessionJournalPort(Protocol):
     def counter_epoch(self, model: str, serial_no: str) -> int: ...
 
     def start_counter_epoch(self, model: str, serial_no: str, session_no: int) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Whose dose a session was: the bed's assignment in force at the session's start.
+
+    ``subject_id``/``kit_number`` are None on an unassigned bed (never a guess);
+    ``changed`` says the assignment changed between the session's start and end.
+    """
+
+    subject_id: str | None
+    kit_number: str | None
+    changed: bool = False
+
+
+class Attributor(Protocol):
+    """The bed assignments (``devicegw.storage.assignments.AssignmentService``)."""
+
+    def attribute(self, bed: str, start: datetime, end: datetime) -> Attribution: ...
+
+    def kit_used(self, kit_number: str, event_id: str) -> None: ...
+
+
+class StaticAttributor:
+    """A fixed assignment (no assignment service: replay, tests, tools)."""
+
+    def __init__(self, subject_id: str | None, kit_number: str | None) -> None:
+        self._attribution = Attribution(subject_id, kit_number)
+
+    def attribute(self, bed: str, start: datetime, end: datetime) -> Attribution:
+        return self._attribution
+
+    def kit_used(self, kit_number: str, event_id: str) -> None:
+        pass

@@ -109,7 +109,7 @@ class Spo2Context:
     """Who is being watched: copied into every payload."""
 
     gateway_id: str
-    subject_id: str
+    subject_id: str | None  # None: the bed was unassigned at the session's start
     bed: str
     device_id: str  # the nebulizer
     oximeter: OximeterRef | None  # None: no oximeter assigned to this bed

@@ -43,7 +43,15 @@ from devicegw.contract.vocabulary import DataSource, Reason
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.dose_check import assess
 from devicegw.core.dose_event import build_dose_record, device_identity
-from devicegw.core.ports import AuditKind, AuditLog, RecordedDose, SessionJournalPort
+from devicegw.core.ports import (
+    Attribution,
+    Attributor,
+    AuditKind,
+    AuditLog,
+    RecordedDose,
+    SessionJournalPort,
+    StaticAttributor,
+)
 from devicegw.core.session_tracker import (
     AlarmChanged,
     FetchSessionRecord,
@@ -52,6 +60,7 @@ from devicegw.core.session_tracker import (
     SessionFinished,
     SessionStarted,
     SessionTracker,
+    wall_to_utc,
 )
 from devicegw.core.spo2_monitor import unavailable_summary
 from devicegw.errors import TransportError
@@ -148,9 +157,15 @@ class Vm1Pipeline:
         journal: SessionJournalPort | None = None,
         audit: AuditLog | None = None,
         bed: BedMonitor | None = None,
+        attributor: Attributor | None = None,
     ) -> None:
         self.device = device
         self.bed = bed
+        # Whose dose a session is: the bed's assignment at its start (docs/assignments.md);
+        # without an assignment service, the configured one.
+        self.attributor: Attributor = attributor or StaticAttributor(
+            device.subject_id, device.kit_number
+        )
         self.config = config
         self.sink = sink
         self.journal = journal
@@ -383,7 +398,6 @@ class Vm1Pipeline:
                     self.audit.append(
                         AuditKind.reconciliation,
                         device_id=self.device.id,
-                        subject_id=self.device.subject_id,
                         session_no=n,
                         body={
                             "serial_no": ident.serial_no,
@@ -400,18 +414,19 @@ class Vm1Pipeline:
             self._reconcile(msg, fetch)
         for event in self.tracker.feed(Rx(msg=msg, utc=utc, mono=mono)):
             if isinstance(event, SessionStarted):
-                self._spo2_session_started(event.session_no, utc, mono)
+                who = self._subject_at(utc)
+                self._spo2_session_started(event.session_no, utc, mono, who.subject_id)
                 if self.audit is not None:
                     self.audit.append(
                         AuditKind.session_started,
                         device_id=self.device.id,
-                        subject_id=self.device.subject_id,
+                        subject_id=who.subject_id,
                         session_no=event.session_no,
                         body={
                             "fill_ml": None if event.fill_ul is None else event.fill_ul / 1000.0,
                             "gateway_utc": utc.isoformat(),
                             "device_uptime_ms": msg.dev_ms,
-                            "kit_number": self.device.kit_number,
+                            "kit_number": who.kit_number,
                         },
                     )
                 log.info(
@@ -500,6 +515,7 @@ class Vm1Pipeline:
         if self._epoch and Reason.DEVICE_COUNTER_RESET not in session.flags:
             # Its session number is not the device's only name for it any more.
             session = replace(session, flags=(*session.flags, Reason.DEVICE_COUNTER_RESET))
+        session, who = self._attribute(session)
         assessment = assess(session, self.config.dose_rules)
         record = build_dose_record(
             session,
@@ -508,6 +524,7 @@ class Vm1Pipeline:
             ident=ident,
             config=self.config,
             epoch=self._epoch,
+            attribution=who,
         )
         dose = record.event
         dose = dose.model_copy(update={"spo2": self._spo2_summary(session, dose.event_id, mono)})
@@ -525,6 +542,7 @@ class Vm1Pipeline:
         )
         if self.journal is None:
             self.sink.dose_record(self.device.id, record)
+            self._kit_used(record)
             return
         journal, audit, device_id = self.journal, self.audit, self.device.id
 
@@ -534,6 +552,7 @@ class Vm1Pipeline:
                 if audit is not None:
                     audit.record_session_finished(record)
                 journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
+            self._kit_used(record)
 
         # On a full disk the decided record is held in memory and committed when space
         # returns (README "Disk"); it is never lost while the gateway runs.
@@ -542,6 +561,32 @@ class Vm1Pipeline:
                 "session finished but the disk is full: its record is held in memory",
                 extra={"device_id": device_id, "event_id": str(dose.event_id)},
             )
+
+    def _attribute(self, session: FinishedSession) -> tuple[FinishedSession, Attribution]:
+        """The assignment in force at the session's start (device clock if set, else the
+        gateway's receipt); an unassigned bed or a change during the session is flagged."""
+        start = (
+            wall_to_utc(session.device_start_wall_s)
+            or session.gateway_start_utc
+            or session.gateway_end_utc
+        )
+        end = wall_to_utc(session.device_end_wall_s) or session.gateway_end_utc
+        who = self.attributor.attribute(self.device.bed, start, max(start, end))
+        flags = list(session.flags)
+        if who.subject_id is None and Reason.UNASSIGNED not in flags:
+            flags.append(Reason.UNASSIGNED)
+        if who.changed and Reason.ASSIGNMENT_CHANGED_DURING_SESSION not in flags:
+            flags.append(Reason.ASSIGNMENT_CHANGED_DURING_SESSION)
+        return replace(session, flags=tuple(flags)), who
+
+    def _subject_at(self, utc: datetime) -> Attribution:
+        """The bed's assignment now (for audit records and the SpO2 overlay's payloads)."""
+        return self.attributor.attribute(self.device.bed, utc, utc)
+
+    def _kit_used(self, record: DoseRecord) -> None:
+        kit = record.event.kit_number
+        if kit is not None:
+            self.attributor.kit_used(kit, str(record.event.event_id))
 
     def _spo2_summary(
         self, session: FinishedSession, event_id: uuid.UUID, mono: float
@@ -560,11 +605,13 @@ class Vm1Pipeline:
             return unavailable_summary(event_id, reason, rules)
         return summary
 
-    def _spo2_session_started(self, session_no: int, utc: datetime, mono: float) -> None:
+    def _spo2_session_started(
+        self, session_no: int, utc: datetime, mono: float, subject_id: str | None
+    ) -> None:
         ident = self.tracker.identity
         if self.bed is None or ident is None:
             return
-        self.bed.session_started(mono, self._event_id(ident, session_no), utc)
+        self.bed.session_started(mono, self._event_id(ident, session_no), utc, subject_id)
 
     # -- outputs -------------------------------------------------------------------
 

@@ -224,11 +224,16 @@ def record_identity(event: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in event.items() if k != "delivery"}
 
 
-def read_events(lines: Iterable[str]) -> list[StoredDoseEvent]:
+def read_events(
+    lines: Iterable[str], *, unassigned: list[str] | None = None
+) -> list[StoredDoseEvent]:
     """Parse JSON lines; the first copy of each event_id wins, as on the wire.
 
     Copies that differ at most in ``delivery`` are dropped; a copy with the
-    same event_id and other content is an error (it must never happen).
+    same event_id and other content is an error (it must never happen). A dose
+    of an unassigned bed (``subject_id`` null, reason ``unassigned``) has no
+    subject to export under: its event_id goes to ``unassigned`` (if given) and it
+    is left out until a correction attributes it.
     """
     first: dict[uuid.UUID, tuple[int, Any]] = {}
     events: list[StoredDoseEvent] = []
@@ -237,6 +242,14 @@ def read_events(lines: Iterable[str]) -> list[StoredDoseEvent]:
             continue
         try:
             raw = json.loads(line)
+            if (
+                isinstance(raw, dict)
+                and raw.get("subject_id") is None
+                and "unassigned" in (raw.get("reasons") or ())
+            ):
+                if unassigned is not None:
+                    unassigned.append(str(raw.get("event_id")))
+                continue
             event = StoredDoseEvent.model_validate(raw)
         except (json.JSONDecodeError, ValidationError) as exc:
             raise ExportError(f"line {number}: not a dose event: {exc}", line=number) from exc
@@ -252,10 +265,10 @@ def read_events(lines: Iterable[str]) -> list[StoredDoseEvent]:
     return sorted(events, key=StoredDoseEvent.sort_key)
 
 
-def load_events(path: Path) -> list[StoredDoseEvent]:
+def load_events(path: Path, *, unassigned: list[str] | None = None) -> list[StoredDoseEvent]:
     try:
         with path.open(encoding="utf-8") as f:
-            return read_events(f)
+            return read_events(f, unassigned=unassigned)
     except OSError as exc:
         raise ExportError(f"{path}: {exc.strerror}") from exc
     except ExportError as exc:

@@ -43,12 +43,14 @@ from devicegw.mqtt.publisher import MqttPublisher, encode
 from devicegw.recording.bed_inputs import RecordingBedMonitor
 from devicegw.recording.format import RecordingWriter
 from devicegw.runtime import descriptors, health, systemd_notify
+from devicegw.runtime.assignment_commands import AssignmentDesk, seed_initial
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
 from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner
 from devicegw.runtime.oximeter_runner import OximeterRunner
 from devicegw.runtime.supervise import Restarts, Runner, Task, spawn
+from devicegw.storage.assignments import AssignmentService, load_kit_list
 from devicegw.storage.audit import AuditTrail
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
@@ -156,6 +158,9 @@ class Gateway:
         new_store: bool = False,
     ) -> None:
         self.config = config
+        # Read before anything is opened: a bad kit list refuses the start with its reason.
+        trial = config.trial
+        kits = None if trial is None or trial.kit_list is None else load_kit_list(trial.kit_list)
         # systemd readiness/watchdog (deploy/systemd); None: not run as a notify service.
         self.notifier = notifier
         self.clock = clock
@@ -204,6 +209,17 @@ class Gateway:
         self.sink = MqttSink(self.publisher, self.topics)
         self.journal = SessionJournal(self.store)
         self.audit = AuditTrail(self.store, clock=clock, gateway_id=config.gateway.id)
+        # Bedside assignments (docs/assignments.md): every dose is attributed by its start.
+        self.assignment_service = AssignmentService(
+            self.store,
+            self.audit,
+            clock=clock,
+            kit_list=kits,
+            subject_pattern=None if trial is None else trial.subject_pattern,
+            beds=[d.bed for d in config.devices],
+        )
+        seed_initial(self.assignment_service, config)
+        self.assignments = AssignmentDesk(self.assignment_service)
         # The recorder is just another link listener (docs/recording-format.md).
         self.recorder = (
             RecordingWriter(config.gateway.record_dir, config)
@@ -234,6 +250,7 @@ class Gateway:
                 journal=self.journal,
                 audit=self.audit,
                 bed=self.beds.get(device.bed),
+                attributor=self.assignment_service,
             )
             for device in config.devices
         ]

@@ -32,13 +32,13 @@ from __future__ import annotations
 import csv
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
-from devicegw.core.ports import AuditKind, AuditLog
+from devicegw.core.ports import Attribution, AuditKind, AuditLog
 from devicegw.errors import GatewayError
 from devicegw.storage.store import Store
 from drivers.clock import Clock
@@ -164,7 +164,9 @@ class AssignmentService:
         clock: Clock,
         kit_list: Mapping[str, str] | None = None,
         subject_pattern: str | None = None,
+        beds: Collection[str] | None = None,
     ) -> None:
+        self._beds = frozenset(beds) if beds is not None else None
         self._store = store
         self._audit = audit
         self._clock = clock
@@ -305,6 +307,40 @@ class AssignmentService:
                 break
         return None if found is None or found.is_end else found
 
+    def refuse(
+        self,
+        *,
+        bed: str,
+        operator: str,
+        reason: str,
+        channel: str,
+        asked: dict[str, object],
+        refusal: str,
+    ) -> NoReturn:
+        """Refuse a request malformed before it reaches :meth:`assign`/:meth:`end` (audited)."""
+        with self._lock:
+            self._refuse(bed, operator, reason, channel, asked, refusal)
+
+    # -- core.ports.Attributor ---------------------------------------------------------------
+
+    def attribute(self, bed: str, start: datetime, end: datetime) -> Attribution:
+        """Whose dose a session on ``bed`` from ``start`` to ``end`` was (its start decides)."""
+        start, end = start.astimezone(UTC), end.astimezone(UTC)
+        history = self.history(bed)
+        found: Assignment | None = None
+        changed = False
+        for a in history:
+            if a.effective_utc <= start:
+                found = a
+            elif a.effective_utc <= end:
+                changed = True
+        if found is None or found.is_end:
+            return Attribution(None, None, changed)
+        return Attribution(found.subject_id, found.kit_number, changed)
+
+    def kit_used(self, kit_number: str, event_id: str) -> None:
+        self.record_kit_used(kit_number, event_id)
+
     # -- internals -------------------------------------------------------------------------
 
     def _current_locked(self) -> dict[str, Assignment]:
@@ -321,6 +357,10 @@ class AssignmentService:
     ) -> None:
         if not BED_SYNTAX.fullmatch(bed):
             self._refuse("?", operator, reason, channel, asked, "not a bed name")
+        if self._beds is not None and bed not in self._beds:
+            self._refuse(
+                bed, operator, reason, channel, asked, f"bed {bed} has no nebulizer on this gateway"
+            )
         if not operator.strip() or not operator.isprintable() or len(operator) > 128:
             self._refuse(bed, "?", reason, channel, asked, "an operator identity is required")
         if not reason.strip() or not reason.isprintable() or len(reason) > 500:

@@ -9,6 +9,7 @@ from pathlib import Path
 from devicegw.cli.common import SubParsers
 from devicegw.config import load_config
 from devicegw.errors import ConfigError
+from devicegw.safe_text import printable
 
 
 def register(sub: SubParsers) -> None:
@@ -43,9 +44,14 @@ def cmd_export(args: argparse.Namespace) -> int:
             path=args.config,
             field="trial",
         )
-    files = render(
-        load_events(Path(args.input)), args.format, trial=config.trial, dose_form=args.dose_form
-    )
+    unassigned: list[str] = []
+    events = load_events(Path(args.input), unassigned=unassigned)
+    if unassigned:
+        sys.stderr.write(
+            f"devicegw export: {len(unassigned)} dose event(s) of an unassigned bed left out "
+            f"(no subject to export under), e.g. {printable(unassigned[0], limit=40)}\n"
+        )
+    files = render(events, args.format, trial=config.trial, dose_form=args.dose_form)
     if args.format == "sdtm-ec":
         if not args.output:
             raise ExportError("--format sdtm-ec writes two files: give --output DIR")
