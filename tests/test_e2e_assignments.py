@@ -8,6 +8,10 @@ trail verifies afterwards.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +109,65 @@ async def test_an_ended_assignment_leaves_the_next_dose_unassigned(
     assert event["subject_id"] is None
     assert "unassigned" in event["reasons"]
     audit_ok(tmp_path)
+
+
+async def devicegw_assign(config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "devicegw.cli",
+        "assign",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def cli_config(tmp_path: Path) -> Path:
+    path = tmp_path / "cli.toml"
+    path.write_text(
+        f'[gateway]\nid = "gw-test"\nsite = "site-042"\ndata_dir = "{tmp_path / "gw-data"}"\n'
+        '[broker]\nhost = "127.0.0.1"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+async def test_devicegw_assign_talks_to_the_running_daemon(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The real command over the daemon's socket: applied (0), refused (2), unreachable (1)."""
+    cfg = cli_config(tmp_path)
+    who = ("--operator", "nurse.lee", "--reason", "admission")
+    async with running(mosquitto, tmp_path, [scenario("VM1-000504", 120)]) as e2e:
+        await e2e.collector.wait_for(lambda msgs: any("/status" in m.topic for m in msgs), 30)
+        rc, out, err = await devicegw_assign(
+            cfg, "--bed", "B01", "--subject", "CVD-042-0090", "--kit", "K-0090", *who
+        )
+        assert rc == 0, err
+        assert "CVD-042-0090" in out
+        rc, out, err = await devicegw_assign(
+            cfg, "--bed", "B77", "--subject", "CVD-042-0091", "--kit", "K-0091", *who
+        )
+        assert rc == 2
+        assert "refused: bed B77 has no nebulizer" in err
+        rc, _, err = await devicegw_assign(cfg, "--bed", "B01", "--end", "--subject", "X", *who)
+        assert rc == 2 and "no subject or kit" in err
+        [event] = await e2e.wait_dose_events(1)
+    assert (event["subject_id"], event["kit_number"]) == ("CVD-042-0090", "K-0090")
+    rc, _, err = await devicegw_assign(
+        cfg, "--bed", "B01", "--subject", "CVD-042-0092", "--kit", "K-0092", *who
+    )
+    assert rc == 1 and "not reachable" in err  # the daemon has stopped
+    with Store.in_dir(tmp_path / "gw-data") as store:
+        assert verify(store).ok
+        rows = store.conn.execute(
+            "SELECT body FROM audit WHERE kind = 'bed_assigned' ORDER BY seq"
+        ).fetchall()
+    channels = [json.loads(r[0])["channel"] for r in rows]
+    assert channels == ["config", f"cli (uid {os.getuid()})"]  # the kernel's word for who

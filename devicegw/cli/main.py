@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from devicegw import __version__
 from devicegw.cli.commands import (
+    assign,
     assignments,
     audit,
     check_config,
@@ -29,6 +30,7 @@ from devicegw.errors import GatewayError
 COMMANDS = (
     run,
     status,
+    assign,
     assignments,
     check_config,
     simulate,

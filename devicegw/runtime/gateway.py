@@ -44,6 +44,7 @@ from devicegw.recording.bed_inputs import RecordingBedMonitor
 from devicegw.recording.format import RecordingWriter
 from devicegw.runtime import descriptors, health, systemd_notify
 from devicegw.runtime.assignment_commands import AssignmentDesk, seed_initial
+from devicegw.runtime.control_socket import ControlServer
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
@@ -290,6 +291,7 @@ class Gateway:
             Task("mqtt-publisher", self.publisher.run),
             Task("health", lambda: health.run(self.snapshot, self.config.gateway.data_dir)),
             Task("store-upkeep", self._store_upkeep),
+            ControlServer(self.config.gateway.data_dir, self.assignments),
         ]
         runners += self.bed_tickers
         runners += self.oximeter_runners

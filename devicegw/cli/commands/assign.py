@@ -1,0 +1,60 @@
+"""``devicegw assign``: assign, change or end a bed's subject and kit in the running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from devicegw.cli.common import EXIT_CONFIG, EXIT_FATAL, SubParsers, load
+from devicegw.cli.terminal import printable
+
+
+def register(sub: SubParsers) -> None:
+    p = sub.add_parser(
+        "assign",
+        help="assign a bed's subject and kit in the running gateway (or --end it)",
+        description="Exit 0: applied; 2: refused (the reason is printed); 1: the gateway "
+        "cannot be reached.",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--bed", required=True)
+    p.add_argument("--subject", default=None, help="pseudonymous subject id")
+    p.add_argument("--kit", default=None, help="kit number (a barcode scanner's input works)")
+    p.add_argument("--end", action="store_true", help="end the bed's assignment")
+    p.add_argument("--operator", required=True, help="who assigns (audited)")
+    p.add_argument("--reason", required=True, help="why (audited)")
+    p.add_argument(
+        "--override-reason", default=None, help="use a kit already used for a dose (audited)"
+    )
+    p.set_defaults(func=cmd_assign)
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    from devicegw.runtime.control_socket import request
+
+    config = load(args.config)
+    payload = {
+        "command": "assign",
+        "bed": args.bed,
+        "subject_id": args.subject,
+        "kit_number": args.kit.strip() if args.kit is not None else None,
+        "end": args.end,
+        "operator": args.operator,
+        "reason": args.reason,
+        "override_reason": args.override_reason,
+    }
+    try:
+        reply = request(config.gateway.data_dir, payload)
+    except OSError as exc:
+        print(
+            f"devicegw assign: the gateway is not reachable at "
+            f"{printable(config.gateway.data_dir)}/control.sock: {printable(exc)}",
+            file=sys.stderr,
+        )
+        return EXIT_FATAL
+    message = printable(reply.get("message", ""), limit=300)
+    if reply.get("applied") is True:
+        print(message)
+        return 0
+    print(f"devicegw assign: refused: {message}", file=sys.stderr)
+    return EXIT_CONFIG
