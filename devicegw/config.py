@@ -235,6 +235,10 @@ class BrokerSettings(_Strict):
     tls: TlsSettings = TlsSettings()
     reconnect_initial_s: float = Field(default=0.5, gt=0, le=60)
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600)
+    #: Broker accounts whose ``cmd/assign/{username}`` commands are applied (the site's
+    #: IWRS/EDC); empty: the gateway does not listen. The broker's ACL must let each
+    #: account write only its own level (docs/assignments.md, "Over MQTT").
+    assign_users: list[Username] = Field(default_factory=list, max_length=64)
 
     @model_validator(mode="after")
     def _prefix_version(self) -> Self:

@@ -247,7 +247,10 @@ def test_the_acl_file_grants_exactly_the_feeds_and_the_doc_shows_it() -> None:
     assert grants["edc"] == blinded
     assert grants["blinded-dm"] == blinded
     assert grants["biomed-eng"] == {"topic read devicegw/v2/#"}
-    assert grants[GATEWAY_USER] == {"topic write devicegw/v2/#"}
+    assert grants[GATEWAY_USER] == {
+        "topic write devicegw/v2/#",
+        "topic read devicegw/v2/+/+/cmd/assign/+",  # bedside assignment commands
+    }
 
 
 @pytest.fixture

@@ -11,18 +11,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from devicegw.runtime.assignment_commands import AssignRequest
 from devicegw.storage.audit import verify
 from devicegw.storage.store import Store
 from simulators.scenario import Scenario, parse_scenario
 from tests.e2e_harness import E2E, running
-from tests.mqtt_helpers import MosquittoBroker
+from tests.mqtt_helpers import MosquittoBroker, mosquitto_binary, require
 
 pytestmark = pytest.mark.e2e
 
@@ -171,3 +177,118 @@ async def test_devicegw_assign_talks_to_the_running_daemon(
         ).fetchall()
     channels = [json.loads(r[0])["channel"] for r in rows]
     assert channels == ["config", f"cli (uid {os.getuid()})"]  # the kernel's word for who
+
+
+# -- over MQTT: the site's IWRS pushes assignments --------------------------------------
+
+ACL_FILE = Path(__file__).resolve().parent.parent / "docs" / "blinding-mosquitto.acl"
+MQTT_USERS = {"devicegw-gw": "gw-pw", "iwrs": "iwrs-pw", "edc": "edc-pw", "blinded-dm": "dm-pw"}
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    require(mosquitto_binary() is not None, "mosquitto is not installed")
+    require(shutil.which("mosquitto_passwd") is not None, "mosquitto_passwd is not installed")
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = MosquittoBroker(workdir, users=MQTT_USERS, extra_conf=f"acl_file {ACL_FILE}\n")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def ask_over_mqtt(
+    broker: MosquittoBroker, user: str, as_level: str, base: str, command: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Publish ``command`` as ``user`` to ``cmd/assign/{as_level}`` (MQTT 5, with a response
+    topic and correlation data); the answer, or None if none came within 5 s."""
+    response_topic = f"{base}/cmd/assign-response/{user}"
+    correlation = uuid.uuid4().bytes
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=user,
+        password=MQTT_USERS[user],
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as client:
+        await client.subscribe(response_topic, qos=1)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = response_topic
+        props.CorrelationData = correlation
+        await client.publish(
+            f"{base}/cmd/assign/{as_level}", json.dumps(command), qos=1, properties=props
+        )
+        try:
+            async with asyncio.timeout(5):
+                async for message in client.messages:
+                    assert message.properties is not None
+                    assert message.properties.CorrelationData == correlation
+                    answer: dict[str, Any] = json.loads(message.payload)  # type: ignore[arg-type]
+                    return answer
+        except TimeoutError:
+            return None
+    return None
+
+
+async def test_assign_over_mqtt_from_an_allowed_account_only(
+    acl_broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEVICEGW_TEST_GW_PASSWORD", MQTT_USERS["devicegw-gw"])
+    command = {
+        "bed": "B01",
+        "subject_id": "CVD-042-0123",
+        "kit_number": "K-0123",
+        "operator": "iwrs",
+        "reason": "randomised",
+    }
+    gw_auth = {
+        "username": "devicegw-gw",
+        "password_env": "DEVICEGW_TEST_GW_PASSWORD",
+        "assign_users": ["iwrs"],
+    }
+    async with running(
+        acl_broker,
+        tmp_path,
+        [scenario("VM1-000505", 1200)],  # 12 s at 100x: time to assign first
+        broker_extra=gw_auth,
+        collector_auth=("blinded-dm", MQTT_USERS["blinded-dm"]),  # the blinded feed
+    ) as e2e:
+        await e2e.collector.wait_for(lambda msgs: any("/status" in m.topic for m in msgs), 30)
+        await until_subscribed(e2e)
+        base = e2e.topics.base
+        # Another valid account, on its own level: refused by the gateway, and told so.
+        other = await ask_over_mqtt(
+            acl_broker, "edc", "edc", base, {**command, "kit_number": "K-9"}
+        )
+        assert other == {"applied": False, "message": "account edc may not assign"}
+        # The IWRS itself: applied.
+        answer = await ask_over_mqtt(acl_broker, "iwrs", "iwrs", base, command)
+        assert answer is not None and answer["applied"] is True, answer
+        # Another account posing as the IWRS: the broker drops it (ACL); no answer.
+        posing = await ask_over_mqtt(
+            acl_broker, "edc", "iwrs", base, {**command, "kit_number": "K8"}
+        )
+        assert posing is None
+        [event] = await e2e.wait_dose_events(1)
+        assert e2e.gateway.assign_command is not None
+        assert e2e.gateway.assign_command.commands == 2  # the posing one never arrived
+    assert (event["subject_id"], event["kit_number"]) == ("CVD-042-0123", "K-0123")
+    with Store.in_dir(tmp_path / "gw-data") as store:
+        assert verify(store).ok
+        rows = store.conn.execute("SELECT kind, body FROM audit ORDER BY seq").fetchall()
+    mqtt_rows = [(k, json.loads(b)) for k, b in rows if '"mqtt (' in b]
+    assert [(k, b["channel"]) for k, b in mqtt_rows] == [
+        ("assignment_refused", "mqtt (edc)"),
+        ("bed_assigned", "mqtt (iwrs)"),
+    ]
+
+
+async def until_subscribed(e2e: E2E) -> None:
+    """The gateway subscribes right after its birth message; give the SUBACK a moment."""
+    for _ in range(100):
+        if e2e.gateway.publisher.stats.connected:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)

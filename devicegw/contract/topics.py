@@ -77,6 +77,14 @@ class Topics:
     def device_detail(self, device_id: str) -> str:
         return f"{self.base}/{TopicKind.DEVICE_DETAIL}/{level(device_id)}/status"
 
+    def assign_commands(self) -> str:
+        """What the gateway subscribes to: ``cmd/assign/{username}`` (docs/assignments.md)."""
+        return f"{self.base}/cmd/assign/+"
+
+    def assign_response(self, username: str) -> str:
+        """The only topic an assign command's answer goes to: the requester's own."""
+        return f"{self.base}/cmd/assign-response/{level(username)}"
+
     def telemetry_detail(self, device_id: str) -> str:
         return f"{self.base}/{TopicKind.TELEMETRY_DETAIL}/{level(device_id)}"
 

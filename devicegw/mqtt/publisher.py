@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 TELEMETRY_EXPIRY_S = 60
+
+#: A subscribed command's handler: (topic, payload, MQTT 5 properties or None) -> the reply
+#: to publish (topic, payload, correlation data), or None for no reply.
+CommandHandler = Callable[[str, bytes, Properties | None], tuple[str, bytes, bytes | None] | None]
 SESSION_EXPIRY_S = 3600
 
 
@@ -87,6 +91,7 @@ class PublisherStats:
     telemetry_dropped: int = 0
     redeliveries: int = 0
     quarantined: int = 0  # rows refused because their payload changed (see the outbox)
+    command_errors: int = 0  # command handlers that raised (logged; the connection stays)
     protocol: str = ""
     last_error: str | None = None
 
@@ -154,6 +159,13 @@ class MqttPublisher:
         self.stats = PublisherStats(birth_seq=int(store.get_meta("birth_seq", "0") or 0))
         self._tls = build_tls_context(settings)
         self._password = settings.password()
+        self._commands: list[tuple[str, CommandHandler]] = []
+
+    def add_command(self, topic_filter: str, handler: CommandHandler) -> None:
+        """Subscribe to ``topic_filter`` on every connection; ``handler`` answers each
+        message with a reply ``(topic, payload, correlation_data)`` or None. A handler that
+        raises is logged and the connection carries on."""
+        self._commands.append((topic_filter, handler))
 
     # -- producer side ---------------------------------------------------------
 
@@ -372,6 +384,10 @@ class MqttPublisher:
         await client.publish(self._status_topic, birth, qos=1, retain=True)
         try:
             async with asyncio.TaskGroup() as tg:
+                if self._commands:
+                    for topic_filter, _ in self._commands:
+                        await client.subscribe(topic_filter, qos=1)
+                    tg.create_task(self._command_loop(client))
                 await self._dispatch(client, birth_seq, tg)
         except ExceptionGroup as group:
             mqtt_errors, others = group.split((aiomqtt.MqttError, _LinkDown))
@@ -430,6 +446,28 @@ class MqttPublisher:
             _raise_if_cancelling()
             if not rows:
                 await self._wake.wait()
+
+    async def _command_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            for topic_filter, handler in self._commands:
+                if not message.topic.matches(topic_filter):
+                    continue
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                try:
+                    reply = handler(message.topic.value, payload, message.properties)
+                except Exception:
+                    self.stats.command_errors += 1
+                    log.exception("a command handler failed", extra={"topic": topic_filter})
+                    continue
+                if reply is None:
+                    continue
+                topic, body, correlation = reply
+                props = None
+                if self._use_v5:
+                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                    if correlation is not None:
+                        props.CorrelationData = correlation
+                await client.publish(topic, body, qos=1, properties=props)
 
     def _task_done(self, inflight: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from devicegw.config import Config
+from devicegw.safe_text import printable
 from devicegw.storage.assignments import Assignment, AssignmentRefused, AssignmentService
 
-__all__ = ["AssignRequest", "AssignResult", "AssignmentDesk", "seed_initial"]
+__all__ = ["AssignRequest", "AssignResult", "AssignmentDesk", "request_from", "seed_initial"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,37 @@ class AssignRequest:
     override_reason: str | None = None
 
 
+_TEXT = ("bed", "operator", "reason")
+_OPTIONAL_TEXT = ("subject_id", "kit_number", "override_reason")
+_KNOWN = frozenset((*_TEXT, *_OPTIONAL_TEXT, "end"))
+
+
+def request_from(data: dict[str, Any], channel: str) -> AssignRequest | str:
+    """A request from JSON data (the socket and MQTT), or why the data is not one."""
+    unknown = sorted(k for k in data if k not in _KNOWN)
+    if unknown:
+        return f"unknown field {printable(unknown[0], limit=40)!r}"
+    for key in _TEXT:
+        if not isinstance(data.get(key), str):
+            return f"{key}: a text value is required"
+    for key in _OPTIONAL_TEXT:
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"{key}: must be text"
+    end = data.get("end", False)
+    if not isinstance(end, bool):
+        return "end: must be true or false"
+    return AssignRequest(
+        bed=data["bed"],
+        operator=data["operator"],
+        reason=data["reason"],
+        channel=channel,
+        subject_id=data.get("subject_id"),
+        kit_number=data.get("kit_number"),
+        end=end,
+        override_reason=data.get("override_reason"),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class AssignResult:
     applied: bool
@@ -48,6 +81,16 @@ class AssignmentDesk:
 
     def __init__(self, service: AssignmentService) -> None:
         self.service = service
+
+    def refuse(self, channel: str, why: str) -> AssignResult:
+        """A request too malformed to name a bed: refused and audited all the same."""
+        try:
+            self.service.refuse(
+                bed="?", operator="?", reason="?", channel=channel, asked={}, refusal=why
+            )
+        except AssignmentRefused as exc:
+            return AssignResult(False, str(exc))
+        raise AssertionError("AssignmentService.refuse returned")  # it always raises
 
     def apply(self, request: AssignRequest) -> AssignResult:
         service = self.service

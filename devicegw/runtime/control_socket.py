@@ -33,7 +33,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from devicegw.runtime.assignment_commands import AssignmentDesk, AssignRequest, AssignResult
+from devicegw.runtime.assignment_commands import (
+    AssignmentDesk,
+    AssignRequest,
+    AssignResult,
+    request_from,
+)
 
 __all__ = ["SOCKET_NAME", "ControlServer", "request", "socket_path"]
 
@@ -82,27 +87,8 @@ def _parse(line: bytes, channel: str) -> AssignRequest | str:
         return "not a JSON request"
     if not isinstance(data, dict) or data.get("command") != "assign":
         return 'unknown command (expected {"command": "assign", ...})'
-    text_fields = ("bed", "operator", "reason")
-    optional_text = ("subject_id", "kit_number", "override_reason")
-    for key in text_fields:
-        if not isinstance(data.get(key), str):
-            return f"{key}: a text value is required"
-    for key in optional_text:
-        if data.get(key) is not None and not isinstance(data[key], str):
-            return f"{key}: must be text"
-    end = data.get("end", False)
-    if not isinstance(end, bool):
-        return "end: must be true or false"
-    return AssignRequest(
-        bed=data["bed"],
-        operator=data["operator"],
-        reason=data["reason"],
-        channel=channel,
-        subject_id=data.get("subject_id"),
-        kit_number=data.get("kit_number"),
-        end=end,
-        override_reason=data.get("override_reason"),
-    )
+    del data["command"]
+    return request_from(data, channel)
 
 
 class ControlServer:
@@ -158,7 +144,7 @@ class ControlServer:
                 else:
                     parsed = _parse(line, channel)
                     result = (
-                        AssignResult(False, parsed)
+                        self.desk.refuse(channel, parsed)
                         if isinstance(parsed, str)
                         else self.desk.apply(parsed)
                     )

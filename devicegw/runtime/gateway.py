@@ -43,6 +43,7 @@ from devicegw.mqtt.publisher import MqttPublisher, encode
 from devicegw.recording.bed_inputs import RecordingBedMonitor
 from devicegw.recording.format import RecordingWriter
 from devicegw.runtime import descriptors, health, systemd_notify
+from devicegw.runtime.assign_command import AssignCommand
 from devicegw.runtime.assignment_commands import AssignmentDesk, seed_initial
 from devicegw.runtime.control_socket import ControlServer
 from devicegw.runtime.link_events import LinkObserver
@@ -221,6 +222,13 @@ class Gateway:
         )
         seed_initial(self.assignment_service, config)
         self.assignments = AssignmentDesk(self.assignment_service)
+        # The site's IWRS/EDC may push assignments over MQTT (docs/assignments.md).
+        self.assign_command: AssignCommand | None = None
+        if config.broker.assign_users:
+            self.assign_command = AssignCommand(
+                self.topics, self.assignments, config.broker.assign_users
+            )
+            self.publisher.add_command(self.assign_command.topic_filter, self.assign_command)
         # The recorder is just another link listener (docs/recording-format.md).
         self.recorder = (
             RecordingWriter(config.gateway.record_dir, config)
