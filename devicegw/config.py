@@ -507,7 +507,7 @@ class TrialSettings(_Strict):
     site_time_zones: dict[TopicSegment, TimeZoneName] = Field(default_factory=dict)
     #: The IWRS kit list (CSV ``kit_number,subject_id``; never an arm): a kit not listed
     #: for the subject is refused at assignment (docs/assignments.md).
-    kit_list: Path | None = None
+    kit_list: FilePath | None = None
     #: Subject ids must match this regular expression in full (e.g. ``CVD-042-\\d{4}``).
     subject_pattern: Annotated[str, AfterValidator(_regex)] | None = None
 

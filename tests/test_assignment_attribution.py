@@ -217,3 +217,24 @@ def test_refusals_are_results_and_audited(ward: Ward) -> None:
     kinds = [r[0] for r in ward.store.conn.execute("SELECT kind FROM audit ORDER BY seq")]
     assert kinds.count("assignment_refused") == 4  # every refusal, malformed ones too
     assert verify(ward.store).ok
+
+
+def test_a_kit_list_naming_an_arm_refuses_the_start(tmp_path: Path) -> None:
+    """preflight (what `run` and `check-config` do first) reads the kit list."""
+    from devicegw.config import parse_config
+    from devicegw.errors import ConfigError
+    from devicegw.runtime.preflight import preflight
+
+    kits = tmp_path / "kits.csv"
+    kits.write_text("kit_number,subject_id,arm\nK-0101,CVD-042-0021,A\n", encoding="utf-8")
+    config = parse_config(
+        {
+            "gateway": {"id": "gw1", "site": "s1", "data_dir": str(tmp_path / "data")},
+            "trial": {"study_id": "CVD-042", "time_zone": "UTC", "kit_list": str(kits)},
+            "devices": [],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"trial\.kit_list: .*arm"):
+        preflight(config)
+    kits.write_text("kit_number,subject_id\nK-0101,CVD-042-0021\n", encoding="utf-8")
+    preflight(config)

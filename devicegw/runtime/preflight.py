@@ -20,6 +20,7 @@ from devicegw.errors import ConfigError
 from devicegw.mqtt.publisher import build_tls_context
 from devicegw.runtime import descriptors
 from devicegw.safe_text import printable
+from devicegw.storage.assignments import KitListError, load_kit_list
 
 
 def preflight(config: Config) -> list[str]:
@@ -45,6 +46,12 @@ def preflight(config: Config) -> list[str]:
             "LimitNOFILE= in the systemd unit)",
             field="devices",
         )
+    if config.trial is not None and config.trial.kit_list is not None:
+        _readable_file(config.trial.kit_list, "trial.kit_list")
+        try:
+            load_kit_list(config.trial.kit_list)
+        except KitListError as exc:
+            raise ConfigError(f"trial.kit_list: {exc}", field="trial.kit_list") from None
     if config.broker.password_file is not None:
         _readable_file(config.broker.password_file, "broker.password_file")
     password = config.broker.password()
