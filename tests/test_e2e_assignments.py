@@ -292,3 +292,102 @@ async def until_subscribed(e2e: E2E) -> None:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
+
+
+# -- corrections: a recorded dose re-attributed or voided, the original intact -----------
+
+
+async def devicegw_correct(config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "devicegw.cli",
+        "correct",
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_correction_supersedes_a_dose_and_the_export_applies_it(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    cfg = cli_config(tmp_path)
+    who = ("--operator", "dm.keller", "--reason", "bed assigned late")
+    unassigned = {"subject_id": None, "kit_number": None}
+    async with running(
+        mosquitto,
+        tmp_path,
+        [scenario("VM1-000506", 20), scenario("VM1-000507", 20)],
+        device_extra=unassigned,
+    ) as e2e:
+        events = await e2e.wait_dose_events(2)
+        late, test_run = sorted(events, key=lambda e: e["device"]["serial_no"])
+        rc, out, err = await devicegw_correct(
+            cfg, "--event", late["event_id"], "--subject", "CVD-042-0031", "--kit", "K-0031", *who
+        )
+        assert rc == 0, err
+        rc, _, err = await devicegw_correct(cfg, "--event", test_run["event_id"], "--void", *who)
+        assert rc == 0, err
+        rc, _, err = await devicegw_correct(
+            cfg, "--event", "4f6d068d-fc9d-552c-862c-d4ddafdebcb4", "--void", *who
+        )
+        assert rc == 2 and "no dose" in err
+        await e2e.collector.wait_for(
+            lambda msgs: len([m for m in msgs if "/dose-correction/" in m.topic]) >= 2, 30
+        )
+        corrections = [m.json() for m in e2e.collector.matching("/dose-correction/")]
+        dose_lines = [m.payload.decode() for m in e2e.collector.matching("/dose/")]
+    by_target = {c["supersedes"]: c for c in corrections}
+    fix = by_target[late["event_id"]]
+    assert (fix["action"], fix["subject_id"], fix["kit_number"]) == (
+        "reattribute",
+        "CVD-042-0031",
+        "K-0031",
+    )
+    assert fix["previous_subject_id"] is None and fix["sequence"] == 1
+    assert by_target[test_run["event_id"]]["action"] == "void"
+    # The original records are untouched in the gateway's store; the audit verifies.
+    with Store.in_dir(tmp_path / "gw-data") as store:
+        assert verify(store).ok
+        stored = store.conn.execute(
+            "SELECT payload FROM outbox WHERE event_id = ?", (late["event_id"],)
+        ).fetchone()
+    assert json.loads(stored[0])["subject_id"] is None
+    # The export (as the EDC stored the feed) applies both corrections.
+    jsonl = tmp_path / "edc.jsonl"
+    jsonl.write_text(
+        "".join(line + "\n" for line in dose_lines)
+        + "".join(json.dumps(c) + "\n" for c in corrections),
+        encoding="utf-8",
+    )
+    export_cfg = tmp_path / "export.toml"
+    export_cfg.write_text(
+        cli_config(tmp_path).read_text() + '[trial]\nstudy_id = "CVD-042"\ntime_zone = "UTC"\n',
+        encoding="utf-8",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "devicegw.cli",
+        "export",
+        "--config",
+        str(export_cfg),
+        "--input",
+        str(jsonl),
+        "--format",
+        "fhir",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err
+    assert b"1 voided dose event(s) left out" in err
+    [entry] = json.loads(out)["entry"]
+    assert entry["resource"]["id"] == late["event_id"]
+    assert entry["resource"]["subject"]["identifier"]["value"] == "CVD-042-0031"

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -83,3 +84,25 @@ def checked(
         error(f"{path}: {exc}")
         raise SystemExit(EXIT_CONFIG) from None
     return config, warnings
+
+
+def ask_daemon(command: str, data_dir: Path, payload: dict[str, object]) -> int:
+    """One request to the running daemon's control socket, its answer printed:
+    exit 0 applied, 2 refused (the reason on stderr), 1 the daemon cannot be reached."""
+    from devicegw.cli.terminal import printable
+    from devicegw.runtime.control_socket import request, socket_path
+
+    try:
+        reply = request(data_dir, payload)
+    except OSError as exc:
+        where = printable(socket_path(data_dir))
+        sys.stderr.write(
+            f"devicegw {command}: the gateway is not reachable at {where}: {printable(exc)}\n"
+        )
+        return EXIT_FATAL
+    message = printable(reply.get("message", ""), limit=300)
+    if reply.get("applied") is True:
+        sys.stdout.write(message + "\n")
+        return 0
+    sys.stderr.write(f"devicegw {command}: refused: {message}\n")
+    return EXIT_CONFIG

@@ -217,6 +217,31 @@ class TimesDetail(_Payload):
     )
 
 
+class DoseCorrection(_Payload):
+    """A dose event re-attributed or voided after the fact (blinded ``dose-correction`` topic).
+
+    The original event is never edited: a subscriber applies the correction with the
+    highest ``sequence`` for a dose (docs/contract.md, "Corrections").
+    """
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.DOSE_CORRECTION] = PayloadKind.DOSE_CORRECTION
+    delivery: Delivery | None = None
+    event_id: uuid.UUID = Field(description="deterministic: UUIDv5 of supersedes and sequence")
+    supersedes: uuid.UUID = Field(description="the dose event's event_id")
+    sequence: int = Field(ge=1, description="1 for a dose's first correction, then 2, ...")
+    action: Literal["reattribute", "void"]
+    subject_id: str | None = Field(description="the right subject (reattribute); null: void")
+    kit_number: str | None = Field(description="the right kit (reattribute); null: void")
+    previous_subject_id: str | None
+    previous_kit_number: str | None
+    gateway: GatewayRef
+    device_id: str
+    operator: str
+    reason: str
+    corrected_utc: datetime
+
+
 class DoseDetail(_Payload):
     """The physical record of one session, restricted (``dose-detail`` topic).
 

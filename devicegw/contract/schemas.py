@@ -28,6 +28,7 @@ from devicegw.contract.base import TOPIC_VERSION
 from devicegw.contract.payloads import (
     DeviceDetail,
     DeviceStatus,
+    DoseCorrection,
     DoseDetail,
     DoseEvent,
     GatewayStatus,
@@ -42,6 +43,7 @@ ID_BASE = f"https://devicegw.invalid/schemas/{TOPIC_VERSION}/"
 # file name -> (model, title); the file name is part of the contract (stable $id).
 MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "dose_completion.schema.json": (DoseEvent, "devicegw dose_completion event (v2, blinded)"),
+    "dose_correction.schema.json": (DoseCorrection, "devicegw dose_correction (v2, blinded)"),
     "device_status.schema.json": (DeviceStatus, "devicegw device_status (v2, blinded)"),
     "gateway_status.schema.json": (GatewayStatus, "devicegw gateway_status (v2, blinded)"),
     "telemetry.schema.json": (Telemetry, "devicegw telemetry (v2, blinded)"),

@@ -56,6 +56,9 @@ class Topics:
     def dose(self, device_id: str) -> str:
         return f"{self.base}/{TopicKind.DOSE}/{level(device_id)}"
 
+    def dose_correction(self, device_id: str) -> str:
+        return f"{self.base}/{TopicKind.DOSE_CORRECTION}/{level(device_id)}"
+
     def gateway_status(self) -> str:
         return f"{self.base}/status"
 
@@ -99,6 +102,7 @@ def feed_subscriptions(prefix: str) -> dict[Feed, list[str]]:
     return {
         Feed.BLINDED: [
             f"{any_gw}/{TopicKind.DOSE}/+",
+            f"{any_gw}/{TopicKind.DOSE_CORRECTION}/+",
             f"{any_gw}/status",
             f"{any_gw}/device/+/status",
             f"{any_gw}/{TopicKind.TELEMETRY}/+",
@@ -123,6 +127,7 @@ def topic_payloads(topic: str) -> frozenset[PayloadKind] | None:
     if len(parts) >= 2:
         by_level: dict[str, set[PayloadKind]] = {
             TopicKind.DOSE: {PayloadKind.DOSE_COMPLETION},
+            TopicKind.DOSE_CORRECTION: {PayloadKind.DOSE_CORRECTION},
             TopicKind.TELEMETRY: {PayloadKind.TELEMETRY},
             TopicKind.SAFETY: {PayloadKind.SAFETY_ALERT, PayloadKind.POST_DOSE_SAFETY_SUMMARY},
             TopicKind.DOSE_DETAIL: {PayloadKind.DOSE_DETAIL},

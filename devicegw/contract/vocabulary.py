@@ -166,6 +166,7 @@ class PayloadKind(StrEnum):
     TELEMETRY = "telemetry"
     SAFETY_ALERT = "safety_alert"
     POST_DOSE_SAFETY_SUMMARY = "post_dose_safety_summary"
+    DOSE_CORRECTION = "dose_correction"
     # The restricted feed (docs/blinding.md).
     DOSE_DETAIL = "dose_detail"
     DEVICE_DETAIL = "device_detail"
@@ -180,6 +181,7 @@ PAYLOAD_FEED: dict[PayloadKind, Feed] = {
     PayloadKind.TELEMETRY: Feed.BLINDED,
     PayloadKind.SAFETY_ALERT: Feed.BLINDED,
     PayloadKind.POST_DOSE_SAFETY_SUMMARY: Feed.BLINDED,
+    PayloadKind.DOSE_CORRECTION: Feed.BLINDED,
     PayloadKind.DOSE_DETAIL: Feed.RESTRICTED,
     PayloadKind.DEVICE_DETAIL: Feed.RESTRICTED,
     PayloadKind.TELEMETRY_DETAIL: Feed.RESTRICTED,
@@ -190,6 +192,7 @@ class TopicKind(StrEnum):
     """What a message is for, as the topic level that carries it (docs/mqtt.md)."""
 
     DOSE = "dose"  # dose-completion events, durable
+    DOSE_CORRECTION = "dose-correction"  # a dose re-attributed or voided, durable
     STATUS = "status"  # retained device / gateway status, latest wins
     SAFETY = "safety"  # SpO2 safety alerts and post-dose summaries, durable
     TELEMETRY = "telemetry"  # live progress, best effort

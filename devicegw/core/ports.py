@@ -71,6 +71,10 @@ class AuditKind(StrEnum):
     bed_unassigned = "bed_unassigned"
     #: body: bed, what was asked (subject_id, kit_number), operator, channel, reason, refusal.
     assignment_refused = "assignment_refused"
+    #: body: the correction (supersedes, sequence, action, old and new subject/kit,
+    #: operator, channel, reason), or what was asked and the refusal (``refused``).
+    dose_corrected = "dose_corrected"
+    correction_refused = "correction_refused"
 
 
 @dataclass(frozen=True, slots=True)

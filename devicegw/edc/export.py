@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError, field_validator
 
 from devicegw.config import TrialSettings
+from devicegw.contract.payloads import DoseCorrection
 from devicegw.contract.vocabulary import DataSource, PayloadKind, Reason, Verdict, blinded_reasons
 from devicegw.errors import GatewayError
 
@@ -225,50 +226,99 @@ def record_identity(event: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_events(
-    lines: Iterable[str], *, unassigned: list[str] | None = None
+    lines: Iterable[str],
+    *,
+    unassigned: list[str] | None = None,
+    voided: list[str] | None = None,
 ) -> list[StoredDoseEvent]:
-    """Parse JSON lines; the first copy of each event_id wins, as on the wire.
+    """Parse JSON lines of dose events and dose corrections, as the EDC stored them.
 
-    Copies that differ at most in ``delivery`` are dropped; a copy with the
-    same event_id and other content is an error (it must never happen). A dose
-    of an unassigned bed (``subject_id`` null, reason ``unassigned``) has no
-    subject to export under: its event_id goes to ``unassigned`` (if given) and it
-    is left out until a correction attributes it.
+    The first copy of each event_id wins, as on the wire: copies that differ at
+    most in ``delivery`` are dropped; a copy with the same event_id and other
+    content is an error (it must never happen).
+
+    Corrections (``dose_correction``, docs/contract.md "Corrections") are applied:
+    for each dose the one with the highest ``sequence`` wins; ``reattribute``
+    exports the dose under the corrected subject and kit, ``void`` leaves it out
+    (its event_id goes to ``voided``). A dose of an unassigned bed (``subject_id``
+    null, reason ``unassigned``) that no correction attributes has no subject to
+    export under: its event_id goes to ``unassigned`` and it is left out.
     """
-    first: dict[uuid.UUID, tuple[int, Any]] = {}
-    events: list[StoredDoseEvent] = []
+    first: dict[str, tuple[int, dict[str, Any]]] = {}
+    corrections: dict[str, tuple[int, dict[str, Any]]] = {}
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             raw = json.loads(line)
-            if (
-                isinstance(raw, dict)
-                and raw.get("subject_id") is None
-                and "unassigned" in (raw.get("reasons") or ())
-            ):
-                if unassigned is not None:
-                    unassigned.append(str(raw.get("event_id")))
-                continue
-            event = StoredDoseEvent.model_validate(raw)
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise ExportError(f"line {number}: not a dose event: {exc}", line=number) from exc
-        seen = first.get(event.event_id)
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"line {number}: not JSON: {exc}", line=number) from exc
+        if not isinstance(raw, dict):
+            raise ExportError(f"line {number}: not a JSON object", line=number)
+        if raw.get("event_type") == PayloadKind.DOSE_CORRECTION:
+            _take_correction(raw, number, corrections)
+            continue
+        key = str(raw.get("event_id"))
+        seen = first.get(key)
         if seen is None:
-            first[event.event_id] = (number, raw)
-            events.append(event)
+            first[key] = (number, raw)
         elif record_identity(seen[1]) != record_identity(raw):
             raise ExportError(
-                f"line {number}: event_id {event.event_id} differs from line {seen[0]}",
-                line=number,
+                f"line {number}: event_id {key} differs from line {seen[0]}", line=number
             )
+    events: list[StoredDoseEvent] = []
+    for key, (number, raw) in first.items():
+        correction = corrections.get(key)
+        if correction is not None:
+            action = correction[1]["action"]
+            if action == "void":
+                if voided is not None:
+                    voided.append(key)
+                continue
+            raw = {
+                **raw,
+                "subject_id": correction[1]["subject_id"],
+                "kit_number": correction[1]["kit_number"],
+            }
+        if raw.get("subject_id") is None and "unassigned" in (raw.get("reasons") or ()):
+            if unassigned is not None:
+                unassigned.append(key)
+            continue
+        try:
+            events.append(StoredDoseEvent.model_validate(raw))
+        except ValidationError as exc:
+            raise ExportError(f"line {number}: not a dose event: {exc}", line=number) from exc
     return sorted(events, key=StoredDoseEvent.sort_key)
 
 
-def load_events(path: Path, *, unassigned: list[str] | None = None) -> list[StoredDoseEvent]:
+def _take_correction(
+    raw: dict[str, Any], number: int, corrections: dict[str, tuple[int, dict[str, Any]]]
+) -> None:
+    """Keep the correction with the highest sequence for its dose."""
+    try:
+        correction = DoseCorrection.model_validate(raw)
+    except ValidationError as exc:
+        raise ExportError(f"line {number}: not a dose correction: {exc}", line=number) from exc
+    key = str(correction.supersedes)
+    kept = corrections.get(key)
+    if kept is None or kept[1]["sequence"] < correction.sequence:
+        corrections[key] = (
+            correction.sequence,
+            {
+                "sequence": correction.sequence,
+                "action": correction.action,
+                "subject_id": correction.subject_id,
+                "kit_number": correction.kit_number,
+            },
+        )
+
+
+def load_events(
+    path: Path, *, unassigned: list[str] | None = None, voided: list[str] | None = None
+) -> list[StoredDoseEvent]:
     try:
         with path.open(encoding="utf-8") as f:
-            return read_events(f, unassigned=unassigned)
+            return read_events(f, unassigned=unassigned, voided=voided)
     except OSError as exc:
         raise ExportError(f"{path}: {exc.strerror}") from exc
     except ExportError as exc:

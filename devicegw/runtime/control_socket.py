@@ -1,4 +1,5 @@
-"""The daemon's local control channel: ``devicegw assign`` talks to the running gateway.
+"""The daemon's local control channel: ``devicegw assign`` and ``devicegw correct``
+talk to the running gateway.
 
 A Unix socket ``control.sock`` in ``data_dir``, mode 0660 (the daemon's user and
 group: ward staff who may assign are put in the group; nobody else can connect).
@@ -9,7 +10,9 @@ One request per connection: one JSON line in, one JSON line out.
     <- {"applied": true, "message": "bed B01: subject CVD-042-0021, kit K-0101"}
 
 ``end: true`` (no subject or kit) ends a bed's assignment; ``override_reason``
-allows a kit already used. The request goes to the one way in
+allows a kit already used. ``{"command": "correct", "event_id": ..., "subject_id":
+..., "kit_number": ... | "void": true, "operator": ..., "reason": ...}`` corrects
+a recorded dose (:mod:`devicegw.runtime.correction_commands`). The request goes to the one way in
 (:class:`~devicegw.runtime.assignment_commands.AssignmentDesk`), with the
 channel ``cli (uid N)``: the connecting process's user, from the kernel
 (``SO_PEERCRED``), is kept beside the operator the person typed.
@@ -38,6 +41,11 @@ from devicegw.runtime.assignment_commands import (
     AssignRequest,
     AssignResult,
     request_from,
+)
+from devicegw.runtime.correction_commands import (
+    CorrectionDesk,
+    CorrectRequest,
+    correct_request_from,
 )
 
 __all__ = ["SOCKET_NAME", "ControlServer", "request", "socket_path"]
@@ -79,24 +87,34 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
     return int(uid)
 
 
-def _parse(line: bytes, channel: str) -> AssignRequest | str:
+def _parse(line: bytes, channel: str) -> AssignRequest | CorrectRequest | str:
     """The request, or why it is not one."""
     try:
         data = json.loads(line)
     except (ValueError, UnicodeDecodeError):
         return "not a JSON request"
-    if not isinstance(data, dict) or data.get("command") != "assign":
-        return 'unknown command (expected {"command": "assign", ...})'
-    del data["command"]
-    return request_from(data, channel)
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    command = data.pop("command", None)
+    if command == "assign":
+        return request_from(data, channel)
+    if command == "correct":
+        return correct_request_from(data, channel)
+    return 'unknown command (expected "assign" or "correct")'
 
 
 class ControlServer:
     """Serves ``control.sock`` until cancelled (a supervised gateway task)."""
 
-    def __init__(self, data_dir: str | Path, desk: AssignmentDesk) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        desk: AssignmentDesk,
+        corrections: CorrectionDesk | None = None,
+    ) -> None:
         self.path = socket_path(data_dir)
         self.desk = desk
+        self.corrections = corrections
         self.requests = 0
 
     @property
@@ -118,6 +136,15 @@ class ControlServer:
         finally:
             with contextlib.suppress(OSError):
                 self.path.unlink()
+
+    def _apply(self, parsed: AssignRequest | CorrectRequest | str, channel: str) -> AssignResult:
+        if isinstance(parsed, str):
+            return self.desk.refuse(channel, parsed)
+        if isinstance(parsed, CorrectRequest):
+            if self.corrections is None:
+                return AssignResult(False, "corrections are not taken by this gateway")
+            return self.corrections.apply(parsed)
+        return self.desk.apply(parsed)
 
     def _remove_stale(self) -> None:
         """A socket left by a killed daemon; anything else at that path is not ours."""
@@ -142,12 +169,7 @@ class ControlServer:
                 if len(line) > MAX_REQUEST or not line.endswith(b"\n"):
                     result = AssignResult(False, "the request must be one line of at most 16 KiB")
                 else:
-                    parsed = _parse(line, channel)
-                    result = (
-                        self.desk.refuse(channel, parsed)
-                        if isinstance(parsed, str)
-                        else self.desk.apply(parsed)
-                    )
+                    result = self._apply(_parse(line, channel), channel)
             reply = {"applied": result.applied, "message": result.message}
             writer.write(json.dumps(reply).encode("utf-8") + b"\n")
             await writer.drain()

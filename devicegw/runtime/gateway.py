@@ -31,6 +31,7 @@ from devicegw.contract.payloads import (
     DeviceDetail,
     DeviceStatus,
     DoseRecord,
+    GatewayRef,
     GatewayStatus,
     StoreState,
     Telemetry,
@@ -46,6 +47,7 @@ from devicegw.runtime import descriptors, health, systemd_notify
 from devicegw.runtime.assign_command import AssignCommand
 from devicegw.runtime.assignment_commands import AssignmentDesk, seed_initial
 from devicegw.runtime.control_socket import ControlServer
+from devicegw.runtime.correction_commands import CorrectionDesk
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
@@ -54,6 +56,7 @@ from devicegw.runtime.oximeter_runner import OximeterRunner
 from devicegw.runtime.supervise import Restarts, Runner, Task, spawn
 from devicegw.storage.assignments import AssignmentService, load_kit_list
 from devicegw.storage.audit import AuditTrail
+from devicegw.storage.corrections import CorrectionService
 from devicegw.storage.journal import SessionJournal
 from devicegw.storage.store import Store
 from devicegw.storage.witness import StoreOpening, open_checked, write_witness
@@ -222,6 +225,20 @@ class Gateway:
         )
         seed_initial(self.assignment_service, config)
         self.assignments = AssignmentDesk(self.assignment_service)
+        self.corrections = CorrectionDesk(
+            CorrectionService(
+                self.store,
+                self.audit,
+                clock=clock,
+                gateway=GatewayRef(
+                    id=config.gateway.id, site=config.gateway.site, version=__version__
+                ),
+                kit_list=kits,
+                subject_pattern=None if trial is None else trial.subject_pattern,
+            ),
+            self.publisher,
+            self.topics,
+        )
         # The site's IWRS/EDC may push assignments over MQTT (docs/assignments.md).
         self.assign_command: AssignCommand | None = None
         if config.broker.assign_users:
@@ -299,7 +316,7 @@ class Gateway:
             Task("mqtt-publisher", self.publisher.run),
             Task("health", lambda: health.run(self.snapshot, self.config.gateway.data_dir)),
             Task("store-upkeep", self._store_upkeep),
-            ControlServer(self.config.gateway.data_dir, self.assignments),
+            ControlServer(self.config.gateway.data_dir, self.assignments, self.corrections),
         ]
         runners += self.bed_tickers
         runners += self.oximeter_runners

@@ -21,7 +21,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from devicegw.contract.vocabulary import TopicKind
 from devicegw.storage.store import Store
@@ -29,7 +29,13 @@ from devicegw.storage.store import Store
 log = logging.getLogger(__name__)
 
 #: What the outbox holds: every durable kind (telemetry never enters it).
-Kind = Literal[TopicKind.DOSE, TopicKind.DOSE_DETAIL, TopicKind.STATUS, TopicKind.SAFETY]
+Kind = Literal[
+    TopicKind.DOSE,
+    TopicKind.DOSE_DETAIL,
+    TopicKind.DOSE_CORRECTION,
+    TopicKind.STATUS,
+    TopicKind.SAFETY,
+]
 
 #: The ``event_id`` column of a dose event's detail row: ``<event_id>`` + this.
 DETAIL_KEY_SUFFIX = "/detail"
@@ -52,9 +58,7 @@ CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox(id) WHERE sent_utc IS NULL;
 """
 
 _COLUMNS = "id, kind, device_id, topic, qos, retain, payload, event_id, attempts"
-_KINDS = frozenset(
-    k.value for k in (TopicKind.DOSE, TopicKind.DOSE_DETAIL, TopicKind.STATUS, TopicKind.SAFETY)
-)
+_KINDS = frozenset(k.value for k in get_args(Kind))  # what a stored row's kind may be
 
 
 def payload_sha256(payload: bytes) -> str:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from devicegw.cli.common import EXIT_CONFIG, EXIT_FATAL, SubParsers, load
-from devicegw.cli.terminal import printable
+from devicegw.cli.common import SubParsers, ask_daemon, load
 
 
 def register(sub: SubParsers) -> None:
@@ -30,8 +28,6 @@ def register(sub: SubParsers) -> None:
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    from devicegw.runtime.control_socket import request
-
     config = load(args.config)
     payload = {
         "command": "assign",
@@ -43,18 +39,4 @@ def cmd_assign(args: argparse.Namespace) -> int:
         "reason": args.reason,
         "override_reason": args.override_reason,
     }
-    try:
-        reply = request(config.gateway.data_dir, payload)
-    except OSError as exc:
-        print(
-            f"devicegw assign: the gateway is not reachable at "
-            f"{printable(config.gateway.data_dir)}/control.sock: {printable(exc)}",
-            file=sys.stderr,
-        )
-        return EXIT_FATAL
-    message = printable(reply.get("message", ""), limit=300)
-    if reply.get("applied") is True:
-        print(message)
-        return 0
-    print(f"devicegw assign: refused: {message}", file=sys.stderr)
-    return EXIT_CONFIG
+    return ask_daemon("assign", config.gateway.data_dir, payload)

@@ -45,7 +45,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             field="trial",
         )
     unassigned: list[str] = []
-    events = load_events(Path(args.input), unassigned=unassigned)
+    voided: list[str] = []
+    events = load_events(Path(args.input), unassigned=unassigned, voided=voided)
+    if voided:
+        sys.stderr.write(f"devicegw export: {len(voided)} voided dose event(s) left out\n")
     if unassigned:
         sys.stderr.write(
             f"devicegw export: {len(unassigned)} dose event(s) of an unassigned bed left out "
