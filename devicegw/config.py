@@ -515,6 +515,27 @@ class TrialSettings(_Strict):
         return zoneinfo.ZoneInfo(self.site_time_zones.get(site, self.time_zone))
 
 
+class ScheduleSettings(_Strict):
+    """The dosing schedule (docs/assignments.md, "Schedule"): trial default BID for 5 days."""
+
+    doses_per_day: int = Field(default=2, ge=1, le=24)
+    days: int = Field(default=5, ge=1, le=366)
+    #: Planned time between doses; the subject's first dose is slot 1.
+    interval_h: float = Field(default=12.0, gt=0, le=24 * 7)
+    #: A dose within +- this of its planned time is in its window.
+    window_h: float = Field(default=3.0, ge=0, le=24 * 3)
+    #: How often the gateway looks for windows closed without a dose.
+    check_interval_s: float = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _windows_apart(self) -> Self:
+        if 2 * self.window_h >= self.interval_h:
+            raise FieldProblem(
+                "window_h", "two windows would overlap: it must be under half of interval_h"
+            )
+        return self
+
+
 class Config(_Strict):
     gateway: GatewaySettings
     # Optional for the daemon; required by `devicegw export`.
@@ -523,6 +544,8 @@ class Config(_Strict):
     dose_rules: DoseRules = DoseRules()
     spo2_rules: Spo2Rules = Spo2Rules()
     telemetry: TelemetrySettings = TelemetrySettings()
+    #: Absent: doses carry no dose number and no dose is reported missed.
+    schedule: ScheduleSettings | None = None
     devices: list[DeviceSettings] = Field(default_factory=list)
     oximeters: list[OximeterSettings] = Field(default_factory=list)
     # sha256 of the file's bytes, for the audit trail and the birth message.

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from devicegw.contract.payloads import DoseEvent
+from devicegw.config import ScheduleSettings
+from devicegw.contract.payloads import DoseEvent, GatewayRef
 from devicegw.core.vm1_pipeline import Vm1Pipeline
 from devicegw.runtime.assignment_commands import AssignmentDesk, AssignRequest, seed_initial
 from devicegw.storage.assignments import AssignmentService
 from devicegw.storage.audit import AuditTrail, verify
 from devicegw.storage.journal import SessionJournal
+from devicegw.storage.schedule_book import ScheduleBook
 from devicegw.storage.store import Store
 from drivers.clock import ManualClock
 from drivers.vm1.messages import DeviceState, EndReason
@@ -35,10 +37,28 @@ from tests.session_stream import (
 class Ward:
     """One bed (B01) with a VM-1, the gateway's store, audit trail and assignments."""
 
-    def __init__(self, tmp_path: Path, **device: object) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        schedule: ScheduleSettings | None = None,
+        clock: ManualClock | None = None,
+        **device: object,
+    ) -> None:
         self.store = Store.in_dir(tmp_path)
-        self.clock = ManualClock(start=T0)
+        self.clock = clock or ManualClock(start=T0)
         self.config = one_device_config(**device)
+        self.schedule = (
+            None
+            if schedule is None
+            else ScheduleBook(
+                self.store,
+                schedule,
+                time_zone="Europe/Berlin",
+                gateway=GatewayRef(id="gw1", site="site-042", version="test"),
+                clock=self.clock,
+            )
+        )
         self.audit = AuditTrail(self.store, clock=self.clock, gateway_id="gw1")
         self.service = AssignmentService(self.store, self.audit, clock=self.clock, beds=["B01"])
         seed_initial(self.service, self.config)
@@ -51,6 +71,7 @@ class Ward:
             journal=SessionJournal(self.store),
             audit=self.audit,
             attributor=self.service,
+            schedule=self.schedule,
         )
         self.pipeline.link_up(T0)
         self.b = StreamBuilder(start_ms=0)

@@ -85,6 +85,7 @@ def topic_patterns() -> dict[str, str]:
     return {
         "dose": t.dose("{device}"),
         "dose_correction": t.dose_correction("{device}"),
+        "dose_missed": t.dose_missed("{device}"),
         "gateway_status": t.gateway_status(),
         "device_status": t.device_status("{device}"),
         "telemetry": t.telemetry("{device}"),
@@ -140,6 +141,7 @@ def test_internal_refs_resolve_and_operations_have_mqtt_bindings() -> None:
     expected = {
         "dose": (1, False),
         "dose_correction": (1, False),
+        "dose_missed": (1, False),
         "gateway_status": (1, True),
         "device_status": (1, True),
         "telemetry": (0, False),

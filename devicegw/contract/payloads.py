@@ -95,6 +95,23 @@ class DoseRulesOut(_Payload):
     volume_tolerance_ml: float
 
 
+class ScheduleOut(_Payload):
+    """Where a dose falls in its subject's dosing schedule (docs/assignments.md, "Schedule")."""
+
+    slot: int = Field(ge=1, description="the planned dose's number: 1 .. doses_per_day x days")
+    study_day: int = Field(ge=1, description="day 1 begins with the subject's first dose")
+    slot_of_day: int = Field(ge=1)
+    label: Literal["AM", "PM"] = Field(description="of the planned time, in the site's zone")
+    planned_utc: datetime
+    window_start_utc: datetime
+    window_end_utc: datetime
+    in_window: bool = Field(description="the session started within the window")
+    local_time: str | None = Field(
+        description="the session's start as the site's local time with its offset; null: none"
+    )
+    time_zone: str
+
+
 class DoseEvent(_Payload):
     """One per nebulization session on the blinded ``dose`` topic: the record the EDC keeps."""
 
@@ -123,6 +140,16 @@ class DoseEvent(_Payload):
     spo2: Spo2Summary | None = Field(
         default=None,
         description="SpO2 during the session from the bed's oximeter, or why it is unavailable",
+    )
+    dose_number: int | None = Field(
+        default=None,
+        description="the subject's planned dose this session was (its schedule slot); null "
+        "without a [schedule], on an unassigned bed, or after the plan's last slot",
+    )
+    schedule: ScheduleOut | None = None
+    repeat_of: uuid.UUID | None = Field(
+        default=None,
+        description="a second session for the same slot: the event_id of the slot's first",
     )
 
 
@@ -215,6 +242,28 @@ class TimesDetail(_Payload):
         description="time the mesh was driven (device's neb_ms); null if the device's record "
         "of the session was unavailable"
     )
+
+
+class DoseMissed(_Payload):
+    """A planned dose with no session by the end of its window (``dose-missed`` topic).
+
+    ``status: withdrawn`` cancels an earlier ``missed`` notice for the same slot:
+    a session of that slot arrived later (e.g. fetched from the device's log).
+    """
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.DOSE_MISSED] = PayloadKind.DOSE_MISSED
+    delivery: Delivery | None = None
+    event_id: uuid.UUID = Field(description="deterministic: subject, slot and status")
+    status: Literal["missed", "withdrawn"]
+    subject_id: str
+    bed: str
+    device_id: str
+    gateway: GatewayRef
+    dose_number: int
+    schedule: ScheduleOut
+    withdrawn_by: uuid.UUID | None = Field(description="the dose event that filled the slot")
+    decided_utc: datetime
 
 
 class DoseCorrection(_Payload):

@@ -31,6 +31,7 @@ from devicegw.contract.payloads import (
     DoseCorrection,
     DoseDetail,
     DoseEvent,
+    DoseMissed,
     GatewayStatus,
     Telemetry,
     TelemetryDetail,
@@ -44,6 +45,7 @@ ID_BASE = f"https://devicegw.invalid/schemas/{TOPIC_VERSION}/"
 MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "dose_completion.schema.json": (DoseEvent, "devicegw dose_completion event (v2, blinded)"),
     "dose_correction.schema.json": (DoseCorrection, "devicegw dose_correction (v2, blinded)"),
+    "dose_missed.schema.json": (DoseMissed, "devicegw dose_missed (v2, blinded)"),
     "device_status.schema.json": (DeviceStatus, "devicegw device_status (v2, blinded)"),
     "gateway_status.schema.json": (GatewayStatus, "devicegw gateway_status (v2, blinded)"),
     "telemetry.schema.json": (Telemetry, "devicegw telemetry (v2, blinded)"),

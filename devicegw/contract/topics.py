@@ -59,6 +59,9 @@ class Topics:
     def dose_correction(self, device_id: str) -> str:
         return f"{self.base}/{TopicKind.DOSE_CORRECTION}/{level(device_id)}"
 
+    def dose_missed(self, device_id: str) -> str:
+        return f"{self.base}/{TopicKind.DOSE_MISSED}/{level(device_id)}"
+
     def gateway_status(self) -> str:
         return f"{self.base}/status"
 
@@ -103,6 +106,7 @@ def feed_subscriptions(prefix: str) -> dict[Feed, list[str]]:
         Feed.BLINDED: [
             f"{any_gw}/{TopicKind.DOSE}/+",
             f"{any_gw}/{TopicKind.DOSE_CORRECTION}/+",
+            f"{any_gw}/{TopicKind.DOSE_MISSED}/+",
             f"{any_gw}/status",
             f"{any_gw}/device/+/status",
             f"{any_gw}/{TopicKind.TELEMETRY}/+",
@@ -128,6 +132,7 @@ def topic_payloads(topic: str) -> frozenset[PayloadKind] | None:
         by_level: dict[str, set[PayloadKind]] = {
             TopicKind.DOSE: {PayloadKind.DOSE_COMPLETION},
             TopicKind.DOSE_CORRECTION: {PayloadKind.DOSE_CORRECTION},
+            TopicKind.DOSE_MISSED: {PayloadKind.DOSE_MISSED},
             TopicKind.TELEMETRY: {PayloadKind.TELEMETRY},
             TopicKind.SAFETY: {PayloadKind.SAFETY_ALERT, PayloadKind.POST_DOSE_SAFETY_SUMMARY},
             TopicKind.DOSE_DETAIL: {PayloadKind.DOSE_DETAIL},

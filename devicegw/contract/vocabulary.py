@@ -167,6 +167,7 @@ class PayloadKind(StrEnum):
     SAFETY_ALERT = "safety_alert"
     POST_DOSE_SAFETY_SUMMARY = "post_dose_safety_summary"
     DOSE_CORRECTION = "dose_correction"
+    DOSE_MISSED = "dose_missed"
     # The restricted feed (docs/blinding.md).
     DOSE_DETAIL = "dose_detail"
     DEVICE_DETAIL = "device_detail"
@@ -182,6 +183,7 @@ PAYLOAD_FEED: dict[PayloadKind, Feed] = {
     PayloadKind.SAFETY_ALERT: Feed.BLINDED,
     PayloadKind.POST_DOSE_SAFETY_SUMMARY: Feed.BLINDED,
     PayloadKind.DOSE_CORRECTION: Feed.BLINDED,
+    PayloadKind.DOSE_MISSED: Feed.BLINDED,
     PayloadKind.DOSE_DETAIL: Feed.RESTRICTED,
     PayloadKind.DEVICE_DETAIL: Feed.RESTRICTED,
     PayloadKind.TELEMETRY_DETAIL: Feed.RESTRICTED,
@@ -193,6 +195,7 @@ class TopicKind(StrEnum):
 
     DOSE = "dose"  # dose-completion events, durable
     DOSE_CORRECTION = "dose-correction"  # a dose re-attributed or voided, durable
+    DOSE_MISSED = "dose-missed"  # a planned dose with no session in its window, durable
     STATUS = "status"  # retained device / gateway status, latest wins
     SAFETY = "safety"  # SpO2 safety alerts and post-dose summaries, durable
     TELEMETRY = "telemetry"  # live progress, best effort

@@ -35,6 +35,7 @@ from devicegw.contract.payloads import (
 from devicegw.contract.vocabulary import blinded_reasons
 from devicegw.core.dose_check import Assessment
 from devicegw.core.ports import Attribution
+from devicegw.core.schedule import Placement
 from devicegw.core.session_tracker import FinishedSession, wall_to_utc
 from drivers.vm1.messages import Ident, alarm_name
 
@@ -75,6 +76,7 @@ def build_dose_record(
     config: Config,
     epoch: int = 0,
     attribution: Attribution | None = None,
+    placement: Placement | None = None,
 ) -> DoseRecord:
     """The record of a session of the device that identified itself as ``ident``.
 
@@ -126,6 +128,9 @@ def build_dose_record(
         ),
         rules=rules_out,
         config_sha256=config.source_sha256,
+        dose_number=None if placement is None else placement.dose_number,
+        schedule=None if placement is None else placement.schedule,
+        repeat_of=None if placement is None else placement.repeat_of,
     )
     detail = DoseDetail(
         event_id=event_id,

@@ -8,6 +8,7 @@ imports SQLite or the storage package (``devicegw.storage`` implements them).
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,12 +16,14 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from devicegw.contract.payloads import DoseRecord
+from devicegw.core.schedule import Placement
 
 __all__ = [
     "Attribution",
     "Attributor",
     "AuditKind",
     "AuditLog",
+    "DoseSchedule",
     "RecordedDose",
     "SessionJournalPort",
     "StaticAttributor",
@@ -149,6 +152,14 @@ class Attributor(Protocol):
     def attribute(self, bed: str, start: datetime, end: datetime) -> Attribution: ...
 
     def kit_used(self, kit_number: str, event_id: str) -> None: ...
+
+
+class DoseSchedule(Protocol):
+    """The dosing schedule (``devicegw.storage.schedule_book.ScheduleBook``)."""
+
+    def place(
+        self, subject_id: str, event_id: uuid.UUID, start: datetime, *, bed: str, device_id: str
+    ) -> Placement: ...
 
 
 class StaticAttributor:

@@ -48,6 +48,7 @@ from devicegw.core.ports import (
     Attributor,
     AuditKind,
     AuditLog,
+    DoseSchedule,
     RecordedDose,
     SessionJournalPort,
     StaticAttributor,
@@ -158,8 +159,10 @@ class Vm1Pipeline:
         audit: AuditLog | None = None,
         bed: BedMonitor | None = None,
         attributor: Attributor | None = None,
+        schedule: DoseSchedule | None = None,
     ) -> None:
         self.device = device
+        self.schedule = schedule
         self.bed = bed
         # Whose dose a session is: the bed's assignment at its start (docs/assignments.md);
         # without an assignment service, the configured one.
@@ -517,6 +520,15 @@ class Vm1Pipeline:
             session = replace(session, flags=(*session.flags, Reason.DEVICE_COUNTER_RESET))
         session, who = self._attribute(session)
         assessment = assess(session, self.config.dose_rules)
+        placement = None
+        if self.schedule is not None and who.subject_id is not None:
+            placement = self.schedule.place(
+                who.subject_id,
+                self._event_id(ident, session.session_no),
+                self._start_of(session),
+                bed=self.device.bed,
+                device_id=self.device.id,
+            )
         record = build_dose_record(
             session,
             assessment,
@@ -525,6 +537,7 @@ class Vm1Pipeline:
             config=self.config,
             epoch=self._epoch,
             attribution=who,
+            placement=placement,
         )
         dose = record.event
         dose = dose.model_copy(update={"spo2": self._spo2_summary(session, dose.event_id, mono)})
@@ -565,11 +578,7 @@ class Vm1Pipeline:
     def _attribute(self, session: FinishedSession) -> tuple[FinishedSession, Attribution]:
         """The assignment in force at the session's start (device clock if set, else the
         gateway's receipt); an unassigned bed or a change during the session is flagged."""
-        start = (
-            wall_to_utc(session.device_start_wall_s)
-            or session.gateway_start_utc
-            or session.gateway_end_utc
-        )
+        start = self._start_of(session)
         end = wall_to_utc(session.device_end_wall_s) or session.gateway_end_utc
         who = self.attributor.attribute(self.device.bed, start, max(start, end))
         flags = list(session.flags)
@@ -578,6 +587,15 @@ class Vm1Pipeline:
         if who.changed and Reason.ASSIGNMENT_CHANGED_DURING_SESSION not in flags:
             flags.append(Reason.ASSIGNMENT_CHANGED_DURING_SESSION)
         return replace(session, flags=tuple(flags)), who
+
+    @staticmethod
+    def _start_of(session: FinishedSession) -> datetime:
+        """When a session started: the device's clock if set, else the gateway's receipt."""
+        return (
+            wall_to_utc(session.device_start_wall_s)
+            or session.gateway_start_utc
+            or session.gateway_end_utc
+        )
 
     def _subject_at(self, utc: datetime) -> Attribution:
         """The bed's assignment now (for audit records and the SpO2 overlay's payloads)."""

@@ -237,18 +237,18 @@ class MqttPublisher:
         """Retained status; latest wins per topic."""
         self._commit(TopicKind.STATUS, topic, payload, retain=True, device_id=device_id)
 
-    def commit_correction(
-        self, topic: str, payload: BaseModel, *, device_id: str, event_id: str
+    def commit_unique(
+        self,
+        kind: Literal[TopicKind.DOSE_CORRECTION, TopicKind.DOSE_MISSED],
+        topic: str,
+        payload: BaseModel,
+        *,
+        device_id: str,
+        event_id: str,
     ) -> None:
-        """A dose correction: durable, QoS 1, unique by its (deterministic) ``event_id``."""
-        self._commit(
-            TopicKind.DOSE_CORRECTION,
-            topic,
-            payload,
-            retain=False,
-            device_id=device_id,
-            event_id=event_id,
-        )
+        """A dose correction or missed-dose notice: durable, QoS 1, unique by its
+        (deterministic) ``event_id``, so committing it twice publishes it once."""
+        self._commit(kind, topic, payload, retain=False, device_id=device_id, event_id=event_id)
 
     def publish_event(
         self, topic: str, payload: BaseModel, *, device_id: str | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devicegw.contract.topics import Topics
+from devicegw.contract.vocabulary import TopicKind
 from devicegw.mqtt.publisher import MqttPublisher
 from devicegw.runtime.assignment_commands import AssignResult
 from devicegw.safe_text import printable
@@ -81,7 +82,8 @@ class CorrectionDesk:
             )
         except CorrectionRefused as exc:
             return AssignResult(False, str(exc))
-        self._publisher.commit_correction(
+        self._publisher.commit_unique(
+            TopicKind.DOSE_CORRECTION,
             self._topics.dose_correction(correction.device_id),
             correction,
             device_id=correction.device_id,

@@ -53,11 +53,13 @@ from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
 from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner
 from devicegw.runtime.oximeter_runner import OximeterRunner
+from devicegw.runtime.schedule_watch import ScheduleWatch
 from devicegw.runtime.supervise import Restarts, Runner, Task, spawn
 from devicegw.storage.assignments import AssignmentService, load_kit_list
 from devicegw.storage.audit import AuditTrail
 from devicegw.storage.corrections import CorrectionService
 from devicegw.storage.journal import SessionJournal
+from devicegw.storage.schedule_book import ScheduleBook
 from devicegw.storage.store import Store
 from devicegw.storage.witness import StoreOpening, open_checked, write_witness
 from drivers.clock import Clock
@@ -239,6 +241,22 @@ class Gateway:
             self.publisher,
             self.topics,
         )
+        # The dosing schedule (docs/assignments.md, "Schedule"): absent, no dose numbers.
+        self.schedule: ScheduleBook | None = None
+        self.schedule_watch: ScheduleWatch | None = None
+        if config.schedule is not None:
+            self.schedule = ScheduleBook(
+                self.store,
+                config.schedule,
+                time_zone="UTC" if trial is None else trial.time_zone,
+                gateway=GatewayRef(
+                    id=config.gateway.id, site=config.gateway.site, version=__version__
+                ),
+                clock=clock,
+            )
+            self.schedule_watch = ScheduleWatch(
+                config, self.schedule, self.assignment_service, self.publisher, self.topics, clock
+            )
         # The site's IWRS/EDC may push assignments over MQTT (docs/assignments.md).
         self.assign_command: AssignCommand | None = None
         if config.broker.assign_users:
@@ -277,6 +295,7 @@ class Gateway:
                 audit=self.audit,
                 bed=self.beds.get(device.bed),
                 attributor=self.assignment_service,
+                schedule=self.schedule,
             )
             for device in config.devices
         ]
@@ -318,6 +337,8 @@ class Gateway:
             Task("store-upkeep", self._store_upkeep),
             ControlServer(self.config.gateway.data_dir, self.assignments, self.corrections),
         ]
+        if self.schedule_watch is not None:
+            runners.append(self.schedule_watch)
         runners += self.bed_tickers
         runners += self.oximeter_runners
         runners += self.runners

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from devicegw.config import Config, DeviceSettings
 from devicegw.core.bed_monitor import BedMonitor
-from devicegw.core.ports import Attributor
+from devicegw.core.ports import Attributor, DoseSchedule
 from devicegw.core.session_tracker import SessionTracker
 from devicegw.core.vm1_pipeline import (
     DeviceHealth,
@@ -75,11 +75,19 @@ class NebulizerRunner:
         audit: AuditTrail | None = None,
         bed: BedMonitor | None = None,
         attributor: Attributor | None = None,
+        schedule: DoseSchedule | None = None,
     ) -> None:
         self.device = device
         self.config = config
         self.pipeline = Vm1Pipeline(
-            device, config, sink, journal=journal, audit=audit, bed=bed, attributor=attributor
+            device,
+            config,
+            sink,
+            journal=journal,
+            audit=audit,
+            bed=bed,
+            attributor=attributor,
+            schedule=schedule,
         )
         self.observers = observers if observers is not None else []
         self._link_factory = link_factory

@@ -33,6 +33,7 @@ Kind = Literal[
     TopicKind.DOSE,
     TopicKind.DOSE_DETAIL,
     TopicKind.DOSE_CORRECTION,
+    TopicKind.DOSE_MISSED,
     TopicKind.STATUS,
     TopicKind.SAFETY,
 ]
