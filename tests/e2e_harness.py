@@ -21,7 +21,7 @@ from devicegw.runtime.gateway import Gateway
 from drivers.clock import ScaledClock
 from simulators.scenario import Scenario, load_scenario
 from simulators.vm1_pty import Vm1PtySimulator
-from tests.mqtt_helpers import Collector, MosquittoBroker, collecting
+from tests.mqtt_helpers import Collector, MosquittoBroker, cancel_and_wait, collecting
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "simulators" / "scenarios"
 TIME_SCALE = 100.0
@@ -141,9 +141,7 @@ async def running(
         try:
             yield E2E(gateway, sims, collector, gateway.topics)
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         assert_all_valid(collector)
 
 

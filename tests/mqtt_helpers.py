@@ -235,6 +235,19 @@ async def collecting(
         await collector.ready()
         yield collector
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await task
+        with contextlib.suppress(aiomqtt.MqttError):
+            await cancel_and_wait(task)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], timeout: float = 60.0) -> None:
+    """Cancel ``task`` and wait for it to stop; a task that does not stop fails the test
+    (with its name) instead of hanging the run."""
+    task.cancel()
+    try:
+        await asyncio.wait_for(task, timeout)
+    except asyncio.CancelledError:
+        pass
+    except TimeoutError:
+        raise AssertionError(
+            f"task {task.get_name()} did not stop within {timeout:g} s of being cancelled"
+        ) from None

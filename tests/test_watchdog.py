@@ -43,7 +43,13 @@ from drivers.vm1.codec import decode_payload
 from drivers.vm1.framing import Deframer
 from drivers.vm1.messages import Ack, AckResult, EndReason, GetInfo, Ident, MsgType
 from drivers.vm1.stream import encode_message_frame
-from tests.mqtt_helpers import MosquittoBroker, collecting, mosquitto_binary, require
+from tests.mqtt_helpers import (
+    MosquittoBroker,
+    cancel_and_wait,
+    collecting,
+    mosquitto_binary,
+    require,
+)
 from tests.session_stream import StreamBuilder
 
 pytestmark = pytest.mark.e2e
@@ -285,9 +291,7 @@ async def test_ten_thousand_failures_of_every_kind_and_still_serving(tmp_path: P
             assert not task.done()
             assert gateway.restarts.counts == {}
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             store.close()
     print(
         f"open failures {noport.health.open_failures}, refusals {refused.health.refusals}, "
