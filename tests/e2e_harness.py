@@ -44,9 +44,11 @@ def gateway_config(
     devices: list[dict[str, Any]],
     data_dir: Path,
     broker_extra: dict[str, Any] | None = None,
+    sections: dict[str, Any] | None = None,
 ) -> Config:
     return parse_config(
         {
+            **(sections or {}),
             "gateway": {"id": "gw-test", "site": "site-042", "data_dir": str(data_dir)},
             "broker": {
                 "host": broker.host,
@@ -106,9 +108,11 @@ async def running(
     time_scale: float = TIME_SCALE,
     broker_extra: dict[str, Any] | None = None,
     collector_auth: tuple[str, str] | None = None,
+    sections: dict[str, Any] | None = None,
 ) -> AsyncIterator[E2E]:
     """Simulators (scenario names under simulators/scenarios, or Scenario objects) on ptys,
-    the gateway, and a collector subscribed to everything the gateway publishes."""
+    the gateway, and a collector subscribed to everything the gateway publishes.
+    ``sections``: more config sections (e.g. ``{"schedule": {}}``)."""
     clock = ScaledClock(time_scale)
     async with contextlib.AsyncExitStack() as stack:
         sims = []
@@ -125,7 +129,7 @@ async def running(
             device_entry(i + 1, str(sim.path), **(device_extra or {})) for i, sim in enumerate(sims)
         ]
         devices += extra_devices or []
-        config = gateway_config(broker, devices, tmp_path / "gw-data", broker_extra)
+        config = gateway_config(broker, devices, tmp_path / "gw-data", broker_extra, sections)
         gateway = await stack.enter_async_context(Gateway(config, clock=clock))
         username, password = collector_auth or (None, None)
         collector = await stack.enter_async_context(

@@ -147,11 +147,32 @@ def cli_config(tmp_path: Path) -> Path:
 async def test_devicegw_assign_talks_to_the_running_daemon(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
-    """The real command over the daemon's socket: applied (0), refused (2), unreachable (1)."""
+    """The real command over the daemon's socket: applied (0), refused (2), unreachable (1);
+    the kit list, kit reuse and its override; the dose numbered by the schedule."""
     cfg = cli_config(tmp_path)
+    kits = tmp_path / "kits.csv"
+    kits.write_text(
+        "kit_number,subject_id\nK-0090,CVD-042-0090\nK-0091,CVD-042-0091\n", encoding="utf-8"
+    )
+    sections = {
+        "trial": {"study_id": "CVD-042", "time_zone": "Europe/Berlin", "kit_list": str(kits)},
+        "schedule": {},
+    }
     who = ("--operator", "nurse.lee", "--reason", "admission")
-    async with running(mosquitto, tmp_path, [scenario("VM1-000504", 120)]) as e2e:
+    unassigned = {"subject_id": None, "kit_number": None}
+    async with running(
+        mosquitto,
+        tmp_path,
+        # The session starts 15 s (real) after the gateway: time for five CLI processes.
+        [scenario("VM1-000504", 1500)],
+        device_extra=unassigned,
+        sections=sections,
+    ) as e2e:
         await e2e.collector.wait_for(lambda msgs: any("/status" in m.topic for m in msgs), 30)
+        rc, _, err = await devicegw_assign(
+            cfg, "--bed", "B01", "--subject", "CVD-042-0090", "--kit", "K-0091", *who
+        )
+        assert rc == 2 and "not listed for subject CVD-042-0090" in err
         rc, out, err = await devicegw_assign(
             cfg, "--bed", "B01", "--subject", "CVD-042-0090", "--kit", "K-0090", *who
         )
@@ -165,18 +186,35 @@ async def test_devicegw_assign_talks_to_the_running_daemon(
         rc, _, err = await devicegw_assign(cfg, "--bed", "B01", "--end", "--subject", "X", *who)
         assert rc == 2 and "no subject or kit" in err
         [event] = await e2e.wait_dose_events(1)
+        # The kit was used by that dose: giving it again needs an override reason.
+        again = ("--bed", "B01", "--subject", "CVD-042-0090", "--kit", "K-0090", *who)
+        rc, _, err = await devicegw_assign(cfg, *again)
+        assert rc == 2 and "already used" in err
+        rc, _, err = await devicegw_assign(cfg, *again, "--override-reason", "pharmacy re-issue")
+        assert rc == 0, err
     assert (event["subject_id"], event["kit_number"]) == ("CVD-042-0090", "K-0090")
+    assert event["dose_number"] == 1
+    assert event["schedule"]["in_window"] is True
+    assert event["schedule"]["time_zone"] == "Europe/Berlin"
     rc, _, err = await devicegw_assign(
-        cfg, "--bed", "B01", "--subject", "CVD-042-0092", "--kit", "K-0092", *who
+        cfg, "--bed", "B01", "--subject", "CVD-042-0091", "--kit", "K-0091", *who
     )
     assert rc == 1 and "not reachable" in err  # the daemon has stopped
     with Store.in_dir(tmp_path / "gw-data") as store:
         assert verify(store).ok
         rows = store.conn.execute(
-            "SELECT body FROM audit WHERE kind = 'bed_assigned' ORDER BY seq"
+            "SELECT kind, body FROM audit WHERE kind IN ('bed_assigned', 'assignment_refused') "
+            "ORDER BY seq"
         ).fetchall()
-    channels = [json.loads(r[0])["channel"] for r in rows]
-    assert channels == ["config", f"cli (uid {os.getuid()})"]  # the kernel's word for who
+    uid = f"cli (uid {os.getuid()})"  # the kernel's word for who asked
+    assert [(k, json.loads(b)["channel"]) for k, b in rows] == [
+        ("assignment_refused", uid),  # kit not on the list
+        ("bed_assigned", uid),
+        ("assignment_refused", uid),  # no such bed
+        ("assignment_refused", uid),  # an end with a subject
+        ("assignment_refused", uid),  # the kit again, no override
+        ("bed_assigned", uid),  # with the override reason
+    ]
 
 
 # -- over MQTT: the site's IWRS pushes assignments --------------------------------------
