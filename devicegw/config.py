@@ -536,6 +536,38 @@ class ScheduleSettings(_Strict):
         return self
 
 
+class HttpSettings(_Strict):
+    """The ward dashboard, /metrics and the health endpoints (docs/dashboard.md)."""
+
+    #: ``host:port``. Loopback only: off loopback the dashboard would need TLS and a
+    #: login, which are not built yet, so another address is refused.
+    listen: str = "127.0.0.1:8080"
+    #: The role of the loopback viewer: ``viewer`` (blinded) or ``engineer`` (sees the
+    #: restricted physical detail). Blinded by default.
+    loopback_role: Literal["viewer", "engineer"] = "viewer"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @model_validator(mode="after")
+    def _loopback(self) -> Self:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise FieldProblem("listen", "must be host:port, e.g. 127.0.0.1:8080 (port 0: any)")
+        if not is_loopback(host.strip("[]")):
+            raise FieldProblem(
+                "listen",
+                "the dashboard listens on loopback only (127.0.0.1, ::1): off loopback it "
+                "needs TLS and a login, which are not built yet (docs/dashboard.md)",
+            )
+        return self
+
+
 class Config(_Strict):
     gateway: GatewaySettings
     # Optional for the daemon; required by `devicegw export`.
@@ -546,6 +578,8 @@ class Config(_Strict):
     telemetry: TelemetrySettings = TelemetrySettings()
     #: Absent: doses carry no dose number and no dose is reported missed.
     schedule: ScheduleSettings | None = None
+    #: Absent: no dashboard, no /metrics.
+    http: HttpSettings | None = None
     devices: list[DeviceSettings] = Field(default_factory=list)
     oximeters: list[OximeterSettings] = Field(default_factory=list)
     # sha256 of the file's bytes, for the audit trail and the birth message.

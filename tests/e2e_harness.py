@@ -131,6 +131,10 @@ async def running(
         devices += extra_devices or []
         config = gateway_config(broker, devices, tmp_path / "gw-data", broker_extra, sections)
         gateway = await stack.enter_async_context(Gateway(config, clock=clock))
+        if config.http is not None:  # as `devicegw run` does: the dashboard in the gateway
+            from devicegw.web.server import WebServer
+
+            gateway.extra_runners.append(WebServer(gateway))
         username, password = collector_auth or (None, None)
         collector = await stack.enter_async_context(
             collecting(

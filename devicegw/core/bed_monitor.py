@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from dataclasses import replace
 from datetime import datetime
 from typing import Literal, Protocol
@@ -37,6 +38,9 @@ PROTOCOLS: dict[str, Literal["nonin", "berrymed", "plx"]] = {
     "plx": "plx",
     "berrymed": "berrymed",
 }
+
+
+TREND_POINTS = 30 * 60
 
 
 class SafetySink(Protocol):
@@ -70,8 +74,17 @@ class BedMonitor:
             ),
         )
         self._summary: Spo2Summary | None = None
+        #: The last 30 minutes at one reading a second: (monotonic s, SpO2, pulse), None
+        #: where the reading was not valid. For the ward dashboard, never for decisions.
+        self.trend: deque[tuple[float, float | None, float | None]] = deque(maxlen=TREND_POINTS)
+        self.alerts_raised = 0
 
     def feed(self, t: float, sample: OximeterSample) -> None:
+        if not self.trend or t - self.trend[-1][0] >= 1.0:
+            valid = sample.valid
+            self.trend.append(
+                (t, sample.spo2 if valid else None, sample.pulse_bpm if valid else None)
+            )
         self._handle(self.monitor.feed(t, sample))
 
     def oximeter_down(self, t: float) -> None:
@@ -111,6 +124,8 @@ class BedMonitor:
                 self._summary = event.summary
             elif isinstance(event, (SafetyAlertRaised, SafetyAlertCleared)):
                 alert = event.alert
+                if isinstance(event, SafetyAlertRaised):
+                    self.alerts_raised += 1
                 log.warning(
                     "SpO2 safety alert %s",
                     alert.state,

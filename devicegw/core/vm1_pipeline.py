@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
@@ -133,6 +133,9 @@ class DeviceHealth:
     dropped_before_ident: int = 0
     #: Why the device is not (yet) in use, when it is connected but has not identified.
     identity_note: str | None = None
+    sessions_started: int = 0
+    #: Finished sessions by verdict (what /metrics counts).
+    verdicts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +420,7 @@ class Vm1Pipeline:
             self._reconcile(msg, fetch)
         for event in self.tracker.feed(Rx(msg=msg, utc=utc, mono=mono)):
             if isinstance(event, SessionStarted):
+                self.health.sessions_started += 1
                 who = self._subject_at(utc)
                 self._spo2_session_started(event.session_no, utc, mono, who.subject_id)
                 if self.audit is not None:
@@ -541,6 +545,8 @@ class Vm1Pipeline:
         )
         dose = record.event
         dose = dose.model_copy(update={"spo2": self._spo2_summary(session, dose.event_id, mono)})
+        verdicts = self.health.verdicts
+        verdicts[dose.verdict] = verdicts.get(dose.verdict, 0) + 1
         record = DoseRecord(event=dose, detail=record.detail)
         log.info(
             "session finished",

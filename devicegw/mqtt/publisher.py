@@ -28,6 +28,7 @@ import json
 import logging
 import sqlite3
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,6 +161,8 @@ class MqttPublisher:
         self._tls = build_tls_context(settings)
         self._password = settings.password()
         self._commands: list[tuple[str, CommandHandler]] = []
+        #: Called with (kind, seconds from PUBLISH to PUBACK) for every durable record sent.
+        self.latency_observers: list[Callable[[str, float], None]] = []
 
     def add_command(self, topic_filter: str, handler: CommandHandler) -> None:
         """Subscribe to ``topic_filter`` on every connection; ``handler`` answers each
@@ -490,7 +493,11 @@ class MqttPublisher:
         return done
 
     async def _publish_row(self, client: aiomqtt.Client, row: OutboxRow, payload: bytes) -> None:
+        started = time.perf_counter()
         await client.publish(row.topic, payload, qos=row.qos, retain=row.retain, timeout=30)
+        # Real seconds from PUBLISH to PUBACK, for the operators' monitoring (/metrics).
+        for observe in self.latency_observers:
+            observe(row.kind, time.perf_counter() - started)
         self.outbox.mark_sent_or_hold(row, self._clock.now())
         if row.kind == TopicKind.DOSE:
             self.stats.dose_events_published += 1

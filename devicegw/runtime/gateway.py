@@ -78,10 +78,13 @@ class MqttSink:
         self._pub = publisher
         self._topics = topics
         self.listeners: list[GatewaySink] = []
+        self.safety_listeners: list[Callable[[str, BaseModel], None]] = []
 
     def safety_event(self, device_id: str, payload: BaseModel) -> None:
         """Safety alerts and post-dose summaries: durable, QoS 1, on the bed's safety topic."""
         self._pub.publish_event(self._topics.safety(device_id), payload, device_id=device_id)
+        for listen in self.safety_listeners:
+            listen(device_id, payload)
 
     def dose_record(self, device_id: str, record: DoseRecord) -> None:
         """The blinded event and its restricted detail, committed in one transaction."""
@@ -310,6 +313,8 @@ class Gateway:
         ]
 
         self.bed_tickers = [BedTicker(bed, m, clock) for bed, m in self.beds.items()]
+        #: More supervised parts added by whoever runs the gateway (the web dashboard).
+        self.extra_runners: list[Runner] = []
 
     async def __aenter__(self) -> Gateway:
         return self
@@ -339,6 +344,7 @@ class Gateway:
         ]
         if self.schedule_watch is not None:
             runners.append(self.schedule_watch)
+        runners += self.extra_runners
         runners += self.bed_tickers
         runners += self.oximeter_runners
         runners += self.runners

@@ -318,6 +318,13 @@ class Outbox:
         ).fetchone()
         return int(row[0])
 
+    def oldest_unsent_utc(self) -> datetime | None:
+        """When the oldest record still waiting for the broker was committed (None: none)."""
+        row = self.store.conn.execute(
+            "SELECT MIN(created_utc) FROM outbox WHERE sent_utc IS NULL AND quarantined IS NULL"
+        ).fetchone()
+        return None if row is None or row[0] is None else datetime.fromisoformat(row[0])
+
     def prune(self) -> int:
         """Drop the oldest sent dose events beyond the retention limit; never unsent ones.
 

@@ -61,6 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (GatewayError, OSError) as exc:
         error(f"cannot start: {exc}")
         return EXIT_FATAL
+    if config.http is not None:  # the ward dashboard, /metrics, /healthz, /readyz
+        from devicegw.web.server import WebServer
+
+        gateway.extra_runners.append(WebServer(gateway))
 
     async def serve() -> None:
         async with gateway:  # closes the store and the recorder on the way out

@@ -1,0 +1,1 @@
+"""The ward dashboard, /metrics and the health endpoints (docs/dashboard.md)."""

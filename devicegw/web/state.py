@@ -1,0 +1,306 @@
+"""What the ward dashboard shows, kept up to date from the gateway's own outputs.
+
+:class:`WardState` listens to what the gateway publishes (device status,
+telemetry, dose records, safety alerts) and reads the rest from the gateway's
+snapshot, its bed monitors and its assignments; it never blocks a runner (every
+callback is a few dictionary updates). :meth:`WardState.ward` and
+:meth:`WardState.bed` build plain JSON for the pages and the event stream.
+
+Blinding: the ``viewer`` view carries what the blinded feed carries (no rate,
+delivered-so-far, fill, reservoir, battery or alarm). The ``engineer`` view adds
+that physical detail under ``restricted`` keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel
+
+from devicegw.contract.payloads import (
+    DeviceDetail,
+    DeviceStatus,
+    DoseRecord,
+    Telemetry,
+    TelemetryDetail,
+)
+from devicegw.contract.spo2 import SafetyAlert
+from devicegw.storage.audit import verify
+
+if TYPE_CHECKING:
+    from devicegw.runtime.gateway import Gateway
+    from devicegw.runtime.health import GatewaySnapshot
+
+__all__ = ["Role", "WardState"]
+
+Role = Literal["viewer", "engineer"]
+
+#: Points of a bed's SpO2 trend sent to a page (30 minutes at one per 10 s).
+TREND_POINTS = 180
+RECENT_DOSES = 20
+AUDIT_CHECK_S = 60.0
+TIMELINE_POINTS = 2000
+
+
+@dataclass
+class _Device:
+    status: DeviceStatus | None = None
+    detail: DeviceDetail | None = None
+    telemetry: Telemetry | None = None
+    telemetry_detail: TelemetryDetail | None = None
+    # The current or last session: (elapsed s, delivered mL or None) for its timeline.
+    timeline_session: int | None = None
+    timeline: deque[tuple[float, float | None]] = field(
+        default_factory=lambda: deque(maxlen=TIMELINE_POINTS)
+    )
+    doses: deque[DoseRecord] = field(default_factory=lambda: deque(maxlen=RECENT_DOSES))
+    alerts: dict[str, SafetyAlert] = field(default_factory=dict)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+class WardState:
+    """The dashboard's view of one gateway; see the module docstring."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.devices: dict[str, _Device] = {d.id: _Device() for d in gateway.config.devices}
+        self.version = 0  # bumped on every change, so the event stream sends only news
+        self._audit_checked: tuple[float, bool] | None = None
+        gateway.sink.listeners.append(self)
+        gateway.sink.safety_listeners.append(self.safety_event)
+
+    # -- GatewaySink (what the gateway publishes) --------------------------------------------
+
+    def dose_record(self, device_id: str, record: DoseRecord) -> None:
+        dev = self.devices.get(device_id)
+        if dev is not None:
+            dev.doses.appendleft(record)
+            self.version += 1
+
+    def device_status(self, device_id: str, status: DeviceStatus) -> None:
+        dev = self.devices.get(device_id)
+        if dev is not None:
+            dev.status = status
+            self.version += 1
+
+    def device_detail(self, device_id: str, detail: DeviceDetail) -> None:
+        dev = self.devices.get(device_id)
+        if dev is not None:
+            dev.detail = detail
+            self.version += 1
+
+    def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
+        dev = self.devices.get(device_id)
+        if dev is None:
+            return
+        dev.telemetry, dev.telemetry_detail = telemetry, detail
+        if telemetry.session_no is not None and telemetry.elapsed_s is not None:
+            if dev.timeline_session != telemetry.session_no:
+                dev.timeline_session = telemetry.session_no
+                dev.timeline.clear()
+            dev.timeline.append((telemetry.elapsed_s, detail.delivered_ml))
+        self.version += 1
+
+    def safety_event(self, device_id: str, payload: BaseModel) -> None:
+        dev = self.devices.get(device_id)
+        if dev is None or not isinstance(payload, SafetyAlert):
+            return
+        key = str(payload.alert_id)
+        if payload.state == "raised":
+            dev.alerts[key] = payload
+        else:
+            dev.alerts.pop(key, None)
+        self.version += 1
+
+    # -- views -------------------------------------------------------------------------------
+
+    def ward(self, role: Role) -> dict[str, Any]:
+        """Every bed, for the overview page and its event stream."""
+        snap = self.gateway.snapshot()
+        return {
+            "gateway": {"id": snap.gateway_id, "site": snap.site, "utc": snap.utc},
+            "broker_connected": bool(snap.broker.get("connected")),
+            "role": role,
+            "beds": [self._bed(d.id, role, snap) for d in self._devices()],
+        }
+
+    def bed(self, bed: str, role: Role) -> dict[str, Any] | None:
+        """One bed in detail: the bed card, the session timeline and its recent doses."""
+        device = next((d for d in self._devices() if d.bed == bed), None)
+        if device is None:
+            return None
+        view = self._bed(device.id, role, self.gateway.snapshot())
+        dev = self.devices[device.id]
+        view["timeline"] = [
+            {"elapsed_s": e, **({"delivered_ml": v} if role == "engineer" else {})}
+            for e, v in dev.timeline
+        ]
+        view["doses"] = [self._dose(r, role) for r in dev.doses]
+        return view
+
+    def health(self) -> dict[str, Any]:
+        snap = self.gateway.snapshot()
+        oldest = self.gateway.publisher.outbox.oldest_unsent_utc()
+        audit_ok = self._audit_ok()
+        return {
+            "gateway_id": snap.gateway_id,
+            "site": snap.site,
+            "utc": snap.utc,
+            "config_sha256": self.gateway.config.source_sha256,
+            "broker": {
+                "host": snap.broker.get("host"),
+                "port": snap.broker.get("port"),
+                "connected": snap.broker.get("connected"),
+                "connects": snap.broker.get("connects"),
+                "last_error": snap.broker.get("last_error"),
+            },
+            "outbox_depth": snap.outbox_depth,
+            "oldest_unsent_utc": _iso(oldest),
+            "store_bytes": snap.store_bytes,
+            "store": {
+                "held_writes": snap.store.held_writes,
+                "disk_full_since": snap.store.disk_full_since,
+            },
+            "audit_chain_ok": audit_ok,
+            "devices": {
+                device_id: {
+                    "connected": d.connected,
+                    "frames_ok": d.frames_ok,
+                    "frames_bad": d.frames_bad,
+                    "frames_lost": d.frames_lost,
+                    "connects": d.connects,
+                    "last_error": d.last_error,
+                }
+                for device_id, d in snap.devices.items()
+            },
+            "task_restarts": snap.task_restarts,
+        }
+
+    def _audit_ok(self) -> bool:
+        """Whether the audit chain verifies; re-checked at most once a minute (real time)."""
+        now = time.monotonic()
+        if self._audit_checked is None or now - self._audit_checked[0] > AUDIT_CHECK_S:
+            self._audit_checked = (now, verify(self.gateway.store).ok)
+        return self._audit_checked[1]
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _devices(self) -> list[Any]:
+        return sorted(self.gateway.config.devices, key=lambda d: d.bed)
+
+    def _bed(self, device_id: str, role: Role, snap: GatewaySnapshot) -> dict[str, Any]:
+        gw = self.gateway
+        device = next(d for d in gw.config.devices if d.id == device_id)
+        dev = self.devices[device_id]
+        snap_dev = snap.devices.get(device_id)
+        assignment = gw.assignment_service.current().get(device.bed)
+        monitor = gw.beds.get(device.bed)
+        oximeter = gw.config.oximeter_for(device)
+        ox_runner = next(
+            (
+                r
+                for r in gw.oximeter_runners
+                if oximeter is not None and r.oximeter.id == oximeter.id
+            ),
+            None,
+        )
+        t = dev.telemetry
+        in_session = (
+            t is not None
+            and t.session_no is not None
+            and t.state
+            in (
+                "NEBULIZING",
+                "PAUSED",
+            )
+        )
+        view: dict[str, Any] = {
+            "bed": device.bed,
+            "device_id": device_id,
+            "nebulizer": {
+                "connected": snap_dev.connected if snap_dev else False,
+                "state": None if dev.status is None else dev.status.state,
+            },
+            "oximeter": None
+            if oximeter is None
+            else {
+                "device_id": oximeter.id,
+                "connected": bool(ox_runner and ox_runner.health.connected),
+            },
+            "assignment": None
+            if assignment is None
+            else {"subject_id": assignment.subject_id, "kit_number": assignment.kit_number},
+            "session": None
+            if not in_session or t is None
+            else {
+                "session_no": t.session_no,
+                "state": t.state,
+                "elapsed_s": t.elapsed_s,
+                "prescribed_ml": gw.config.dose_rules.prescribed_volume_ml,
+            },
+            "spo2": None,
+            "alerts": [
+                {
+                    "alert_id": str(a.alert_id),
+                    "kind": a.kind,
+                    "spo2": a.spo2,
+                    "offset_s": a.offset_s,
+                    "phase": a.phase,
+                }
+                for a in dev.alerts.values()
+            ],
+            "last_dose": self._dose(dev.doses[0], role) if dev.doses else None,
+        }
+        if monitor is not None and monitor.trend:
+            now = gw.clock.monotonic()
+            points = list(monitor.trend)
+            step = max(1, len(points) // TREND_POINTS)
+            last = points[-1]
+            view["spo2"] = {
+                "spo2": last[1],
+                "pulse_bpm": last[2],
+                "age_s": round(now - last[0], 1),
+                "trend": [
+                    {"t_s": round(p[0] - now, 1), "spo2": p[1], "pulse_bpm": p[2]}
+                    for p in points[::step]
+                ],
+            }
+        if role == "engineer":
+            td, detail = dev.telemetry_detail, dev.detail
+            view["restricted"] = {
+                "delivered_ml": None if td is None or not in_session else td.delivered_ml,
+                "rate_ul_min": None if td is None or not in_session else td.rate_ul_min,
+                "reservoir_ml": None if detail is None else detail.reservoir_ml,
+                "battery_pct": None if detail is None else detail.battery_pct,
+                "active_alarms": [] if detail is None else list(detail.active_alarms),
+            }
+        return view
+
+    def _dose(self, record: DoseRecord, role: Role) -> dict[str, Any]:
+        e = record.event
+        out: dict[str, Any] = {
+            "event_id": str(e.event_id),
+            "session_no": e.session_no,
+            "verdict": e.verdict,
+            "reasons": list(e.reasons),
+            "subject_id": e.subject_id,
+            "kit_number": e.kit_number,
+            "dose_number": e.dose_number,
+            "end_utc": _iso(e.times.gateway_end_utc),
+            "delivered_fraction": e.volume.delivered_fraction,
+        }
+        if role == "engineer":
+            out["restricted"] = {
+                "reasons": list(record.detail.reasons),
+                "delivered_basis": record.detail.volume.delivered_basis,
+                "fill_ml": record.detail.volume.fill_ml,
+                "residual_ml": record.detail.volume.residual_ml,
+            }
+        return out

@@ -1,0 +1,229 @@
+// devicegw ward dashboard. Data from the gateway is always put in with textContent
+// (never as markup): device and file text is data, not HTML.
+"use strict";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+
+function el(tag, text, cls) {
+  const e = document.createElement(tag);
+  if (text !== undefined && text !== null) e.textContent = String(text);
+  if (cls) e.className = cls;
+  return e;
+}
+
+function mmss(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  const s = Math.max(0, Math.round(seconds));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function pill(node, text, ok) {
+  node.textContent = text;
+  node.classList.toggle("ok", ok === true);
+  node.classList.toggle("bad", ok === false);
+}
+
+function doseText(d) {
+  if (!d) return "no dose yet";
+  const n = d.dose_number ? `dose ${d.dose_number}` : `session ${d.session_no}`;
+  return `last: ${n} ${d.verdict} at ${(d.end_utc || "").replace("T", " ").slice(0, 19)} UTC`;
+}
+
+// -- ward overview -----------------------------------------------------------------------
+
+const charts = new Map();
+
+function trendChart(container, bed) {
+  if (typeof uPlot === "undefined") return null;
+  const opts = {
+    width: container.clientWidth || 300, height: 90, legend: { show: false },
+    axes: [{ show: false }, { size: 30 }],
+    scales: { x: { time: false }, y: { range: [70, 100] } },
+    series: [{}, { stroke: "#2f6fdb", width: 1.5, spanGaps: false }],
+  };
+  const chart = new uPlot(opts, [[], []], container);
+  charts.set(bed, chart);
+  return chart;
+}
+
+function renderBed(card, b, role) {
+  card.dataset.bed = b.bed;
+  const link = $(".bed-link", card);
+  link.textContent = `Bed ${b.bed}`;
+  link.href = `/bed/${encodeURIComponent(b.bed)}`;
+  const neb = b.nebulizer || {};
+  pill($(".neb", card), `nebulizer ${neb.connected ? "up" : "down"}`, !!neb.connected);
+  const ox = $(".ox", card);
+  if (b.oximeter) pill(ox, `oximeter ${b.oximeter.connected ? "up" : "down"}`, !!b.oximeter.connected);
+  else pill(ox, "no oximeter", undefined);
+  $(".who", card).textContent = b.assignment
+    ? `subject ${b.assignment.subject_id} · kit ${b.assignment.kit_number}`
+    : "unassigned";
+
+  const alerts = $(".alerts", card);
+  alerts.replaceChildren(...(b.alerts || []).map(a =>
+    el("div", `SpO2 ALERT: ${a.spo2 ?? "?"} % (${a.kind}, ${a.phase})`, "alert")));
+  card.classList.toggle("alerting", (b.alerts || []).length > 0);
+
+  const s = b.session;
+  const bar = $(".bar", card);
+  const text = $(".session-text", card);
+  if (s) {
+    let pct = null;
+    if (role === "engineer" && b.restricted && b.restricted.delivered_ml !== null)
+      pct = Math.min(100, 100 * b.restricted.delivered_ml / s.prescribed_ml);
+    bar.style.width = pct === null ? "100%" : `${pct.toFixed(0)}%`;
+    bar.style.opacity = pct === null ? "0.35" : "1";
+    text.textContent = `${s.state} · session ${s.session_no} · ${mmss(s.elapsed_s)}` +
+      (pct === null ? "" : ` · ${b.restricted.delivered_ml.toFixed(2)} / ${s.prescribed_ml} mL`);
+  } else {
+    bar.style.width = "0";
+    text.textContent = neb.state ? `idle (${neb.state})` : "idle";
+  }
+  card.dataset.sessionElapsed = s ? String(s.elapsed_s) : "";
+
+  const spo2 = b.spo2;
+  const sv = $(".spo2-value", card);
+  sv.textContent = spo2 && spo2.spo2 !== null ? `SpO2 ${spo2.spo2} %` : (b.oximeter ? "SpO2 –" : "");
+  sv.classList.toggle("low", !!(spo2 && spo2.spo2 !== null && spo2.spo2 < 90));
+  $(".pulse-value", card).textContent =
+    spo2 && spo2.pulse_bpm !== null ? `pulse ${spo2.pulse_bpm}/min` : "";
+  if (spo2 && spo2.trend && spo2.trend.length) {
+    const holder = $(".trend", card);
+    const chart = charts.get(b.bed) || trendChart(holder, b.bed);
+    if (chart) chart.setData([spo2.trend.map(p => p.t_s), spo2.trend.map(p => p.spo2)]);
+  }
+  const last = $(".last-dose", card);
+  last.textContent = doseText(b.last_dose);
+  last.className = "last-dose" + (b.last_dose ? ` verdict-${b.last_dose.verdict}` : "");
+  card.dataset.lastVerdict = b.last_dose ? b.last_dose.verdict : "";
+}
+
+function renderWard(ward) {
+  $("#gateway").textContent = `${ward.gateway.site} / ${ward.gateway.id}`;
+  pill($("#broker"), ward.broker_connected ? "broker connected" : "broker DOWN",
+    ward.broker_connected);
+  const beds = $("#beds");
+  const template = $("#bed-card");
+  for (const b of ward.beds) {
+    let card = beds.querySelector(`section[data-bed="${CSS.escape(b.bed)}"]`);
+    if (!card) {
+      card = template.content.firstElementChild.cloneNode(true);
+      card.dataset.bed = b.bed;
+      beds.appendChild(card);
+    }
+    renderBed(card, b, ward.role);
+  }
+}
+
+// -- bed detail --------------------------------------------------------------------------
+
+let timelineChart = null;
+let spo2Chart = null;
+
+function lineChart(container, label, yRange) {
+  if (typeof uPlot === "undefined") return null;
+  return new uPlot({
+    width: container.clientWidth || 600, height: 180,
+    scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
+    series: [{ label: "s" }, { label, stroke: "#2f6fdb", width: 1.5 }],
+  }, [[], []], container);
+}
+
+function renderBedDetail(b) {
+  $("#bed-name").textContent = b.bed;
+  const now = $("#bed-now");
+  now.replaceChildren();
+  now.appendChild(el("p", b.assignment
+    ? `subject ${b.assignment.subject_id} · kit ${b.assignment.kit_number}` : "unassigned", "who"));
+  for (const a of b.alerts || [])
+    now.appendChild(el("div", `SpO2 ALERT: ${a.spo2 ?? "?"} % (${a.kind})`, "alert"));
+  now.appendChild(el("p", b.session
+    ? `${b.session.state} · session ${b.session.session_no} · ${mmss(b.session.elapsed_s)}`
+    : "no session running"));
+  now.appendChild(el("p", doseText(b.last_dose), "last-dose"));
+
+  const tl = $("#timeline");
+  const points = b.timeline || [];
+  const restricted = points.length && points[0].delivered_ml !== undefined;
+  if (!timelineChart) timelineChart = lineChart(tl,
+    restricted ? "delivered mL" : "elapsed s", null);
+  if (timelineChart) timelineChart.setData([
+    points.map(p => p.elapsed_s),
+    points.map(p => restricted ? p.delivered_ml : p.elapsed_s)]);
+
+  const trend = (b.spo2 && b.spo2.trend) || [];
+  const sc = $("#spo2-chart");
+  if (!spo2Chart) spo2Chart = lineChart(sc, "SpO2 %", [70, 100]);
+  if (spo2Chart) spo2Chart.setData([trend.map(p => p.t_s), trend.map(p => p.spo2)]);
+
+  const body = $("#doses tbody");
+  body.replaceChildren(...(b.doses || []).map(d => {
+    const tr = document.createElement("tr");
+    for (const v of [(d.end_utc || "").slice(0, 19), d.session_no, d.dose_number ?? "–",
+      d.subject_id ?? "unassigned", d.kit_number ?? "–", d.verdict, d.reasons.join(", ")])
+      tr.appendChild(el("td", v));
+    tr.children[5].className = `verdict-${d.verdict}`;
+    return tr;
+  }));
+}
+
+// -- health ------------------------------------------------------------------------------
+
+function renderHealth(h) {
+  const rows = [
+    ["gateway", `${h.site} / ${h.gateway_id}`],
+    ["broker", `${h.broker.host}:${h.broker.port} — ${h.broker.connected ? "connected" : "NOT connected"}`],
+    ["outbox depth", h.outbox_depth],
+    ["oldest unsent", h.oldest_unsent_utc || "none"],
+    ["store size", `${(h.store_bytes / 1e6).toFixed(1)} MB`],
+    ["held writes (disk full)", h.store.held_writes],
+    ["audit chain", h.audit_chain_ok ? "verifies" : "BROKEN"],
+    ["config sha256", h.config_sha256 || "–"],
+  ];
+  $("#health tbody").replaceChildren(...rows.map(([k, v]) => {
+    const tr = document.createElement("tr");
+    tr.appendChild(el("th", k));
+    tr.appendChild(el("td", v));
+    return tr;
+  }));
+  $("#devices tbody").replaceChildren(...Object.entries(h.devices).map(([id, d]) => {
+    const tr = document.createElement("tr");
+    for (const v of [id, d.connected ? "up" : "down", d.frames_ok, d.frames_bad, d.frames_lost,
+      d.connects, d.last_error || ""]) tr.appendChild(el("td", v));
+    return tr;
+  }));
+}
+
+// -- wiring ------------------------------------------------------------------------------
+
+async function getJSON(url) {
+  const r = await fetch(url, { cache: "no-store" });
+  if (!r.ok) throw new Error(`${url}: ${r.status}`);
+  return r.json();
+}
+
+function liveWard(onWard) {
+  const live = $("#live");
+  const source = new EventSource("/events");
+  source.addEventListener("ward", ev => {
+    pill(live, "live", true);
+    onWard(JSON.parse(ev.data));
+  });
+  source.onerror = () => pill(live, "reconnecting…", false);
+}
+
+const page = document.body.dataset.page;
+if (page === "ward") {
+  liveWard(renderWard);
+} else if (page === "bed") {
+  const bed = decodeURIComponent(location.pathname.split("/").pop());
+  const refresh = () => getJSON(`/api/bed/${encodeURIComponent(bed)}`)
+    .then(renderBedDetail).catch(e => pill($("#live"), String(e), false));
+  refresh();
+  liveWard(() => refresh());
+} else if (page === "health") {
+  const refresh = () => getJSON("/api/health").then(renderHealth);
+  refresh();
+  setInterval(refresh, 5000);
+}
