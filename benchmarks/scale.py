@@ -142,7 +142,9 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def one_run(n: int, scale: float, session_s: float) -> dict[str, Any]:
+async def one_run(
+    n: int, scale: float, session_s: float, profile: Path | None = None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dgw-scale-") as tmp_s:
         tmp = Path(tmp_s)
         links = tmp / "links"
@@ -165,8 +167,10 @@ async def one_run(n: int, scale: float, session_s: float) -> dict[str, Any]:
             cfg.write_text(gateway_toml(n, links, tmp / "data", broker.port, session_s))
             async with aiomqtt.Client("127.0.0.1", broker.port, identifier="edc-bench") as sub:
                 await sub.subscribe("#", qos=1)
+                prof = [] if profile is None else ["-m", "cProfile", "-o", str(profile)]
+                run = ["run", "--config", str(cfg), "--time-scale", str(scale)]
                 gw = subprocess.Popen(
-                    [*DEVICEGW, "run", "--config", str(cfg), "--time-scale", str(scale)],
+                    [sys.executable, *prof, "-m", "devicegw.cli", *run],
                     cwd=ROOT,
                     stderr=open(tmp / "gw.log", "wb"),  # noqa: SIM115
                 )
@@ -232,6 +236,9 @@ def main() -> None:
     ap.add_argument("--beds", type=int, nargs="+", default=[50, 100, 200])
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--session-s", type=float, default=60.0)
+    ap.add_argument(
+        "--profile", type=Path, help="run the gateway under cProfile, write stats here, print top"
+    )
     ap.add_argument("--_sims", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_links", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -243,13 +250,17 @@ def main() -> None:
         "dose end->event p50/p99 ms | telemetry->subscriber p50/p99 ms"
     )
     for n in args.beds:
-        r = asyncio.run(one_run(n, args.scale, args.session_s))
+        r = asyncio.run(one_run(n, args.scale, args.session_s, args.profile))
         print(
             f"{r['beds']} | {r['cpu_share']:.0%} | {r['rss_mb']:.0f} | "
             f"{r['events']}/{n} ({r['correct']}) | {r['dose_p50']:.0f} / {r['dose_p99']:.0f} | "
             f"{r['tel_p50']:.0f} / {r['tel_p99']:.0f} ({r['telemetry']} msgs)",
             flush=True,
         )
+        if args.profile is not None and args.profile.exists():
+            import pstats
+
+            pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
