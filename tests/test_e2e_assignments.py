@@ -300,7 +300,8 @@ async def test_assign_over_mqtt_from_an_allowed_account_only(
         other = await ask_over_mqtt(
             acl_broker, "edc", "edc", base, {**command, "kit_number": "K-9"}
         )
-        assert other == {"applied": False, "message": "account edc may not assign"}
+        assert other is not None and other["event_type"] == "assign_answer"
+        assert (other["applied"], other["message"]) == (False, "account edc may not assign")
         # The IWRS itself: applied.
         answer = await ask_over_mqtt(acl_broker, "iwrs", "iwrs", base, command)
         assert answer is not None and answer["applied"] is True, answer

@@ -15,7 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from devicegw.config import Config
+from devicegw.contract.payloads import AssignCommand
 from devicegw.safe_text import printable
 from devicegw.storage.assignments import Assignment, AssignmentRefused, AssignmentService
 
@@ -38,34 +41,24 @@ class AssignRequest:
     override_reason: str | None = None
 
 
-_TEXT = ("bed", "operator", "reason")
-_OPTIONAL_TEXT = ("subject_id", "kit_number", "override_reason")
-_KNOWN = frozenset((*_TEXT, *_OPTIONAL_TEXT, "end"))
-
-
 def request_from(data: dict[str, Any], channel: str) -> AssignRequest | str:
-    """A request from JSON data (the socket and MQTT), or why the data is not one."""
-    unknown = sorted(k for k in data if k not in _KNOWN)
-    if unknown:
-        return f"unknown field {printable(unknown[0], limit=40)!r}"
-    for key in _TEXT:
-        if not isinstance(data.get(key), str):
-            return f"{key}: a text value is required"
-    for key in _OPTIONAL_TEXT:
-        if data.get(key) is not None and not isinstance(data[key], str):
-            return f"{key}: must be text"
-    end = data.get("end", False)
-    if not isinstance(end, bool):
-        return "end: must be true or false"
+    """A request from JSON data (the socket and MQTT: the fields of :class:`AssignCommand`),
+    or the first reason the data is not one."""
+    try:
+        command = AssignCommand.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "command"
+        return f"{printable(where, limit=40)}: {first['msg']}"
     return AssignRequest(
-        bed=data["bed"],
-        operator=data["operator"],
-        reason=data["reason"],
+        bed=command.bed,
+        operator=command.operator,
+        reason=command.reason,
         channel=channel,
-        subject_id=data.get("subject_id"),
-        kit_number=data.get("kit_number"),
-        end=end,
-        override_reason=data.get("override_reason"),
+        subject_id=command.subject_id,
+        kit_number=command.kit_number,
+        end=command.end,
+        override_reason=command.override_reason,
     )
 
 
