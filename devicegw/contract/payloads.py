@@ -284,6 +284,12 @@ class AssignCommand(_Payload):
     kit_number: str | None = None
     end: bool = Field(default=False, description="end the bed's assignment (no subject, kit)")
     override_reason: str | None = Field(default=None, description="to use a kit already used")
+    planned_first_dose_utc: datetime | None = Field(
+        default=None,
+        strict=False,
+        description="when the subject's dose 1 is planned (with [schedule]); absent: the "
+        "first dose given defines day 1",
+    )
 
 
 class AssignAnswer(_Payload):
