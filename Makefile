@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/devicegw demo
+	$(BIN)/devicegw demo --hold
 
 test: $(STAMP)
 	$(BIN)/ruff check .

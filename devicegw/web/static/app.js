@@ -37,7 +37,7 @@ function trendChart(container, bed) {
   if (typeof uPlot === "undefined") return null;
   const opts = {
     width: container.clientWidth || 300, height: 90, legend: { show: false },
-    axes: [{ show: false }, { size: 30 }],
+    axes: [{ show: false }, { size: 40 }],
     scales: { x: { time: false }, y: { range: [70, 100] } },
     series: [{}, { stroke: "#2f6fdb", width: 1.5, spanGaps: false }],
   };
