@@ -8,6 +8,7 @@ explicit times (the gateway's clock), the config's refusals on ``parse_config``.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import ssl
@@ -18,9 +19,17 @@ import aiohttp
 import pytest
 import trustme
 
+from devicegw.cli.main import main
 from devicegw.config import ConfigError, parse_config
 from devicegw.storage.audit import verify
-from devicegw.web.auth import LoginLimiter, Sessions, User, hash_password, load_users
+from devicegw.web.auth import (
+    LoginLimiter,
+    Sessions,
+    User,
+    hash_password,
+    load_users,
+    verify_password,
+)
 from tests.e2e_harness import running
 from tests.mqtt_helpers import MosquittoBroker
 from tests.test_web import base_url
@@ -81,6 +90,26 @@ def test_users_file_is_checked(tmp_path: Path) -> None:
         (tmp_path / "bad.toml").write_text(text)
         with pytest.raises(ValueError, match="users file"):
             load_users(tmp_path / "bad.toml")
+
+
+def test_web_user_command_writes_the_users_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "users.toml"
+    for name, role in (("nina", "nurse"), ("vera", "viewer")):
+        monkeypatch.setattr("sys.stdin", io.StringIO(f"{name}-password\n"))
+        assert (
+            main(["web-user", "--users", str(path), name, "--role", role, "--password-stdin"]) == 0
+        )
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["web-user", "--users", str(path), "x", "--role", "nurse", "--password-stdin"]) == 2
+    assert main(["web-user", "--users", str(path), "vera", "--remove"]) == 0
+    users = load_users(path)
+    assert list(users) == ["nina"] and users["nina"].role == "nurse"
+    assert verify_password(users["nina"], "nina-password")
+    assert not verify_password(users["nina"], "vera-password")
+    assert not verify_password(None, "nina-password")
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 def test_sessions_expire_when_idle_and_at_their_maximum() -> None:

@@ -25,6 +25,7 @@ without checking the password until the window has passed.
 from __future__ import annotations
 
 import hmac
+import json
 import secrets
 import tomllib
 from collections import OrderedDict, deque
@@ -45,6 +46,7 @@ __all__ = [
     "Sessions",
     "User",
     "UsersFileError",
+    "dump_users",
     "hash_password",
     "load_users",
     "verify_password",
@@ -113,6 +115,17 @@ def load_users(path: Path) -> dict[str, User]:
             raise UsersFileError(f"{where}: password_hash must be an argon2 hash")
         users[name] = User(name, role, hashed)
     return users
+
+
+def dump_users(users: dict[str, User]) -> str:
+    """The users file's text (``devicegw web-user`` writes it; :func:`load_users` reads it)."""
+    out = ["# Ward dashboard users (devicegw web-user). Roles: viewer, nurse, engineer.\n"]
+    for user in users.values():  # names are plain text: JSON quoting is TOML quoting
+        out.append(
+            f"[users.{json.dumps(user.name)}]\nrole = {json.dumps(user.role)}\n"
+            f"password_hash = {json.dumps(user.password_hash)}\n"
+        )
+    return "\n".join(out)
 
 
 @dataclass
