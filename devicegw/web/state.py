@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -30,6 +30,7 @@ from devicegw.contract.payloads import (
 )
 from devicegw.contract.spo2 import SafetyAlert
 from devicegw.storage.audit import verify
+from devicegw.web.auth import Role
 
 if TYPE_CHECKING:
     from devicegw.runtime.gateway import Gateway
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Role", "WardState"]
 
-Role = Literal["viewer", "engineer"]
 
 #: Points of a bed's SpO2 trend sent to a page (30 minutes at one per 10 s).
 TREND_POINTS = 180
