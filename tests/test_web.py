@@ -58,6 +58,11 @@ async def test_metrics_health_and_views_match_what_ran(
     async with running(mosquitto, tmp_path, ["complete", "corrupt_bytes"], sections=HTTP) as e2e:
         url = await base_url(e2e)
         await e2e.wait_dose_events(2)
+        # The subscriber can have the events before the gateway has the broker's PUBACKs.
+        stats = e2e.gateway.publisher.stats
+        async with asyncio.timeout(30):
+            while stats.dose_events_published < 2:  # noqa: ASYNC110 - a counter, no event
+                await asyncio.sleep(0.05)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{url}/healthz") as r:
                 assert r.status == 200
