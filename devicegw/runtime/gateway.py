@@ -248,7 +248,7 @@ class Gateway:
         self.schedule: ScheduleBook | None = None
         self.schedule_watch: ScheduleWatch | None = None
         if config.schedule is not None:
-            self.schedule = ScheduleBook(
+            self.schedule = self.assignments.schedule = ScheduleBook(
                 self.store,
                 config.schedule,
                 time_zone="UTC" if trial is None else trial.time_zone,
