@@ -191,6 +191,10 @@ async def test_login_roles_csrf_and_audit_over_tls(
                 ) as r:
                     assert r.status == 303
 
+            # A name that is not this machine's (DNS rebinding) gets nothing.
+            async with web.get(url + "/login", headers={"Host": "evil.example"}) as r:
+                assert r.status == 421
+
             # Nothing but monitoring and the login page without a login.
             assert await get("/api/ward") == (401, {"error": "login required"})
             assert await get("/") == (303, "/login")

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from devicegw.config import is_loopback
 from devicegw.core.ports import AuditKind
 from devicegw.runtime.assignment_commands import request_from
 from devicegw.safe_text import printable
@@ -121,6 +122,7 @@ class WebServer:
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
             self.ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        self._loopback = is_loopback(settings.host)
         self.port: int | None = None  # the bound port once serving (listen port 0: any)
         self.serving = asyncio.Event()
         self.app = self._app()
@@ -206,6 +208,9 @@ class WebServer:
         if path.startswith(NO_SESSION):
             response: web.StreamResponse = await handler(request)
             return response
+        if self._loopback and not is_loopback(request.url.host or ""):
+            # DNS rebinding: another site's name pointed at 127.0.0.1 must not read the ward.
+            return web.json_response({"error": "this host name is not served"}, status=421)
         now = self.gateway.clock.monotonic()
         offered = request.cookies.get(COOKIE)
         session = self.sessions.get(offered, now) or self.sessions.new(now)
