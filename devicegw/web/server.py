@@ -123,6 +123,7 @@ class WebServer:
             self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
             self.ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
         self._loopback = is_loopback(settings.host)
+        self._hashing = asyncio.Semaphore(2)
         self.port: int | None = None  # the bound port once serving (listen port 0: any)
         self.serving = asyncio.Event()
         self.app = self._app()
@@ -257,15 +258,19 @@ class WebServer:
         if not self.settings.login_required:
             return web.Response(status=303, headers={"Location": "/"})
         form = await request.post()
-        name, password = str(form.get("user", "")), str(form.get("password", ""))
+        # Names are at most 64 characters (load_users): a longer one is nobody's, and only
+        # its start is counted, so junk cannot grow the limiter's table.
+        name, password = str(form.get("user", ""))[:65], str(form.get("password", ""))
         client = request.remote or "?"
         keys = [f"user:{name}", f"client:{client}"]
         now = self.gateway.clock.monotonic()
         if self.limiter.locked(keys, now):
-            log.warning("dashboard: login refused (locked) for %s", printable(client, limit=60))
+            log.debug("dashboard: login refused (locked) for %s", printable(client, limit=60))
             return self._login_form(request, "Too many failed logins: try again later.", 429)
         user = self.users.get(name)
-        if not await asyncio.to_thread(verify_password, user, password):
+        async with self._hashing:  # argon2 takes 64 MiB and a core: two at a time at most
+            ok = await asyncio.to_thread(verify_password, user, password)
+        if not ok:
             self._audit(
                 AuditKind.web_login_failed,
                 user=None if user is None else user.name,
