@@ -223,7 +223,10 @@ class WebServer:
             else:
                 response = web.Response(status=303, headers={"Location": "/login"})
         elif request.method == "POST" and not session.csrf_ok(await _csrf_offered(request)):
-            response = web.json_response({"error": "missing or wrong CSRF token"}, status=403)
+            if path == "/login":  # most likely a login page left open past the session's life
+                response = self._login_form(request, "The page had expired: please try again.", 403)
+            else:
+                response = web.json_response({"error": "missing or wrong CSRF token"}, status=403)
         else:
             response = await handler(request)
         final: Session = request[SESSION]  # a login or logout replaces it
