@@ -113,6 +113,36 @@ class UnexpectedDeviceError(TransportError):
     """The device on a configured port is not the one on the allow-list."""
 
 
+class SerialClaims:
+    """Which configured device is using each VM-1 identity (model, serial) now.
+
+    One per gateway, shared by its pipelines. Two devices reporting the same serial
+    number would give their sessions the same event ids (the id is built from model,
+    serial and session number), so the second to identify itself is refused while the
+    first is connected, and the first bed's dose events stay its own (issue 13).
+    """
+
+    def __init__(self) -> None:
+        self._holder: dict[tuple[str, str], str] = {}
+        self._held: dict[str, tuple[str, str]] = {}
+
+    def claim(self, model: str, serial_no: str, device_id: str) -> str | None:
+        """Take (model, serial) for ``device_id``; the device holding it already, if not."""
+        key = (model, serial_no)
+        holder = self._holder.get(key)
+        if holder is not None and holder != device_id:
+            return holder
+        self.release(device_id)  # a device holds one identity at a time
+        self._holder[key] = device_id
+        self._held[device_id] = key
+        return None
+
+    def release(self, device_id: str) -> None:
+        key = self._held.pop(device_id, None)
+        if key is not None and self._holder.get(key) == device_id:
+            del self._holder[key]
+
+
 @dataclass(slots=True)
 class DeviceHealth:
     connected: bool = False
@@ -163,9 +193,11 @@ class Vm1Pipeline:
         bed: BedMonitor | None = None,
         attributor: Attributor | None = None,
         schedule: DoseSchedule | None = None,
+        claims: SerialClaims | None = None,
     ) -> None:
         self.device = device
         self.schedule = schedule
+        self.claims = claims
         self.bed = bed
         # Whose dose a session is: the bed's assignment at its start (docs/assignments.md);
         # without an assignment service, the configured one.
@@ -229,6 +261,8 @@ class Vm1Pipeline:
         a later status must not hide it before it was sent (statuses are latest-wins)."""
         self._held.clear()
         self.health.identified = False
+        if self.claims is not None:
+            self.claims.release(self.device.id)
         if self.health.connected:
             self.health.connected = False
             self.tracker.link_down(utc)
@@ -494,6 +528,28 @@ class Vm1Pipeline:
             raise UnexpectedDeviceError(
                 f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
                 f"expected {expected!r}; device not used",
+                device_id=self.device.id,
+            )
+        holder = (
+            None
+            if self.claims is None
+            else self.claims.claim(ident.model, ident.serial_no, self.device.id)
+        )
+        if holder is not None:
+            if self.audit is not None:
+                self.audit.append(
+                    AuditKind.device_refused,
+                    device_id=self.device.id,
+                    body={
+                        "port": self.device.link.port_name,
+                        "serial_no": ident.serial_no,
+                        "in_use_by": holder,
+                    },
+                )
+            raise UnexpectedDeviceError(
+                f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
+                f"which device {holder} is already reporting (two devices with one serial "
+                "number); device not used",
                 device_id=self.device.id,
             )
 

@@ -51,7 +51,7 @@ from devicegw.runtime.correction_commands import CorrectionDesk
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
 from devicegw.runtime.link_factory import oximeter_source_factory
-from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner
+from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner, SerialClaims
 from devicegw.runtime.oximeter_runner import OximeterRunner
 from devicegw.runtime.schedule_watch import ScheduleWatch
 from devicegw.runtime.supervise import Restarts, Runner, Task, spawn
@@ -286,6 +286,8 @@ class Gateway:
                 )
             else:
                 self.beds[device.bed] = BedMonitor(config, device, oximeter, self.sink)
+        #: VM-1 serial numbers in use, by device: a second device reporting one is refused.
+        self.serial_claims = SerialClaims()
         self.runners = [
             NebulizerRunner(
                 device,
@@ -299,6 +301,7 @@ class Gateway:
                 bed=self.beds.get(device.bed),
                 attributor=self.assignment_service,
                 schedule=self.schedule,
+                claims=self.serial_claims,
             )
             for device in config.devices
         ]
