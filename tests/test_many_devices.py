@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from devicegw.runtime.descriptors import in_use, raise_soft_limit
-from simulators.scenario import Scenario, load_scenario
-from tests.e2e_harness import SCENARIOS, running
+from simulators.scenario import Scenario
+from tests.e2e_harness import SHORT_DOSE, running, short_session
 from tests.mqtt_helpers import MosquittoBroker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.many_devices]
@@ -32,28 +32,6 @@ DEVICES = int(os.environ.get("DGW_MANY_DEVICES", "100"))
 TIME_SCALE = 10.0
 #: Per device: the simulator's pty pair, the gateway's port, a margin.
 DESCRIPTORS_PER_DEVICE = 4
-#: The protocol's rules scaled to the short session (0.5 mL in ~30 s at 1 Hz OUTPUT).
-SHORT_DOSE = {"prescribed_volume_ml": 0.5, "min_duration_s": 10.0, "max_sample_gap_s": 3.0}
-
-
-def short_session(index: int) -> Scenario:
-    """A ~40 s (device time) COMPLETE session with the device's own serial and counter."""
-    base = load_scenario(SCENARIOS / "complete.toml")
-    device = base.device.model_copy(
-        update={"serial_no": f"VM1-{index:06d}", "last_session_no": index, "seed": index}
-    )
-    session = base.sessions[0].model_copy(
-        update={
-            "fill_at_s": 20.0,
-            "start_at_s": 30.0,
-            "fill_ul": 600,
-            "rate_ul_min": 1000.0,
-            "residual_ul": 100,
-        }
-    )
-    return base.model_copy(
-        update={"name": f"short-{index}", "device": device, "sessions": (session,)}
-    )
 
 
 @pytest.mark.timeout(300)

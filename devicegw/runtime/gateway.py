@@ -50,7 +50,7 @@ from devicegw.runtime.control_socket import ControlServer
 from devicegw.runtime.correction_commands import CorrectionDesk
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
-from devicegw.runtime.link_factory import oximeter_source_factory
+from devicegw.runtime.link_factory import oximeter_source_factory, serial_ports
 from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner, SerialClaims
 from devicegw.runtime.oximeter_runner import OximeterRunner
 from devicegw.runtime.schedule_watch import ScheduleWatch
@@ -162,7 +162,7 @@ class Gateway:
         config: Config,
         *,
         clock: Clock,
-        link_factory: Callable[[DeviceSettings], Callable[[], Link]] = default_link_factory,
+        link_factory: Callable[[DeviceSettings], Callable[[], Link]] | None = None,
         store: Store | None = None,
         notifier: systemd_notify.Notifier | None = None,
         new_store: bool = False,
@@ -288,6 +288,13 @@ class Gateway:
                 self.beds[device.bed] = BedMonitor(config, device, oximeter, self.sink)
         #: VM-1 serial numbers in use, by device: a second device reporting one is refused.
         self.serial_claims = SerialClaims()
+        # By default a serial port is refused while another entry names the same device.
+        serial_entries = serial_ports([*config.devices, *config.oximeters])
+        if link_factory is None:
+
+            def link_factory(device: DeviceSettings) -> Callable[[], Link]:
+                return default_link_factory(device, serial_entries)
+
         self.runners = [
             NebulizerRunner(
                 device,
