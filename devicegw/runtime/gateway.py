@@ -391,6 +391,7 @@ class Gateway:
                 identity_note=h.identity_note,
                 held_before_ident=h.held_before_ident,
                 dropped_before_ident=h.dropped_before_ident,
+                idents_ignored=h.idents_ignored,
                 open_session=runner.tracker.open_session_no,
             )
         oximeters: dict[str, health.OximeterSnapshot] = {}
