@@ -22,7 +22,7 @@ from tests.mqtt_helpers import MosquittoBroker
 pytestmark = pytest.mark.e2e
 
 HTTP = {"http": {"listen": "127.0.0.1:0"}}
-PHYSICAL = ("rate", "delivered_ml", "reservoir", "battery", "fill", "residual", "alarm")
+PHYSICAL = ("rate", "delivered_ml", "reservoir", "battery", "fill", "residual", "alarm", "pause")
 
 
 def server_of(e2e: E2E) -> WebServer:
@@ -153,5 +153,6 @@ async def test_engineer_role_sees_the_restricted_detail(
         async with aiohttp.ClientSession() as http, http.get(f"{url}/api/bed/B01") as r:
             bed = await r.json()
     assert "restricted" in bed and "restricted" in bed["doses"][0]
+    assert set(bed["marks"]) == {"desaturations", "pauses", "alarms"}
     assert bed["doses"][0]["restricted"]["delivered_basis"] == "reservoir_drop"
     assert json.dumps(bed)  # plain JSON
