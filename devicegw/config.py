@@ -537,14 +537,29 @@ class ScheduleSettings(_Strict):
 
 
 class HttpSettings(_Strict):
-    """The ward dashboard, /metrics and the health endpoints (docs/dashboard.md)."""
+    """The ward dashboard, /metrics and the health endpoints (README "Ward dashboard")."""
 
-    #: ``host:port``. Loopback only: off loopback the dashboard would need TLS and a
-    #: login, which are not built yet, so another address is refused.
+    #: ``host:port``. Off loopback the dashboard requires ``tls_cert``/``tls_key`` and
+    #: ``users_file`` (a login); on loopback both are optional.
     listen: str = "127.0.0.1:8080"
-    #: The role of the loopback viewer: ``viewer`` (blinded) or ``engineer`` (sees the
-    #: restricted physical detail). Blinded by default.
-    loopback_role: Literal["viewer", "engineer"] = "viewer"
+    #: Without ``users_file`` (loopback only): the role everyone on this machine gets,
+    #: with no login. ``viewer`` (blinded, read-only) by default; ``nurse`` may assign;
+    #: ``engineer`` sees the restricted physical detail. Ignored when users_file is set.
+    loopback_role: Literal["viewer", "nurse", "engineer"] = "viewer"
+    #: TOML file of dashboard users and their argon2 password hashes
+    #: (``devicegw web-user``); set: every page needs a login, loopback included.
+    users_file: FilePath | None = None
+    #: PEM certificate chain and private key: the dashboard is served over HTTPS.
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+    #: A login session ends after this long without a request, and at most this long
+    #: after the login (seconds, the gateway's clock).
+    session_idle_s: float = Field(default=1800.0, gt=0)
+    session_max_s: float = Field(default=12 * 3600.0, gt=0)
+    #: Failed logins allowed per user name and per client address in a window of
+    #: ``login_lockout_s`` before further attempts are refused (429) until it passes.
+    login_max_failures: int = Field(default=5, ge=1)
+    login_lockout_s: float = Field(default=900.0, gt=0)
 
     @property
     def host(self) -> str:
@@ -554,16 +569,26 @@ class HttpSettings(_Strict):
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def login_required(self) -> bool:
+        return self.users_file is not None
+
     @model_validator(mode="after")
-    def _loopback(self) -> Self:
+    def _secured_off_loopback(self) -> Self:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
             raise FieldProblem("listen", "must be host:port, e.g. 127.0.0.1:8080 (port 0: any)")
-        if not is_loopback(host.strip("[]")):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise FieldProblem("tls_cert", "tls_cert and tls_key go together")
+        if not is_loopback(host.strip("[]")) and (self.tls_cert is None or not self.users_file):
             raise FieldProblem(
                 "listen",
-                "the dashboard listens on loopback only (127.0.0.1, ::1): off loopback it "
-                "needs TLS and a login, which are not built yet (docs/dashboard.md)",
+                "off loopback (127.0.0.1, ::1) the dashboard needs TLS (tls_cert, tls_key) "
+                "and a login (users_file)",
             )
         return self
 

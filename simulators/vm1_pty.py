@@ -467,6 +467,13 @@ class Vm1PtySimulator(PtySimulator):
         self.counters.port_opens += 1
         self._send_ident(now)
 
+    def repeat_ident(self, count: int) -> None:
+        """A faulty device that floods its IDENT: ``count`` IDENTs at once, on top of what it
+        sends anyway (a full pty drops and counts them, as a UART sends into the void)."""
+        if self._pty is not None:
+            now = self.device_time()
+            self._transmit([self.model.ident_message(now)] * count)
+
     def _send_ident(self, t: float) -> None:
         """An unsolicited IDENT (power-up, port open), unless the device is one that never does."""
         if self.scenario.device.sends_ident:

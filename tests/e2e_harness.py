@@ -27,6 +27,35 @@ SCENARIOS = Path(__file__).resolve().parent.parent / "simulators" / "scenarios"
 TIME_SCALE = 100.0
 
 
+#: The protocol's dose rules scaled to :func:`short_session` (0.5 mL in ~30 s, 1 Hz OUTPUT).
+SHORT_DOSE = {"prescribed_volume_ml": 0.5, "min_duration_s": 10.0, "max_sample_gap_s": 3.0}
+
+
+def short_session(index: int, serial_no: str | None = None) -> Scenario:
+    """A ~40 s (device time) 0.5 mL COMPLETE session (with :data:`SHORT_DOSE` as the
+    rules): serial ``VM1-<index>`` unless given, last session number ``index``."""
+    base = load_scenario(SCENARIOS / "complete.toml")
+    device = base.device.model_copy(
+        update={
+            "serial_no": serial_no or f"VM1-{index:06d}",
+            "last_session_no": index,
+            "seed": index,
+        }
+    )
+    session = base.sessions[0].model_copy(
+        update={
+            "fill_at_s": 20.0,
+            "start_at_s": 30.0,
+            "fill_ul": 600,
+            "rate_ul_min": 1000.0,
+            "residual_ul": 100,
+        }
+    )
+    return base.model_copy(
+        update={"name": f"short-{index}", "device": device, "sessions": (session,)}
+    )
+
+
 def device_entry(index: int, port: str, **extra: Any) -> dict[str, Any]:
     return {
         "id": f"neb-bed{index:02d}",

@@ -11,7 +11,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,3 +251,22 @@ async def cancel_and_wait(task: asyncio.Task[Any], timeout: float = 60.0) -> Non
         raise AssertionError(
             f"task {task.get_name()} did not stop within {timeout:g} s of being cancelled"
         ) from None
+
+
+#: The contract's example ACL (docs/blinding.md), used as is by the tests that need one.
+ACL_FILE = Path(__file__).resolve().parent.parent / "docs" / "blinding-mosquitto.acl"
+
+
+@contextlib.contextmanager
+def acl_mosquitto(tmp_path: Path, users: dict[str, str]) -> Iterator[MosquittoBroker]:
+    """A private Mosquitto with these password accounts and the shipped ACL file."""
+    require(mosquitto_binary() is not None, "mosquitto is not installed")
+    require(shutil.which("mosquitto_passwd") is not None, "mosquitto_passwd is not installed")
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = MosquittoBroker(workdir, users=users, extra_conf=f"acl_file {ACL_FILE}\n")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from drivers.vm1.messages import AlarmCode, DeviceState, EndReason, Ident
 from drivers.vm1.stream import encode_message_frame
 from simulators.scenario import Scenario, parse_scenario
 from tests.e2e_harness import running
-from tests.mqtt_helpers import MosquittoBroker, collecting, mosquitto_binary, require
+from tests.mqtt_helpers import MosquittoBroker, acl_mosquitto, collecting
 from tests.session_stream import StreamBuilder, one_device_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,16 +254,8 @@ def test_the_acl_file_grants_exactly_the_feeds_and_the_doc_shows_it() -> None:
 
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    require(mosquitto_binary() is not None, "mosquitto is not installed")
-    require(shutil.which("mosquitto_passwd") is not None, "mosquitto_passwd is not installed")
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    broker = MosquittoBroker(workdir, users=USERS, extra_conf=f"acl_file {ACL_FILE}\n")
-    broker.start()
-    try:
+    with acl_mosquitto(tmp_path, USERS) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def marker() -> bytes:

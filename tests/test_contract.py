@@ -86,6 +86,8 @@ def topic_patterns() -> dict[str, str]:
         "dose": t.dose("{device}"),
         "dose_correction": t.dose_correction("{device}"),
         "dose_missed": t.dose_missed("{device}"),
+        "assign_command": t.assign_command("{username}"),
+        "assign_answer": t.assign_response("{username}"),
         "gateway_status": t.gateway_status(),
         "device_status": t.device_status("{device}"),
         "telemetry": t.telemetry("{device}"),
@@ -142,6 +144,8 @@ def test_internal_refs_resolve_and_operations_have_mqtt_bindings() -> None:
         "dose": (1, False),
         "dose_correction": (1, False),
         "dose_missed": (1, False),
+        "assign_command": (1, False),
+        "assign_answer": (1, False),
         "gateway_status": (1, True),
         "device_status": (1, True),
         "telemetry": (0, False),
@@ -152,7 +156,8 @@ def test_internal_refs_resolve_and_operations_have_mqtt_bindings() -> None:
     }
     by_address = {v: k for k, v in topic_patterns().items()}
     for name, op in doc["operations"].items():
-        assert op["action"] == "send", name
+        # The gateway publishes; the one thing it receives is the assignment command.
+        assert op["action"] == ("receive" if name == "receiveAssignCommand" else "send"), name
         channel = resolve(doc, op["channel"]["$ref"])
         for m in op["messages"]:
             resolve(doc, m["$ref"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from devicegw.storage.audit import verify
 from devicegw.storage.store import Store
 from simulators.scenario import Scenario, parse_scenario
 from tests.e2e_harness import E2E, running
-from tests.mqtt_helpers import MosquittoBroker, mosquitto_binary, require
+from tests.mqtt_helpers import MosquittoBroker, acl_mosquitto
 
 pytestmark = pytest.mark.e2e
 
@@ -117,12 +116,13 @@ async def test_an_ended_assignment_leaves_the_next_dose_unassigned(
     audit_ok(tmp_path)
 
 
-async def devicegw_assign(config: Path, *args: str) -> tuple[int, str, str]:
+async def devicegw_cli(command: str, config: Path, *args: str) -> tuple[int, str, str]:
+    """The real command line in a process of its own: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "devicegw.cli",
-        "assign",
+        command,
         "--config",
         str(config),
         *args,
@@ -132,6 +132,10 @@ async def devicegw_assign(config: Path, *args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def devicegw_assign(config: Path, *args: str) -> tuple[int, str, str]:
+    return await devicegw_cli("assign", config, *args)
 
 
 def cli_config(tmp_path: Path) -> Path:
@@ -219,22 +223,13 @@ async def test_devicegw_assign_talks_to_the_running_daemon(
 
 # -- over MQTT: the site's IWRS pushes assignments --------------------------------------
 
-ACL_FILE = Path(__file__).resolve().parent.parent / "docs" / "blinding-mosquitto.acl"
 MQTT_USERS = {"devicegw-gw": "gw-pw", "iwrs": "iwrs-pw", "edc": "edc-pw", "blinded-dm": "dm-pw"}
 
 
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    require(mosquitto_binary() is not None, "mosquitto is not installed")
-    require(shutil.which("mosquitto_passwd") is not None, "mosquitto_passwd is not installed")
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    broker = MosquittoBroker(workdir, users=MQTT_USERS, extra_conf=f"acl_file {ACL_FILE}\n")
-    broker.start()
-    try:
+    with acl_mosquitto(tmp_path, MQTT_USERS) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 async def ask_over_mqtt(
@@ -300,7 +295,8 @@ async def test_assign_over_mqtt_from_an_allowed_account_only(
         other = await ask_over_mqtt(
             acl_broker, "edc", "edc", base, {**command, "kit_number": "K-9"}
         )
-        assert other == {"applied": False, "message": "account edc may not assign"}
+        assert other is not None and other["event_type"] == "assign_answer"
+        assert (other["applied"], other["message"]) == (False, "account edc may not assign")
         # The IWRS itself: applied.
         answer = await ask_over_mqtt(acl_broker, "iwrs", "iwrs", base, command)
         assert answer is not None and answer["applied"] is True, answer
@@ -336,20 +332,7 @@ async def until_subscribed(e2e: E2E) -> None:
 
 
 async def devicegw_correct(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "devicegw.cli",
-        "correct",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await devicegw_cli("correct", config, *args)
 
 
 async def test_a_correction_supersedes_a_dose_and_the_export_applies_it(

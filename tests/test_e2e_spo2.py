@@ -124,11 +124,12 @@ async def test_desaturation_alert_raised_and_cleared(
     assert raised["kind"] in ("absolute_below_90", "both")
     # The scenario's SpO2 starts falling at 210 s (session start 30 s): offset ~180 s,
     # below 90 % a few seconds later, raised after the 10 s sustain time. The lower
-    # bounds are the scenario's; the upper ones leave room for a loaded host (at 100x,
-    # 0.1 s of scheduling delay shows as 10 device seconds: 206.2 s was seen in CI).
-    assert 185 <= raised["offset_s"] <= 225
+    # bounds are the scenario's. Samples are stamped on arrival, and at 100x every 0.1 s
+    # a loaded host delays a read shows as 10 device seconds (206 s and a clear at 363 s
+    # were seen in CI), so the upper bounds only say: during the session (~438 s long).
+    assert 185 <= raised["offset_s"] <= 400
     assert raised["duration_s"] >= 10
-    assert max(240, raised["offset_s"] + 10) <= cleared["offset_s"] <= 295
+    assert max(240, raised["offset_s"] + 10) <= cleared["offset_s"] <= 438
 
     spo2 = dose["spo2"]
     assert spo2["spo2_monitoring"] == "monitored"
@@ -141,7 +142,7 @@ async def test_desaturation_alert_raised_and_cleared(
     assert desat["kind"] == "both"
     assert 84 <= desat["nadir_spo2"] <= 88
     assert stats["nadir_spo2"] == desat["nadir_spo2"]
-    assert 40 <= stats["time_below_threshold_s"] <= 70
+    assert stats["time_below_threshold_s"] >= 40  # ~55 s; a loaded host stretches it
     assert stats["coverage_pct"] > 90
     assert spo2["alerts_raised"] == 1
 

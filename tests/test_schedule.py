@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from devicegw.config import BrokerSettings, ScheduleSettings
 from devicegw.contract.payloads import DoseMissed
 from devicegw.contract.topics import Topics
 from devicegw.mqtt.publisher import MqttPublisher
+from devicegw.runtime.assignment_commands import AssignRequest, AssignResult
 from devicegw.runtime.schedule_watch import ScheduleWatch
 from drivers.clock import ManualClock
 from drivers.vm1.messages import DeviceState, EndReason
@@ -172,3 +174,32 @@ def test_a_late_logged_session_fills_its_slot_and_withdraws_the_missed_notice(
     assert [n["status"] for n in notices] == ["missed", "withdrawn"]
     assert notices[1]["withdrawn_by"] == str(logged.event_id)
     assert notices[1]["dose_number"] == 2
+
+
+def test_a_planned_first_dose_given_at_assignment_sets_day_one(ward: ScheduledWard) -> None:
+    ward.desk.schedule = ward.schedule
+    planned = T0 + timedelta(hours=2)
+
+    def assign(kit: str) -> AssignResult:
+        return ward.desk.apply(
+            AssignRequest(
+                bed="B01",
+                subject_id="CVD-042-0021",
+                kit_number=kit,
+                operator="nurse.lee",
+                reason="admission",
+                channel="cli",
+                planned_first_dose_utc=planned,
+            )
+        )
+
+    assert assign("K-0101").applied
+    ward.dose_at(6, session_no=42)  # four hours after the planned dose 1
+    ward.dose_at(14.5, session_no=43)  # dose 2 is planned at 14 h
+    late, second = ward.sink.events
+    assert late.dose_number == 1 and late.schedule is not None
+    assert late.schedule.in_window is False  # the plan, not this dose, defines day 1
+    assert late.schedule.planned_utc == planned
+    assert second.dose_number == 2 and second.schedule is not None and second.schedule.in_window
+    refused = assign("K-0102")
+    assert not refused.applied and "has started" in refused.message

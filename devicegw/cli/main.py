@@ -23,6 +23,7 @@ from devicegw.cli.commands import (
     simulate,
     status,
     tail,
+    web_user,
 )
 from devicegw.cli.terminal import error
 from devicegw.errors import GatewayError
@@ -41,6 +42,7 @@ COMMANDS = (
     export,
     schema,
     audit,
+    web_user,
 )
 
 

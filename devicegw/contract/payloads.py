@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from devicegw.contract.base import SCHEMA_VERSION, Delivery, Payload
 from devicegw.contract.spo2 import Spo2Summary
@@ -264,6 +264,41 @@ class DoseMissed(_Payload):
     schedule: ScheduleOut
     withdrawn_by: uuid.UUID | None = Field(description="the dose event that filled the slot")
     decided_utc: datetime
+
+
+class AssignCommand(_Payload):
+    """A bed assignment pushed to the gateway on ``cmd/assign/{username}`` (MQTT 5).
+
+    The fields of ``devicegw assign``; ``schema_version`` and ``event_type`` may be
+    left out. Values are checked as an assignment (docs/assignments.md).
+    """
+
+    model_config = ConfigDict(strict=True)
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.ASSIGN_COMMAND] = PayloadKind.ASSIGN_COMMAND
+    bed: str
+    operator: str = Field(description="who assigns, as the sending system knows them")
+    reason: str
+    subject_id: str | None = None
+    kit_number: str | None = None
+    end: bool = Field(default=False, description="end the bed's assignment (no subject, kit)")
+    override_reason: str | None = Field(default=None, description="to use a kit already used")
+    planned_first_dose_utc: datetime | None = Field(
+        default=None,
+        strict=False,
+        description="when the subject's dose 1 is planned (with [schedule]); absent: the "
+        "first dose given defines day 1",
+    )
+
+
+class AssignAnswer(_Payload):
+    """The gateway's answer to an :class:`AssignCommand` (to the requester's own topic)."""
+
+    schema_version: Literal["2.0"] = SCHEMA_VERSION
+    event_type: Literal[PayloadKind.ASSIGN_ANSWER] = PayloadKind.ASSIGN_ANSWER
+    applied: bool
+    message: str = Field(description="what was done, or the one-line reason it was refused")
 
 
 class DoseCorrection(_Payload):

@@ -26,6 +26,8 @@ from pydantic import BaseModel
 
 from devicegw.contract.base import TOPIC_VERSION
 from devicegw.contract.payloads import (
+    AssignAnswer,
+    AssignCommand,
     DeviceDetail,
     DeviceStatus,
     DoseCorrection,
@@ -46,6 +48,8 @@ MODELS: dict[str, tuple[type[BaseModel], str]] = {
     "dose_completion.schema.json": (DoseEvent, "devicegw dose_completion event (v2, blinded)"),
     "dose_correction.schema.json": (DoseCorrection, "devicegw dose_correction (v2, blinded)"),
     "dose_missed.schema.json": (DoseMissed, "devicegw dose_missed (v2, blinded)"),
+    "assign_command.schema.json": (AssignCommand, "devicegw assign_command (v2, to the gateway)"),
+    "assign_answer.schema.json": (AssignAnswer, "devicegw assign_answer (v2)"),
     "device_status.schema.json": (DeviceStatus, "devicegw device_status (v2, blinded)"),
     "gateway_status.schema.json": (GatewayStatus, "devicegw gateway_status (v2, blinded)"),
     "telemetry.schema.json": (Telemetry, "devicegw telemetry (v2, blinded)"),

@@ -87,6 +87,10 @@ class Topics:
         """What the gateway subscribes to: ``cmd/assign/{username}`` (docs/assignments.md)."""
         return f"{self.base}/cmd/assign/+"
 
+    def assign_command(self, username: str) -> str:
+        """Where the account ``username`` publishes its assign commands."""
+        return f"{self.base}/cmd/assign/{level(username)}"
+
     def assign_response(self, username: str) -> str:
         """The only topic an assign command's answer goes to: the requester's own."""
         return f"{self.base}/cmd/assign-response/{level(username)}"
@@ -133,6 +137,8 @@ def topic_payloads(topic: str) -> frozenset[PayloadKind] | None:
             TopicKind.DOSE: {PayloadKind.DOSE_COMPLETION},
             TopicKind.DOSE_CORRECTION: {PayloadKind.DOSE_CORRECTION},
             TopicKind.DOSE_MISSED: {PayloadKind.DOSE_MISSED},
+            "assign": {PayloadKind.ASSIGN_COMMAND},
+            "assign-response": {PayloadKind.ASSIGN_ANSWER},
             TopicKind.TELEMETRY: {PayloadKind.TELEMETRY},
             TopicKind.SAFETY: {PayloadKind.SAFETY_ALERT, PayloadKind.POST_DOSE_SAFETY_SUMMARY},
             TopicKind.DOSE_DETAIL: {PayloadKind.DOSE_DETAIL},

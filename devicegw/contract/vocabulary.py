@@ -168,6 +168,9 @@ class PayloadKind(StrEnum):
     POST_DOSE_SAFETY_SUMMARY = "post_dose_safety_summary"
     DOSE_CORRECTION = "dose_correction"
     DOSE_MISSED = "dose_missed"
+    # Commands to the gateway and their answers (docs/assignments.md, "Over MQTT").
+    ASSIGN_COMMAND = "assign_command"
+    ASSIGN_ANSWER = "assign_answer"
     # The restricted feed (docs/blinding.md).
     DOSE_DETAIL = "dose_detail"
     DEVICE_DETAIL = "device_detail"
@@ -184,6 +187,8 @@ PAYLOAD_FEED: dict[PayloadKind, Feed] = {
     PayloadKind.POST_DOSE_SAFETY_SUMMARY: Feed.BLINDED,
     PayloadKind.DOSE_CORRECTION: Feed.BLINDED,
     PayloadKind.DOSE_MISSED: Feed.BLINDED,
+    PayloadKind.ASSIGN_COMMAND: Feed.BLINDED,
+    PayloadKind.ASSIGN_ANSWER: Feed.BLINDED,
     PayloadKind.DOSE_DETAIL: Feed.RESTRICTED,
     PayloadKind.DEVICE_DETAIL: Feed.RESTRICTED,
     PayloadKind.TELEMETRY_DETAIL: Feed.RESTRICTED,

@@ -79,6 +79,16 @@ class AuditKind(StrEnum):
     dose_corrected = "dose_corrected"
     correction_refused = "correction_refused"
 
+    #: The ward dashboard's logins (issue 12). body: user, role, client (address).
+    web_login = "web_login"
+    #: body: user (null when the name is not a known user), client, why.
+    web_login_failed = "web_login_failed"
+    #: body: what is locked (user or client), failures, lockout_s: further attempts are
+    #: refused until the window passes; appended once per lockout, not per attempt.
+    web_login_locked = "web_login_locked"
+    #: body: user, client (an expired session ends without a record).
+    web_logout = "web_logout"
+
 
 @dataclass(frozen=True, slots=True)
 class RecordedDose:

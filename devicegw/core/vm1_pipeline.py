@@ -113,6 +113,36 @@ class UnexpectedDeviceError(TransportError):
     """The device on a configured port is not the one on the allow-list."""
 
 
+class SerialClaims:
+    """Which configured device is using each VM-1 identity (model, serial) now.
+
+    One per gateway, shared by its pipelines. Two devices reporting the same serial
+    number would give their sessions the same event ids (the id is built from model,
+    serial and session number), so the second to identify itself is refused while the
+    first is connected, and the first bed's dose events stay its own (issue 13).
+    """
+
+    def __init__(self) -> None:
+        self._holder: dict[tuple[str, str], str] = {}
+        self._held: dict[str, tuple[str, str]] = {}
+
+    def claim(self, model: str, serial_no: str, device_id: str) -> str | None:
+        """Take (model, serial) for ``device_id``; the device holding it already, if not."""
+        key = (model, serial_no)
+        holder = self._holder.get(key)
+        if holder is not None and holder != device_id:
+            return holder
+        self.release(device_id)  # a device holds one identity at a time
+        self._holder[key] = device_id
+        self._held[device_id] = key
+        return None
+
+    def release(self, device_id: str) -> None:
+        key = self._held.pop(device_id, None)
+        if key is not None and self._holder.get(key) == device_id:
+            del self._holder[key]
+
+
 @dataclass(slots=True)
 class DeviceHealth:
     connected: bool = False
@@ -131,8 +161,11 @@ class DeviceHealth:
     #: ones dropped because the device did not identify itself in time.
     held_before_ident: int = 0
     dropped_before_ident: int = 0
-    #: Why the device is not (yet) in use, when it is connected but has not identified.
+    #: Why the device is not (yet) in use, when it is connected but has not identified;
+    #: or what is wrong with its identification (an IDENT flood) while it is in use.
     identity_note: str | None = None
+    #: IDENTs repeating the connection's identity within IDENT_REPEAT_MIN_S: not processed.
+    idents_ignored: int = 0
     sessions_started: int = 0
     #: Finished sessions by verdict (what /metrics counts).
     verdicts: dict[str, int] = field(default_factory=dict)
@@ -146,6 +179,11 @@ class PipelineResult:
 
 
 JOURNAL_INTERVAL_S = 5.0
+#: A VM-1 sends IDENT at power-up, on port open and in answer to GET_INFO: a few a minute.
+#: Repeats of the same identity closer together than this are counted, not processed.
+IDENT_REPEAT_MIN_S = 1.0
+#: Ignored repeats on one connection before the device is reported as flooding IDENT.
+IDENT_FLOOD_REPORT = 20
 RECONCILE_MAX = 16  # the device keeps its last 16 sessions
 #: Messages held until a connection's IDENT: ~45 s of a VM-1 at 10 Hz OUTPUT + 1 Hz STATUS.
 PRE_IDENT_HOLD = 512
@@ -163,9 +201,11 @@ class Vm1Pipeline:
         bed: BedMonitor | None = None,
         attributor: Attributor | None = None,
         schedule: DoseSchedule | None = None,
+        claims: SerialClaims | None = None,
     ) -> None:
         self.device = device
         self.schedule = schedule
+        self.claims = claims
         self.bed = bed
         # Whose dose a session is: the bed's assignment at its start (docs/assignments.md);
         # without an assignment service, the configured one.
@@ -205,6 +245,8 @@ class Vm1Pipeline:
         self._held: deque[Rx] = deque()
         self._host_decoder = vm1_decoder(self.link_unit)  # what the gateway sent (GET_SESSION)
         self._asked: dict[int, int] = {}  # host seq -> session_no of a GET_SESSION
+        self._ident_mono = float("-inf")  # when the last processed IDENT arrived
+        self._ident_repeats = 0  # ignored on this connection
 
     # -- link lifecycle ----------------------------------------------------------
 
@@ -216,6 +258,7 @@ class Vm1Pipeline:
         self._host_decoder = vm1_decoder(self.link_unit)
         self._asked.clear()
         self._bad_seen = self._lost_seen = 0
+        self._ident_mono, self._ident_repeats = float("-inf"), 0
         self._held.clear()
         self.health.identified = False  # whoever is on the port must say who it is again
         self.health.identity_note = None
@@ -229,6 +272,8 @@ class Vm1Pipeline:
         a later status must not hide it before it was sent (statuses are latest-wins)."""
         self._held.clear()
         self.health.identified = False
+        if self.claims is not None:
+            self.claims.release(self.device.id)
         if self.health.connected:
             self.health.connected = False
             self.tracker.link_down(utc)
@@ -273,10 +318,38 @@ class Vm1Pipeline:
                 identified = True
             elif not self.health.identified:
                 self._hold(Rx(msg=msg, utc=utc, mono=mono))
+            elif isinstance(msg, Ident) and self._repeated_ident(msg, mono):
+                continue
             else:
                 self._on_message(msg, utc, mono, fetch)
         self._journal(utc, mono)
         return PipelineResult(acks, fetch, identified)
+
+    def _repeated_ident(self, ident: Ident, mono: float) -> bool:
+        """An IDENT flood (issue 13): the same identity again within IDENT_REPEAT_MIN_S is
+        counted and dropped, so that a device repeating it thousands of times a second
+        costs a comparison each, not an allow-list check, a reconciliation and a status.
+        Reported once per connection (log and status note); a changed identity is always
+        processed (allow-list, audit)."""
+        known = self.tracker.identity
+        if (
+            known is None
+            or (ident.model, ident.serial_no, ident.firmware)
+            != (known.model, known.serial_no, known.firmware)
+            or mono - self._ident_mono >= IDENT_REPEAT_MIN_S
+        ):
+            self._ident_mono = mono
+            return False
+        self._ident_repeats += 1
+        self.health.idents_ignored += 1
+        if self._ident_repeats == IDENT_FLOOD_REPORT:
+            note = (
+                f"device repeats its IDENT many times a second; repeats within "
+                f"{IDENT_REPEAT_MIN_S:g} s are ignored (its data is still used)"
+            )
+            self.health.identity_note = note
+            log.warning(note, extra={"device_id": self.device.id})
+        return True
 
     def sent(self, chunk: bytes) -> None:
         """A chunk the gateway wrote to the device (a frame, or a payload over BLE): the
@@ -332,6 +405,7 @@ class Vm1Pipeline:
             )
         for rx in held:
             self._on_message(rx.msg, rx.utc, rx.mono, fetch)
+        self._ident_mono = mono
         self._on_message(ident, utc, mono, fetch)
 
     def _journal(self, utc: datetime, mono: float) -> None:
@@ -494,6 +568,28 @@ class Vm1Pipeline:
             raise UnexpectedDeviceError(
                 f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
                 f"expected {expected!r}; device not used",
+                device_id=self.device.id,
+            )
+        holder = (
+            None
+            if self.claims is None
+            else self.claims.claim(ident.model, ident.serial_no, self.device.id)
+        )
+        if holder is not None:
+            if self.audit is not None:
+                self.audit.append(
+                    AuditKind.device_refused,
+                    device_id=self.device.id,
+                    body={
+                        "port": self.device.link.port_name,
+                        "serial_no": ident.serial_no,
+                        "in_use_by": holder,
+                    },
+                )
+            raise UnexpectedDeviceError(
+                f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
+                f"which device {holder} is already reporting (two devices with one serial "
+                "number); device not used",
                 device_id=self.device.id,
             )
 

@@ -26,7 +26,9 @@ import logging
 
 from paho.mqtt.properties import Properties
 
+from devicegw.contract.payloads import AssignAnswer
 from devicegw.contract.topics import Topics
+from devicegw.mqtt.publisher import encode
 from devicegw.runtime.assignment_commands import AssignmentDesk, AssignResult, request_from
 from devicegw.safe_text import printable
 
@@ -68,7 +70,7 @@ class AssignCommand:
         if response_topic != self.topics.assign_response(username):
             return None  # no answer asked for, or asked for elsewhere: not answered
         correlation = getattr(properties, "CorrelationData", None)
-        body = json.dumps({"applied": result.applied, "message": result.message}).encode()
+        body = encode(AssignAnswer(applied=result.applied, message=result.message))
         return response_topic, body, correlation if isinstance(correlation, bytes) else None
 
     def _apply(self, username: str, payload: bytes) -> AssignResult:

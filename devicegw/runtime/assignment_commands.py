@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from devicegw.config import Config
+from devicegw.contract.payloads import AssignCommand
 from devicegw.safe_text import printable
 from devicegw.storage.assignments import Assignment, AssignmentRefused, AssignmentService
+from devicegw.storage.schedule_book import ScheduleBook
 
 __all__ = ["AssignRequest", "AssignResult", "AssignmentDesk", "request_from", "seed_initial"]
 
@@ -36,36 +41,29 @@ class AssignRequest:
     kit_number: str | None = None
     end: bool = False
     override_reason: str | None = None
-
-
-_TEXT = ("bed", "operator", "reason")
-_OPTIONAL_TEXT = ("subject_id", "kit_number", "override_reason")
-_KNOWN = frozenset((*_TEXT, *_OPTIONAL_TEXT, "end"))
+    #: With [schedule]: the subject's dose 1 is planned then (else the first dose decides).
+    planned_first_dose_utc: datetime | None = None
 
 
 def request_from(data: dict[str, Any], channel: str) -> AssignRequest | str:
-    """A request from JSON data (the socket and MQTT), or why the data is not one."""
-    unknown = sorted(k for k in data if k not in _KNOWN)
-    if unknown:
-        return f"unknown field {printable(unknown[0], limit=40)!r}"
-    for key in _TEXT:
-        if not isinstance(data.get(key), str):
-            return f"{key}: a text value is required"
-    for key in _OPTIONAL_TEXT:
-        if data.get(key) is not None and not isinstance(data[key], str):
-            return f"{key}: must be text"
-    end = data.get("end", False)
-    if not isinstance(end, bool):
-        return "end: must be true or false"
+    """A request from JSON data (the socket and MQTT: the fields of :class:`AssignCommand`),
+    or the first reason the data is not one."""
+    try:
+        command = AssignCommand.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "command"
+        return f"{printable(where, limit=40)}: {first['msg']}"
     return AssignRequest(
-        bed=data["bed"],
-        operator=data["operator"],
-        reason=data["reason"],
+        bed=command.bed,
+        operator=command.operator,
+        reason=command.reason,
         channel=channel,
-        subject_id=data.get("subject_id"),
-        kit_number=data.get("kit_number"),
-        end=end,
-        override_reason=data.get("override_reason"),
+        subject_id=command.subject_id,
+        kit_number=command.kit_number,
+        end=command.end,
+        override_reason=command.override_reason,
+        planned_first_dose_utc=command.planned_first_dose_utc,
     )
 
 
@@ -79,8 +77,9 @@ class AssignResult:
 class AssignmentDesk:
     """Applies assignment requests; one instance per gateway (``Gateway.assignments``)."""
 
-    def __init__(self, service: AssignmentService) -> None:
+    def __init__(self, service: AssignmentService, schedule: ScheduleBook | None = None) -> None:
         self.service = service
+        self.schedule = schedule
 
     def refuse(self, channel: str, why: str) -> AssignResult:
         """A request too malformed to name a bed: refused and audited all the same."""
@@ -126,6 +125,18 @@ class AssignmentDesk:
                     asked=asked,
                     refusal="a subject and a kit are required (or end the bed)",
                 )
+            planned = request.planned_first_dose_utc
+            if planned is not None:
+                why = self._cannot_plan(request.subject_id, planned)
+                if why is not None:
+                    service.refuse(
+                        bed=request.bed,
+                        operator=request.operator,
+                        reason=request.reason,
+                        channel=request.channel,
+                        asked={**asked, "planned_first_dose_utc": planned.isoformat()},
+                        refusal=why,
+                    )
             a = service.assign(
                 bed=request.bed,
                 subject_id=request.subject_id,
@@ -134,10 +145,22 @@ class AssignmentDesk:
                 reason=request.reason,
                 channel=request.channel,
                 override_reason=request.override_reason,
+                planned_first_dose_utc=planned,
             )
         except AssignmentRefused as exc:
             return AssignResult(False, str(exc))
+        if planned is not None and self.schedule is not None:
+            self.schedule.plan_from(request.subject_id, planned)
         return AssignResult(True, f"bed {a.bed}: subject {a.subject_id}, kit {a.kit_number}", a)
+
+    def _cannot_plan(self, subject_id: str, planned: datetime) -> str | None:
+        if self.schedule is None:
+            return "a planned first dose needs [schedule] in the gateway's configuration"
+        if planned.tzinfo is None:
+            return "the planned first dose needs a time zone offset (e.g. Z)"
+        if self.schedule.has_doses(subject_id):
+            return f"subject {subject_id}'s schedule has started: its first dose is given"
+        return None
 
 
 def seed_initial(service: AssignmentService, config: Config) -> None:

@@ -50,8 +50,8 @@ from devicegw.runtime.control_socket import ControlServer
 from devicegw.runtime.correction_commands import CorrectionDesk
 from devicegw.runtime.link_events import LinkObserver
 from devicegw.runtime.link_factory import link_factory as default_link_factory
-from devicegw.runtime.link_factory import oximeter_source_factory
-from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner
+from devicegw.runtime.link_factory import oximeter_source_factory, serial_ports
+from devicegw.runtime.nebulizer_runner import GatewaySink, NebulizerRunner, SerialClaims
 from devicegw.runtime.oximeter_runner import OximeterRunner
 from devicegw.runtime.schedule_watch import ScheduleWatch
 from devicegw.runtime.supervise import Restarts, Runner, Task, spawn
@@ -162,7 +162,7 @@ class Gateway:
         config: Config,
         *,
         clock: Clock,
-        link_factory: Callable[[DeviceSettings], Callable[[], Link]] = default_link_factory,
+        link_factory: Callable[[DeviceSettings], Callable[[], Link]] | None = None,
         store: Store | None = None,
         notifier: systemd_notify.Notifier | None = None,
         new_store: bool = False,
@@ -248,7 +248,7 @@ class Gateway:
         self.schedule: ScheduleBook | None = None
         self.schedule_watch: ScheduleWatch | None = None
         if config.schedule is not None:
-            self.schedule = ScheduleBook(
+            self.schedule = self.assignments.schedule = ScheduleBook(
                 self.store,
                 config.schedule,
                 time_zone="UTC" if trial is None else trial.time_zone,
@@ -286,6 +286,15 @@ class Gateway:
                 )
             else:
                 self.beds[device.bed] = BedMonitor(config, device, oximeter, self.sink)
+        #: VM-1 serial numbers in use, by device: a second device reporting one is refused.
+        self.serial_claims = SerialClaims()
+        # By default a serial port is refused while another entry names the same device.
+        serial_entries = serial_ports([*config.devices, *config.oximeters])
+        if link_factory is None:
+
+            def link_factory(device: DeviceSettings) -> Callable[[], Link]:
+                return default_link_factory(device, serial_entries)
+
         self.runners = [
             NebulizerRunner(
                 device,
@@ -299,6 +308,7 @@ class Gateway:
                 bed=self.beds.get(device.bed),
                 attributor=self.assignment_service,
                 schedule=self.schedule,
+                claims=self.serial_claims,
             )
             for device in config.devices
         ]
@@ -381,6 +391,7 @@ class Gateway:
                 identity_note=h.identity_note,
                 held_before_ident=h.held_before_ident,
                 dropped_before_ident=h.dropped_before_ident,
+                idents_ignored=h.idents_ignored,
                 open_session=runner.tracker.open_session_no,
             )
         oximeters: dict[str, health.OximeterSnapshot] = {}

@@ -54,6 +54,8 @@ class DeviceSnapshot:
     identity_note: str | None
     held_before_ident: int
     dropped_before_ident: int
+    #: Repeats of the connection's IDENT within a second, not processed (an IDENT flood).
+    idents_ignored: int
     open_session: int | None
 
 

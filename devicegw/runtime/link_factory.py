@@ -8,9 +8,11 @@ adapter, BLE PLX / BerryMed links directly).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 
 from devicegw.config import BleLinkSettings, DeviceSettings, OximeterSettings
+from devicegw.errors import TransportError
 from drivers.clock import Clock
 from drivers.transport.adapters import NoninSerialSource
 from drivers.transport.base import Link, SampleSource
@@ -19,7 +21,60 @@ from drivers.transport.ble_oximeter_link import BerryMedBleLink, PlxBleLink
 from drivers.transport.serial_link import SerialLink
 
 
-def link_factory(device: DeviceSettings) -> Callable[[], Link]:
+class SharedPortError(TransportError):
+    """Two configured ports are one device (e.g. its by-id link and its /dev/ttyUSBn)."""
+
+
+def _device_number(path: str) -> int | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_rdev or None  # 0: not a device file (a plain file in a test): no identity
+
+
+class GuardedSerialLink(SerialLink):
+    """A serial port that refuses to open while another configured port names the same
+    device: two ports opened for one device would split its bytes between two beds, and
+    which one got a session would be a race. Both entries are refused, each saying which
+    other entry it collides with, until the configuration names the device once; the
+    other beds are not affected (issue 13)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        baudrate: int,
+        device_id: str,
+        others: Sequence[tuple[str, str]],
+    ) -> None:
+        super().__init__(path, baudrate=baudrate, device_id=device_id)
+        self._others = others  # (device id, port path) of every other serial entry
+
+    async def open(self) -> None:
+        mine = _device_number(self.path)
+        if mine is not None:
+            for other_id, other_path in self._others:
+                if _device_number(other_path) == mine:
+                    raise SharedPortError(
+                        f"port {self.path} is the same device as port {other_path} "
+                        f"(configured for {other_id}); neither is opened until the "
+                        "configuration names the device once",
+                        device_id=self.device_id,
+                    )
+        await super().open()
+
+
+def serial_ports(devices: Sequence[DeviceSettings | OximeterSettings]) -> list[tuple[str, str]]:
+    """(id, port path) of every serially linked entry."""
+    return [(d.id, d.link.port) for d in devices if not isinstance(d.link, BleLinkSettings)]
+
+
+def link_factory(
+    device: DeviceSettings, serial_entries: Sequence[tuple[str, str]] = ()
+) -> Callable[[], Link]:
+    """``serial_entries``: (id, port) of the configuration's serial links, so that a second
+    name for this device's port is refused (:class:`GuardedSerialLink`)."""
     link = device.link
     if isinstance(link, BleLinkSettings):
         allow = [x for x in (link.address, link.name) if x is not None]
@@ -36,8 +91,12 @@ def link_factory(device: DeviceSettings) -> Callable[[], Link]:
 
         return make_ble
 
+    others = [(i, p) for i, p in serial_entries if i != device.id]
+
     def make() -> Link:
-        return SerialLink(link.port, baudrate=link.baudrate, device_id=device.id)
+        return GuardedSerialLink(
+            link.port, baudrate=link.baudrate, device_id=device.id, others=others
+        )
 
     return make
 

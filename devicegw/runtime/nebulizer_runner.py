@@ -26,6 +26,7 @@ from devicegw.core.session_tracker import SessionTracker
 from devicegw.core.vm1_pipeline import (
     DeviceHealth,
     GatewaySink,
+    SerialClaims,
     UnexpectedDeviceError,
     Vm1Pipeline,
 )
@@ -50,7 +51,7 @@ from drivers.vm1.messages import (
 )
 from drivers.vm1.stream import encode_for_link
 
-__all__ = ["GatewaySink", "NebulizerRunner", "UnexpectedDeviceError"]
+__all__ = ["GatewaySink", "NebulizerRunner", "SerialClaims", "UnexpectedDeviceError"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class NebulizerRunner:
         bed: BedMonitor | None = None,
         attributor: Attributor | None = None,
         schedule: DoseSchedule | None = None,
+        claims: SerialClaims | None = None,
     ) -> None:
         self.device = device
         self.config = config
@@ -93,6 +95,7 @@ class NebulizerRunner:
             bed=bed,
             attributor=attributor,
             schedule=schedule,
+            claims=claims,
         )
         self.observers = observers if observers is not None else []
         self._link_factory = link_factory

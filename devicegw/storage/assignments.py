@@ -189,8 +189,12 @@ class AssignmentService:
         reason: str,
         channel: str = "cli",
         override_reason: str | None = None,
+        planned_first_dose_utc: datetime | None = None,
     ) -> Assignment:
-        """Assign ``subject_id`` with ``kit_number`` to ``bed`` from now on, or refuse."""
+        """Assign ``subject_id`` with ``kit_number`` to ``bed`` from now on, or refuse.
+
+        ``planned_first_dose_utc`` is recorded in the audit record (the schedule keeps it).
+        """
         asked: dict[str, object] = {"subject_id": subject_id, "kit_number": kit_number}
         with self._lock:
             self._check_common(bed, operator, reason, channel, asked)
@@ -252,6 +256,11 @@ class AssignmentService:
                 body={
                     **row.to_json_dict(),
                     "replaces": previous.seq if previous is not None else None,
+                    **(
+                        {"planned_first_dose_utc": _utc_text(planned_first_dose_utc)}
+                        if planned_first_dose_utc is not None
+                        else {}
+                    ),
                 },
             )
             return row

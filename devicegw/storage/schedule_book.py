@@ -88,6 +88,22 @@ class ScheduleBook:
         ).fetchone()
         return None if row is None else Plan(self.settings, _utc(row[0]), self.time_zone)
 
+    def has_doses(self, subject_id: str) -> bool:
+        row = self._store.conn.execute(
+            "SELECT 1 FROM schedule_dose WHERE subject_id = ? LIMIT 1", (subject_id,)
+        ).fetchone()
+        return row is not None
+
+    def plan_from(self, subject_id: str, first: datetime) -> None:
+        """Plan the subject's dose 1 at ``first`` (given at assignment), replacing a plan
+        no dose has been placed in yet."""
+        with self._lock, self._store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO schedule_plan (subject_id, first_utc) VALUES (?, ?) "
+                "ON CONFLICT(subject_id) DO UPDATE SET first_utc = excluded.first_utc",
+                (subject_id, first.astimezone(UTC).isoformat()),
+            )
+
     # -- core.ports.DoseSchedule --------------------------------------------------------------
 
     def place(

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -30,6 +30,7 @@ from devicegw.contract.payloads import (
 )
 from devicegw.contract.spo2 import SafetyAlert
 from devicegw.storage.audit import verify
+from devicegw.web.auth import Role
 
 if TYPE_CHECKING:
     from devicegw.runtime.gateway import Gateway
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Role", "WardState"]
 
-Role = Literal["viewer", "engineer"]
 
 #: Points of a bed's SpO2 trend sent to a page (30 minutes at one per 10 s).
 TREND_POINTS = 180
@@ -59,6 +59,13 @@ class _Device:
     )
     doses: deque[DoseRecord] = field(default_factory=lambda: deque(maxlen=RECENT_DOSES))
     alerts: dict[str, SafetyAlert] = field(default_factory=dict)
+    # Marks on the current or last session's timeline (seconds from its start):
+    # pauses [start, end or None], desaturations [start, end or None], alarms (at, name).
+    pauses: list[list[float | None]] = field(default_factory=list)
+    desaturations: dict[str, list[float | None]] = field(default_factory=dict)
+    alarm_marks: list[tuple[float, str]] = field(default_factory=list)
+    last_state: str | None = None
+    last_alarms: frozenset[str] = frozenset()
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -94,6 +101,11 @@ class WardState:
         dev = self.devices.get(device_id)
         if dev is not None:
             dev.detail = detail
+            raised = frozenset(detail.active_alarms) - dev.last_alarms
+            dev.last_alarms = frozenset(detail.active_alarms)
+            t = dev.telemetry
+            if raised and t is not None and t.elapsed_s is not None:
+                dev.alarm_marks += [(t.elapsed_s, name) for name in sorted(raised)]
             self.version += 1
 
     def telemetry(self, device_id: str, telemetry: Telemetry, detail: TelemetryDetail) -> None:
@@ -101,11 +113,21 @@ class WardState:
         if dev is None:
             return
         dev.telemetry, dev.telemetry_detail = telemetry, detail
-        if telemetry.session_no is not None and telemetry.elapsed_s is not None:
+        elapsed = telemetry.elapsed_s
+        if telemetry.session_no is not None and elapsed is not None:
             if dev.timeline_session != telemetry.session_no:
                 dev.timeline_session = telemetry.session_no
                 dev.timeline.clear()
-            dev.timeline.append((telemetry.elapsed_s, detail.delivered_ml))
+                dev.pauses.clear()
+                dev.desaturations.clear()
+                dev.alarm_marks.clear()
+                dev.last_state = None
+            dev.timeline.append((elapsed, detail.delivered_ml))
+            if telemetry.state == "PAUSED" and dev.last_state != "PAUSED":
+                dev.pauses.append([elapsed, None])
+            elif telemetry.state != "PAUSED" and dev.pauses and dev.pauses[-1][1] is None:
+                dev.pauses[-1][1] = elapsed
+            dev.last_state = telemetry.state
         self.version += 1
 
     def safety_event(self, device_id: str, payload: BaseModel) -> None:
@@ -115,8 +137,11 @@ class WardState:
         key = str(payload.alert_id)
         if payload.state == "raised":
             dev.alerts[key] = payload
+            dev.desaturations[key] = [payload.desaturation_start_offset_s, None]
         else:
             dev.alerts.pop(key, None)
+            band = dev.desaturations.setdefault(key, [payload.desaturation_start_offset_s, None])
+            band[1] = payload.offset_s
         self.version += 1
 
     # -- views -------------------------------------------------------------------------------
@@ -143,6 +168,15 @@ class WardState:
             for e, v in dev.timeline
         ]
         view["doses"] = [self._dose(r, role) for r in dev.doses]
+        # Marks on the session timeline: desaturations for everyone (the SpO2 overlay is on
+        # the blinded feed); pauses and the device's alarms for engineers only (pause detail
+        # and alarm codes are restricted: docs/blinding.md).
+        view["marks"] = {
+            "desaturations": [{"start_s": a, "end_s": b} for a, b in dev.desaturations.values()],
+        }
+        if role == "engineer":
+            view["marks"]["pauses"] = [{"start_s": a, "end_s": b} for a, b in dev.pauses]
+            view["marks"]["alarms"] = [{"at_s": t, "name": n} for t, n in dev.alarm_marks]
         return view
 
     def health(self) -> dict[str, Any]:

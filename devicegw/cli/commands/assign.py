@@ -24,6 +24,13 @@ def register(sub: SubParsers) -> None:
     p.add_argument(
         "--override-reason", default=None, help="use a kit already used for a dose (audited)"
     )
+    p.add_argument(
+        "--first-dose",
+        default=None,
+        metavar="UTC",
+        help="with [schedule]: when dose 1 is planned, ISO 8601 with offset "
+        "(e.g. 2026-11-25T08:00Z); default: the first dose given defines day 1",
+    )
     p.set_defaults(func=cmd_assign)
 
 
@@ -39,4 +46,6 @@ def cmd_assign(args: argparse.Namespace) -> int:
         "reason": args.reason,
         "override_reason": args.override_reason,
     }
+    if args.first_dose is not None:
+        payload["planned_first_dose_utc"] = args.first_dose.replace("Z", "+00:00")
     return ask_daemon("assign", config.gateway.data_dir, payload)

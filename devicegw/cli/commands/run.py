@@ -62,9 +62,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         error(f"cannot start: {exc}")
         return EXIT_FATAL
     if config.http is not None:  # the ward dashboard, /metrics, /healthz, /readyz
+        from devicegw.web.auth import UsersFileError
         from devicegw.web.server import WebServer
 
-        gateway.extra_runners.append(WebServer(gateway))
+        try:
+            gateway.extra_runners.append(WebServer(gateway))
+        except UsersFileError as exc:
+            error(exc)
+            return EXIT_CONFIG
+        except OSError as exc:  # the certificate or key (ssl.SSLError is an OSError)
+            error(f"cannot start the dashboard: [http] tls_cert/tls_key: {exc}")
+            return EXIT_FATAL
 
     async def serve() -> None:
         async with gateway:  # closes the store and the recorder on the way out

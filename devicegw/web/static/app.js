@@ -197,10 +197,35 @@ function renderHealth(h) {
 
 // -- wiring ------------------------------------------------------------------------------
 
+let me = null; // the session: user, role, what it may do, its CSRF token
+
 async function getJSON(url) {
   const r = await fetch(url, { cache: "no-store" });
+  if (r.status === 401) location.assign("/login");
   if (!r.ok) throw new Error(`${url}: ${r.status}`);
   return r.json();
+}
+
+async function postJSON(url, body) {
+  const r = await fetch(url, {
+    method: "POST", cache: "no-store",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": me ? me.csrf : "" },
+    body: JSON.stringify(body),
+  });
+  if (r.status === 401) location.assign("/login");
+  return { status: r.status, body: await r.json().catch(() => ({})) };
+}
+
+function showSession(s) {
+  me = s;
+  if (s.login && s.user) {
+    const who = $("#who");
+    who.textContent = `${s.user} (${s.role})`;
+    who.hidden = false;
+    const out = $("#logout");
+    out.elements.csrf.value = s.csrf;
+    out.hidden = false;
+  }
 }
 
 function liveWard(onWard) {
@@ -210,20 +235,62 @@ function liveWard(onWard) {
     pill(live, "live", true);
     onWard(JSON.parse(ev.data));
   });
-  source.onerror = () => pill(live, "reconnecting…", false);
+  source.addEventListener("expired", () => location.assign("/login"));
+  source.onerror = () => {
+    pill(live, "reconnecting…", false);
+    if (source.readyState === EventSource.CLOSED) getJSON("/api/session").catch(() => {});
+  };
+}
+
+// The assignment form (role nurse): a USB barcode scanner types the kit and presses
+// Enter, which sends the form; Enter in the subject field moves on to the kit.
+function assignForm(bed, refresh) {
+  if (!me || !me.may.includes("assign")) return;
+  $("#assign").hidden = false;
+  const result = $("#assign-result");
+  const subject = $("#assign-subject");
+  const kit = $("#assign-kit");
+  subject.addEventListener("keydown", ev => {
+    if (ev.key === "Enter") { ev.preventDefault(); kit.focus(); }
+  });
+  const send = async body => {
+    result.textContent = "…";
+    const { status, body: answer } = await postJSON("/api/assign", { bed, ...body });
+    result.textContent = answer.message || answer.error || `error ${status}`;
+    result.className = answer.applied ? "ok" : "bad";
+    if (answer.applied) {
+      subject.value = ""; kit.value = ""; $("#assign-override").value = "";
+      subject.focus(); // ready for the next bed's subject
+    }
+    refresh();
+  };
+  $("#assign-form").addEventListener("submit", ev => {
+    ev.preventDefault();
+    const override = $("#assign-override").value.trim();
+    send({
+      subject_id: subject.value.trim(), kit_number: kit.value.trim(),
+      reason: $("#assign-reason").value, override_reason: override || null,
+    });
+  });
+  $("#assign-end").addEventListener("click", () => {
+    if (confirm(`End the assignment of bed ${bed}?`)) send({ end: true, reason: $("#assign-reason").value });
+  });
 }
 
 const page = document.body.dataset.page;
-if (page === "ward") {
-  liveWard(renderWard);
-} else if (page === "bed") {
-  const bed = decodeURIComponent(location.pathname.split("/").pop());
-  const refresh = () => getJSON(`/api/bed/${encodeURIComponent(bed)}`)
-    .then(renderBedDetail).catch(e => pill($("#live"), String(e), false));
-  refresh();
-  liveWard(() => refresh());
-} else if (page === "health") {
-  const refresh = () => getJSON("/api/health").then(renderHealth);
-  refresh();
-  setInterval(refresh, 5000);
-}
+getJSON("/api/session").then(showSession).catch(() => {}).finally(() => {
+  if (page === "ward") {
+    liveWard(renderWard);
+  } else if (page === "bed") {
+    const bed = decodeURIComponent(location.pathname.split("/").pop());
+    const refresh = () => getJSON(`/api/bed/${encodeURIComponent(bed)}`)
+      .then(renderBedDetail).catch(e => pill($("#live"), String(e), false));
+    refresh();
+    assignForm(bed, refresh);
+    liveWard(() => refresh());
+  } else if (page === "health") {
+    const refresh = () => getJSON("/api/health").then(renderHealth);
+    refresh();
+    setInterval(refresh, 5000);
+  }
+});
