@@ -16,6 +16,7 @@ without a link is link-down time, not pause time.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -147,8 +148,10 @@ class _Open:
     start_dev: float  # unwrapped device seconds
     start_raw_ms: int
     start_utc: datetime
-    times: list[float] = field(default_factory=list)
-    rates: list[int] = field(default_factory=list)
+    # The samples, packed (8 bytes each rather than a Python object per number: a session
+    # flooded to millions of samples holds 16 B a sample, not ~68; issue 13).
+    times: array[float] = field(default_factory=lambda: array("d"))
+    rates: array[int] = field(default_factory=lambda: array("q"))
     last_cum_ul: int = 0
     # [start_dev, end_dev (-1 while open), 1.0 if cut by a link drop else 0.0]
     pauses: list[list[float]] = field(default_factory=list)
@@ -178,6 +181,8 @@ class _Open:
             if values.get(name) is not None:
                 values[name] = datetime.fromisoformat(values[name])
         values["flags"] = [Reason(f) for f in values.get("flags", [])]
+        values["times"] = array("d", values.get("times", []))
+        values["rates"] = array("q", values.get("rates", []))
         # Journals written before pauses carried their cut flag hold [start, end].
         values["pauses"] = [[*p, 0.0] if len(p) == 2 else p for p in values.get("pauses", [])]
         return cls(**values)

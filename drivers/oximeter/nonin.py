@@ -137,6 +137,15 @@ class NoninStatus(IntFlag):
     BIT7 = 0x80
 
 
+# Plain ints and a lookup table for the per-frame path: an IntFlag operation goes through
+# enum's Python-level __and__/__call__ (issue 13's profile: the top cost at 100 beds).
+_SYNC_BIT = int(NoninStatus.SYNC)
+_GPRF_BIT = int(NoninStatus.GPRF)
+_RPRF_BIT = int(NoninStatus.RPRF)
+_BIT7_BIT = int(NoninStatus.BIT7)
+_STATUS_OF = tuple(NoninStatus(i) for i in range(256))
+
+
 class Perfusion(Enum):
     """Signal amplitude class from the GPRF/RPRF bits; ordered worst last."""
 
@@ -148,8 +157,9 @@ class Perfusion(Enum):
 
 def perfusion_of(status: NoninStatus) -> Perfusion:
     """Perfusion class of one STATUS byte: bit 2 red, bit 1 green, both yellow."""
-    red = bool(status & NoninStatus.RPRF)
-    green = bool(status & NoninStatus.GPRF)
+    v = int(status)
+    red = bool(v & _RPRF_BIT)
+    green = bool(v & _GPRF_BIT)
     if red and green:
         return Perfusion.YELLOW
     if red:
@@ -195,7 +205,8 @@ class NoninPacket:
     hr_extended_display: int | None
 
     def _any(self, bit: NoninStatus) -> bool:
-        return any(s & bit for s in self.statuses)
+        b = int(bit)
+        return any(int(s) & b for s in self.statuses)
 
     @property
     def sensor_disconnected(self) -> bool:
@@ -225,11 +236,7 @@ def frame_checksum(head: bytes | bytearray) -> int:
 
 
 def _frame_valid(frame: bytes | bytearray) -> bool:
-    return (
-        frame[0] == START
-        and bool(frame[1] & NoninStatus.BIT7)
-        and frame_checksum(frame) == frame[4]
-    )
+    return frame[0] == START and bool(frame[1] & _BIT7_BIT) and frame_checksum(frame) == frame[4]
 
 
 def _hr(data: list[int], pos: tuple[int, int]) -> int | None:
@@ -255,7 +262,7 @@ def decode_packet(data: bytes | bytearray | memoryview) -> NoninPacket:
     for n, frame in enumerate(frames):
         if not _frame_valid(frame):
             raise ProtocolError(f"Nonin frame {n + 1} {frame.hex(' ')} is not a valid frame")
-        if bool(frame[1] & NoninStatus.SYNC) != (n == 0):
+        if bool(frame[1] & _SYNC_BIT) != (n == 0):
             raise ProtocolError(f"Nonin frame {n + 1} has the SYNC bit wrong")
     return _packet_from_frames(frames)
 
@@ -263,7 +270,7 @@ def decode_packet(data: bytes | bytearray | memoryview) -> NoninPacket:
 def _packet_from_frames(frames: list[bytes]) -> NoninPacket:
     data = [f[3] for f in frames]
     return NoninPacket(
-        statuses=tuple(NoninStatus(f[1]) for f in frames),
+        statuses=tuple(_STATUS_OF[f[1]] for f in frames),
         pleth=tuple(f[2] for f in frames),
         hr=_hr(data, _HR),
         spo2=_spo2(data, _SPO2, "SpO2"),
@@ -450,7 +457,7 @@ class NoninDecoder:
                 self._discard(nxt - pos)
                 pos = nxt
                 continue
-            if end - pos >= 2 and not buf[pos + 1] & NoninStatus.BIT7:
+            if end - pos >= 2 and not buf[pos + 1] & _BIT7_BIT:
                 self._discard(1)
                 pos += 1
                 continue
@@ -479,7 +486,7 @@ class NoninDecoder:
 
     def _on_frame(self, frame: bytes, out: list[NoninPacket]) -> None:
         frames = self._frames
-        if frame[1] & NoninStatus.SYNC:
+        if frame[1] & _SYNC_BIT:
             self._abandon_packet()  # a SYNC frame before 25 frames: the last packet was short
             frames.append(frame)
         elif not frames:
