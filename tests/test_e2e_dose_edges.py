@@ -136,13 +136,15 @@ async def test_implausible_and_unknown_readings_end_to_end(
     # 0xFFFF is unknown, never 65.535 mL: the rate integral decides.
     assert blind_d["volume"]["fill_ml"] is None
     assert blind_d["volume"]["residual_ml"] is None
-    assert blind_d["volume"]["delivered_basis"] == "output_integral"
+    # A rate-based estimate decides (the integral, or the device's total if telemetry was
+    # too thin, as on a loaded host), never the reservoir.
+    assert blind_d["volume"]["delivered_basis"] in ("output_integral", "device_cum")
     assert blind["volume"]["delivered_ml"] == pytest.approx(2.95, abs=0.25)
     assert blind["verdict"] == "complete"
     assert "reservoir_unknown" in blind_d["reasons"]
 
     # Residual above fill: the drop is not believed; the dose was given.
-    assert drift_d["volume"]["delivered_basis"] == "output_integral"
+    assert drift_d["volume"]["delivered_basis"] in ("output_integral", "device_cum")
     assert drift["volume"]["delivered_ml"] == pytest.approx(2.95, abs=0.25)
     assert drift["verdict"] == "complete"
     assert "reservoir_implausible" in drift_d["reasons"]

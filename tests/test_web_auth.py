@@ -191,11 +191,17 @@ async def test_login_roles_csrf_and_audit_over_tls(
                 ) as r:
                     assert r.status == 303
 
+            # A name that is not this machine's (DNS rebinding) gets nothing.
+            async with web.get(url + "/login", headers={"Host": "evil.example"}) as r:
+                assert r.status == 421
+
             # Nothing but monitoring and the login page without a login.
             assert await get("/api/ward") == (401, {"error": "login required"})
             assert await get("/") == (303, "/login")
             assert (await get("/healthz"))[0] == 200 and (await get("/metrics"))[0] == 200
             assert await login("nina", PASSWORDS["nina"][1], csrf="forged") == 403
+            async with web.post(url + "/login", data={"user": "nina"}) as r:  # no token
+                assert r.status == 403 and "please try again" in await r.text()
 
             # A viewer: the blinded ward, no assigning.
             assert await login("vera", PASSWORDS["vera"][1]) == 303

@@ -32,6 +32,7 @@ from devicegw.core.vm1_pipeline import (
 )
 from devicegw.errors import DeviceTimeoutError, TransportError
 from devicegw.runtime.link_events import LinkObserver
+from devicegw.runtime.log_summary import RepeatedLog
 from devicegw.runtime.reconnect import open_until_up
 from devicegw.storage.audit import AuditTrail
 from devicegw.storage.journal import SessionJournal
@@ -58,6 +59,10 @@ ACK_TIMEOUT_DEVICE_S = 0.5  # ICD: resend a command that got no ACK after 500 ms
 ACK_TIMEOUT_MIN_REAL_S = 0.25  # floor in real time, so a fast clock does not starve the pty
 COMMAND_ATTEMPTS = 3
 IDENT_TIMEOUT_DEVICE_S = 1.0  # IDENT follows GET_INFO's ACK at once (ICD section 2)
+#: A stream link that brings this many bytes without one valid frame is line noise (or the wrong
+#: device): it is closed and reopened with backoff rather than decoded at full speed for ever.
+#: A VM-1 sends a frame at least every 100 ms; 64 KiB is ~5.7 s of a 115200-baud line.
+NOISE_LIMIT_BYTES = 64 * 1024
 NOT_IDENTIFIED = "device does not identify itself (no IDENT after GET_INFO); its data is not used"
 
 
@@ -100,6 +105,7 @@ class NebulizerRunner:
         self._host_seq = 0
         self._pending_acks: dict[tuple[int, int], asyncio.Future[Ack]] = {}
         self._identified = asyncio.Event()
+        self._repeats = RepeatedLog(log, clock.monotonic)
 
     @property
     def task_name(self) -> str:
@@ -136,7 +142,12 @@ class NebulizerRunner:
             except TransportError as exc:
                 reason = str(exc)
                 self.health.last_error = str(exc)
-                log.warning("device link lost: %s", exc, extra={"device_id": self.device.id})
+                self._repeats.log(
+                    logging.WARNING,
+                    "device link lost: %s",
+                    exc,
+                    extra={"device_id": self.device.id},
+                )
             except Exception:
                 # Anything else (a bug) is the supervisor's: logged once, this runner restarted
                 # with backoff, no other device affected (devicegw/runtime/supervise.py).
@@ -179,7 +190,11 @@ class NebulizerRunner:
         self.pipeline.link_up(utc, link.unit)
         for obs in self.observers:
             obs.link_opened(self.device.id, link.description, utc, mono)
-        log.info("device link open", extra={"device_id": self.device.id, "link": link.description})
+        self._repeats.log(
+            logging.INFO,
+            "device link open",
+            extra={"device_id": self.device.id, "link": link.description},
+        )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._read_loop(link, tg), name=f"{self.device.id}-read")
@@ -217,6 +232,7 @@ class NebulizerRunner:
             log.warning("device handshake: %s", exc, extra={"device_id": self.device.id})
             return
         self._backoff.reset()
+        self._repeats.flush()  # the link works: the next failure is logged in full
 
     async def _until_identified(self) -> None:
         """GET_INFO, and again until an IDENT has arrived (the port-open one counts)."""
@@ -259,12 +275,22 @@ class NebulizerRunner:
         return True
 
     async def _read_loop(self, link: Link, tg: asyncio.TaskGroup) -> None:
+        noise = 0  # stream bytes since the last valid frame
         while True:
             data = await link.read()
             utc, mono = self._clock.now(), self._clock.monotonic()
             for obs in self.observers:
                 obs.bytes_received(self.device.id, data, utc, mono)
+            frames_before = self.health.frames_ok
             result = self.pipeline.feed(data, utc, mono)
+            if link.unit == "stream":
+                noise = noise + len(data) if self.health.frames_ok == frames_before else 0
+                if noise > NOISE_LIMIT_BYTES:
+                    raise TransportError(
+                        f"no valid frame in the last {NOISE_LIMIT_BYTES} bytes "
+                        "(line noise or not a VM-1): reopening the link later",
+                        device_id=self.device.id,
+                    )
             if result.identified:
                 self._identified.set()
             for ack in result.acks:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from devicegw.config import OximeterSettings
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.errors import TransportError
+from devicegw.runtime.log_summary import RepeatedLog
 from devicegw.runtime.reconnect import open_until_up
 from drivers.backoff import Backoff
 from drivers.clock import Clock
@@ -52,6 +53,7 @@ class OximeterRunner:
         self._source_factory = source_factory
         self._clock = clock
         self._backoff = backoff or Backoff(0.5, 30.0)
+        self._repeats = RepeatedLog(log, clock.monotonic)
 
     @property
     def task_name(self) -> str:
@@ -81,7 +83,12 @@ class OximeterRunner:
                 await self._read(source)
             except TransportError as exc:
                 self.health.last_error = str(exc)
-                log.warning("oximeter link lost: %s", exc, extra={"device_id": self.oximeter.id})
+                self._repeats.log(
+                    logging.WARNING,
+                    "oximeter link lost: %s",
+                    exc,
+                    extra={"device_id": self.oximeter.id},
+                )
             finally:
                 self.health.connected = False
                 if self.bed is not None:
@@ -96,7 +103,11 @@ class OximeterRunner:
     async def _read(self, source: SampleSource) -> None:
         while True:
             samples = await source.read_samples()
-            self._backoff.reset()
+            if samples:
+                # Only real samples count as a working link: a port that opens and then
+                # fails (or brings only bad frames) keeps backing off.
+                self._backoff.reset()
+                self._repeats.flush()
             if isinstance(source, NoninSerialSource):
                 self.health.checksum_errors = source.checksum_errors
             for received in samples:

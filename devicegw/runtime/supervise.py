@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from devicegw.runtime.log_summary import RepeatedLog
 from drivers.backoff import Backoff
 from drivers.clock import Clock
 
@@ -82,15 +83,29 @@ async def supervised(
     """Run ``runner`` until cancelled, restarting it whenever it fails or returns."""
     name = runner.task_name
     backoff = backoff or Backoff(1.0, 60.0)
+    # The same failure again (a task that crashes on every restart) is counted, not re-logged.
+    repeats = RepeatedLog(log, clock.monotonic)
     while True:
         started = clock.monotonic()
         try:
             await runner.run()
             error = "returned"
-            log.error("task %s returned unexpectedly; restarting it", name, extra={"task": name})
-        except Exception as exc:
+            repeats.log(
+                logging.ERROR,
+                "task %s returned unexpectedly; restarting it",
+                name,
+                extra={"task": name},
+            )
+        except Exception as exc:  # noqa: BLE001  (logged with its traceback, via repeats)
             error = f"{type(exc).__name__}: {exc}"
-            log.exception("task %s failed; restarting it", name, extra={"task": name})
+            repeats.log(
+                logging.ERROR,
+                "task %s failed (%s); restarting it",
+                name,
+                error,
+                extra={"task": name},
+                exc_info=True,
+            )
         if restarts is not None:
             restarts.count(name, error)
         try:
@@ -99,6 +114,7 @@ async def supervised(
             log.exception("task %s: crashed() failed", name, extra={"task": name})
         if clock.monotonic() - started >= HEALTHY_AFTER_S:
             backoff.reset()
+            repeats.flush()
         await clock.sleep(backoff.next_delay())
 
 

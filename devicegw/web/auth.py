@@ -24,6 +24,7 @@ without checking the password until the window has passed.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import secrets
@@ -60,12 +61,16 @@ PERMISSIONS: dict[Role, frozenset[str]] = {
     "nurse": frozenset({"view", "assign"}),
     "engineer": frozenset({"view", "restricted"}),
 }
-#: At most this many sessions (logged in or anonymous) are kept; the oldest go first.
+#: At most this many sessions are kept: anonymous ones are dropped first, then the stalest.
 MAX_SESSIONS = 2000
 
 _hasher = PasswordHasher()
-# Checked against when the user name is unknown, so both cases take the same time.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the user name is unknown, so both cases take the same time."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 class UsersFileError(ValueError):
@@ -86,7 +91,7 @@ def hash_password(password: str) -> str:
 def verify_password(user: User | None, password: str) -> bool:
     """Whether ``password`` is ``user``'s; CPU-bound (run it in a thread)."""
     try:
-        return _hasher.verify(user.password_hash if user else _DUMMY_HASH, password) and (
+        return _hasher.verify(user.password_hash if user else _dummy_hash(), password) and (
             user is not None
         )
     except (VerifyMismatchError, VerificationError, InvalidHashError):

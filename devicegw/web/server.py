@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from devicegw.config import is_loopback
 from devicegw.core.ports import AuditKind
 from devicegw.runtime.assignment_commands import request_from
 from devicegw.safe_text import printable
@@ -121,6 +122,8 @@ class WebServer:
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
             self.ssl_context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        self._loopback = is_loopback(settings.host)
+        self._hashing = asyncio.Semaphore(2)
         self.port: int | None = None  # the bound port once serving (listen port 0: any)
         self.serving = asyncio.Event()
         self.app = self._app()
@@ -206,6 +209,9 @@ class WebServer:
         if path.startswith(NO_SESSION):
             response: web.StreamResponse = await handler(request)
             return response
+        if self._loopback and not is_loopback(request.url.host or ""):
+            # DNS rebinding: another site's name pointed at 127.0.0.1 must not read the ward.
+            return web.json_response({"error": "this host name is not served"}, status=421)
         now = self.gateway.clock.monotonic()
         offered = request.cookies.get(COOKIE)
         session = self.sessions.get(offered, now) or self.sessions.new(now)
@@ -217,7 +223,10 @@ class WebServer:
             else:
                 response = web.Response(status=303, headers={"Location": "/login"})
         elif request.method == "POST" and not session.csrf_ok(await _csrf_offered(request)):
-            response = web.json_response({"error": "missing or wrong CSRF token"}, status=403)
+            if path == "/login":  # most likely a login page left open past the session's life
+                response = self._login_form(request, "The page had expired: please try again.", 403)
+            else:
+                response = web.json_response({"error": "missing or wrong CSRF token"}, status=403)
         else:
             response = await handler(request)
         final: Session = request[SESSION]  # a login or logout replaces it
@@ -252,15 +261,19 @@ class WebServer:
         if not self.settings.login_required:
             return web.Response(status=303, headers={"Location": "/"})
         form = await request.post()
-        name, password = str(form.get("user", "")), str(form.get("password", ""))
+        # Names are at most 64 characters (load_users): a longer one is nobody's, and only
+        # its start is counted, so junk cannot grow the limiter's table.
+        name, password = str(form.get("user", ""))[:65], str(form.get("password", ""))
         client = request.remote or "?"
         keys = [f"user:{name}", f"client:{client}"]
         now = self.gateway.clock.monotonic()
         if self.limiter.locked(keys, now):
-            log.warning("dashboard: login refused (locked) for %s", printable(client, limit=60))
+            log.debug("dashboard: login refused (locked) for %s", printable(client, limit=60))
             return self._login_form(request, "Too many failed logins: try again later.", 429)
         user = self.users.get(name)
-        if not await asyncio.to_thread(verify_password, user, password):
+        async with self._hashing:  # argon2 takes 64 MiB and a core: two at a time at most
+            ok = await asyncio.to_thread(verify_password, user, password)
+        if not ok:
             self._audit(
                 AuditKind.web_login_failed,
                 user=None if user is None else user.name,

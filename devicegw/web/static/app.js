@@ -258,7 +258,10 @@ function assignForm(bed, refresh) {
     const { status, body: answer } = await postJSON("/api/assign", { bed, ...body });
     result.textContent = answer.message || answer.error || `error ${status}`;
     result.className = answer.applied ? "ok" : "bad";
-    if (answer.applied) { subject.value = ""; kit.value = ""; $("#assign-override").value = ""; }
+    if (answer.applied) {
+      subject.value = ""; kit.value = ""; $("#assign-override").value = "";
+      subject.focus(); // ready for the next bed's subject
+    }
     refresh();
   };
   $("#assign-form").addEventListener("submit", ev => {
