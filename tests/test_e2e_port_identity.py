@@ -17,14 +17,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tty
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from devicegw.core.vm1_pipeline import IDENT_FLOOD_REPORT, IDENT_REPEAT_MIN_S
+from devicegw.runtime.link_factory import (
+    SharedPortError,
+    link_factory,
+    oximeter_source_factory,
+    serial_ports,
+)
+from drivers.clock import ManualClock
+from drivers.transport.base import Link, SampleSource
 from simulators.scenario import Scenario
-from tests.e2e_harness import E2E, SHORT_DOSE, device_entry, running, short_session
+from tests.e2e_harness import (
+    E2E,
+    SHORT_DOSE,
+    device_entry,
+    gateway_config,
+    running,
+    short_session,
+)
 from tests.mqtt_helpers import MosquittoBroker
 
 pytestmark = pytest.mark.e2e
@@ -99,6 +116,48 @@ async def test_two_ports_for_one_device_are_both_refused(
     assert bed1_status and "same device" in (bed1_status[-1]["error"] or "")
     assert bed3_status and "same device" in (bed3_status[-1]["error"] or "")
     assert health["neb-bed02"].open_failures == 0
+
+
+async def test_a_nebulizer_and_an_oximeter_named_on_one_device_are_both_refused(
+    tmp_path: Path,
+) -> None:
+    """The same guard for every serial entry: real pty, real pyserial; a port that shares
+    its device with no other entry opens."""
+    controller, device = os.openpty()
+    tty.setraw(device)
+    alias = tmp_path / "ttyUSB1"
+    alias.symlink_to(os.ttyname(device))
+    cfg = gateway_config(
+        MosquittoBroker(tmp_path),  # not started: only its address goes into the config
+        [device_entry(1, os.ttyname(device))],
+        tmp_path / "gw-data",
+        sections={
+            "oximeters": [
+                {
+                    "id": "ox-bed01",
+                    "type": "nonin_oem3",
+                    "bed": "B01",
+                    "subject_id": "CVD-042-0001",
+                    "link": {"port": str(alias)},
+                }
+            ]
+        },
+    )
+    entries = serial_ports([*cfg.devices, *cfg.oximeters])
+    links: list[Link | SampleSource] = [
+        link_factory(cfg.devices[0], entries)(),
+        oximeter_source_factory(cfg.oximeters[0], ManualClock(), entries)(),
+    ]
+    try:
+        for link in links:
+            with pytest.raises(SharedPortError, match="same device"):
+                await link.open()
+        alone = link_factory(cfg.devices[0], [])()  # the oximeter entry gone: it opens
+        await alone.open()
+        await alone.close()
+    finally:
+        os.close(controller)
+        os.close(device)
 
 
 async def test_second_device_with_the_same_serial_is_refused(

@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from devicegw.config import Config, DeviceSettings
 from devicegw.contract.payloads import (
@@ -553,45 +553,34 @@ class Vm1Pipeline:
         )
 
     def _check_allowed(self, ident: Ident) -> None:
+        """The allow-list, then no other device reporting the same identity (issue 13)."""
         expected = self.device.expected_serial
         if expected is not None and ident.serial_no != expected:
-            if self.audit is not None:
-                self.audit.append(
-                    AuditKind.device_refused,
-                    device_id=self.device.id,
-                    body={
-                        "port": self.device.link.port_name,
-                        "expected_serial": expected,
-                        "serial_no": ident.serial_no,
-                    },
-                )
-            raise UnexpectedDeviceError(
-                f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
-                f"expected {expected!r}; device not used",
-                device_id=self.device.id,
+            self._refuse(
+                ident,
+                f"expected {expected!r}",
+                {"expected_serial": expected, "serial_no": ident.serial_no},
             )
-        holder = (
-            None
-            if self.claims is None
-            else self.claims.claim(ident.model, ident.serial_no, self.device.id)
-        )
+        if self.claims is None:
+            return
+        holder = self.claims.claim(ident.model, ident.serial_no, self.device.id)
         if holder is not None:
-            if self.audit is not None:
-                self.audit.append(
-                    AuditKind.device_refused,
-                    device_id=self.device.id,
-                    body={
-                        "port": self.device.link.port_name,
-                        "serial_no": ident.serial_no,
-                        "in_use_by": holder,
-                    },
-                )
-            raise UnexpectedDeviceError(
-                f"port {self.device.link.port_name} answered with serial {ident.serial_no!r}, "
-                f"which device {holder} is already reporting (two devices with one serial "
-                "number); device not used",
-                device_id=self.device.id,
+            self._refuse(
+                ident,
+                f"which device {holder} is already reporting (two devices with one serial number)",
+                {"serial_no": ident.serial_no, "in_use_by": holder},
             )
+
+    def _refuse(self, ident: Ident, why: str, body: dict[str, str]) -> NoReturn:
+        port = self.device.link.port_name
+        if self.audit is not None:
+            self.audit.append(
+                AuditKind.device_refused, device_id=self.device.id, body={"port": port, **body}
+            )
+        raise UnexpectedDeviceError(
+            f"port {port} answered with serial {ident.serial_no!r}, {why}; device not used",
+            device_id=self.device.id,
+        )
 
     def _emit_dose(self, event: SessionFinished, mono: float) -> None:
         session = event.session

@@ -315,7 +315,7 @@ class Gateway:
         self.oximeter_runners = [
             OximeterRunner(
                 ox,
-                source_factory=oximeter_source_factory(ox, clock),
+                source_factory=oximeter_source_factory(ox, clock, serial_entries),
                 clock=clock,
                 bed=self.beds.get(ox.bed),
             )

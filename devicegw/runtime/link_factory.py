@@ -101,8 +101,11 @@ def link_factory(
     return make
 
 
-def oximeter_source_factory(oximeter: OximeterSettings, clock: Clock) -> Callable[[], SampleSource]:
-    """Serial Nonin or BLE PLX / BerryMed, all as a source of timestamped samples."""
+def oximeter_source_factory(
+    oximeter: OximeterSettings, clock: Clock, serial_entries: Sequence[tuple[str, str]] = ()
+) -> Callable[[], SampleSource]:
+    """Serial Nonin or BLE PLX / BerryMed, all as a source of timestamped samples;
+    ``serial_entries`` as for :func:`link_factory`."""
     link = oximeter.link
     if isinstance(link, BleLinkSettings):
         allow = [x for x in (link.address, link.name) if x is not None]
@@ -121,10 +124,10 @@ def oximeter_source_factory(oximeter: OximeterSettings, clock: Clock) -> Callabl
 
         return make_ble
     port, baudrate = link.port, link.baudrate
+    others = [(i, p) for i, p in serial_entries if i != oximeter.id]
 
     def make_serial() -> SampleSource:
-        return NoninSerialSource(
-            SerialLink(port, baudrate=baudrate, device_id=oximeter.id), clock, oximeter.id
-        )
+        serial = GuardedSerialLink(port, baudrate=baudrate, device_id=oximeter.id, others=others)
+        return NoninSerialSource(serial, clock, oximeter.id)
 
     return make_serial
