@@ -241,16 +241,28 @@ async def collecting(
 
 async def cancel_and_wait(task: asyncio.Task[Any], timeout: float = 60.0) -> None:
     """Cancel ``task`` and wait for it to stop; a task that does not stop fails the test
-    (with its name) instead of hanging the run."""
+    with its name and the stacks of the tasks still running, instead of hanging the run.
+
+    ``asyncio.wait`` rather than ``wait_for``: on Python 3.11 ``wait_for`` waits forever
+    for a task that ignores its cancellation.
+    """
     task.cancel()
-    try:
-        await asyncio.wait_for(task, timeout)
-    except asyncio.CancelledError:
-        pass
-    except TimeoutError:
-        raise AssertionError(
-            f"task {task.get_name()} did not stop within {timeout:g} s of being cancelled"
-        ) from None
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if task in done:
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
+        return
+    running = []
+    for other in asyncio.all_tasks():
+        if other is asyncio.current_task() or other.done():
+            continue
+        frames = other.get_stack(limit=3)
+        where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in frames)
+        running.append(f"{other.get_name()} [{where}]")
+    raise AssertionError(
+        f"task {task.get_name()} did not stop within {timeout:g} s of being cancelled; "
+        f"still running: {'; '.join(running)}"
+    )
 
 
 #: The contract's example ACL (docs/blinding.md), used as is by the tests that need one.
