@@ -117,7 +117,9 @@ async def test_a_nurse_sees_progress_an_alert_come_and_go_and_the_verdict(
             task = asyncio.create_task(gateway.run(), name="gateway-under-test")
             try:
                 await asyncio.wait_for(server.serving.wait(), 30)
-                seen = await watch(browser, f"http://127.0.0.1:{server.port}/", tmp_path)
+                base = f"http://127.0.0.1:{server.port}"
+                seen = await watch(browser, f"{base}/", tmp_path)
+                marks = await bed_marks(browser, f"{base}/bed/B01", tmp_path)
             finally:
                 await cancel_and_wait(task)
 
@@ -129,6 +131,21 @@ async def test_a_nurse_sees_progress_an_alert_come_and_go_and_the_verdict(
     assert seen[-1] is not None and seen[-1]["verdict"] == "complete"
     assert "complete" in seen[-1]["text"]
     assert ox_scen.subject_id in seen[-1]["text"]
+    # The bed page marks the desaturation on the session's timeline.
+    assert any(m.startswith("SpO2 desaturation") for m in marks), marks
+
+
+async def bed_marks(driver: Any, url: str, shots: Path) -> list[str]:
+    """The bed page's list of timeline marks, once it has been filled in."""
+    await asyncio.to_thread(driver.get, url)
+    script = "return Array.from(document.querySelectorAll('#marks li')).map(li => li.textContent)"
+    marks: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not marks:
+        marks = await asyncio.to_thread(driver.execute_script, script)
+        await asyncio.sleep(0.2)
+    await asyncio.to_thread(driver.save_screenshot, str(shots / "bed.png"))
+    return list(marks)
 
 
 async def watch(driver: Any, url: str, shots: Path) -> list[dict[str, Any] | None]:

@@ -120,14 +120,53 @@ function renderWard(ward) {
 
 let timelineChart = null;
 let spo2Chart = null;
+// Marks on the session timeline (s from the session's start): drawn behind the line.
+let timelineMarks = { desaturations: [], pauses: [], alarms: [] };
 
-function lineChart(container, label, yRange) {
+const BAND_COLOURS = { desaturations: "rgba(176, 0, 32, 0.18)", pauses: "rgba(120, 120, 120, 0.2)" };
+
+function drawMarks(u) {
+  const ctx = u.ctx;
+  const top = u.bbox.top, height = u.bbox.height;
+  const xmax = u.scales.x.max;
+  ctx.save();
+  for (const kind of ["pauses", "desaturations"]) {
+    ctx.fillStyle = BAND_COLOURS[kind];
+    for (const band of timelineMarks[kind] || []) {
+      const x0 = u.valToPos(band.start_s, "x", true);
+      const x1 = u.valToPos(band.end_s ?? xmax, "x", true);
+      ctx.fillRect(x0, top, Math.max(2, x1 - x0), height);
+    }
+  }
+  ctx.strokeStyle = "#b35c00";
+  for (const alarm of timelineMarks.alarms || []) {
+    const x = u.valToPos(alarm.at_s, "x", true);
+    ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, top + height); ctx.stroke();
+  }
+  ctx.restore();
+}
+
+function lineChart(container, label, yRange, marks) {
   if (typeof uPlot === "undefined") return null;
   return new uPlot({
     width: container.clientWidth || 600, height: 180,
     scales: { x: { time: false }, y: yRange ? { range: yRange } : {} },
     series: [{ label: "s" }, { label, stroke: "#2f6fdb", width: 1.5 }],
+    hooks: marks ? { drawClear: [drawMarks] } : {},
   }, [[], []], container);
+}
+
+function renderMarkList(marks) {
+  const list = $("#marks");
+  if (!list) return;
+  const items = [];
+  for (const d of marks.desaturations || [])
+    items.push(`SpO2 desaturation ${mmss(d.start_s)}–${d.end_s === null ? "now" : mmss(d.end_s)}`);
+  for (const p of marks.pauses || [])
+    items.push(`pause ${mmss(p.start_s)}–${p.end_s === null ? "now" : mmss(p.end_s)}`);
+  for (const a of marks.alarms || []) items.push(`alarm ${a.name} at ${mmss(a.at_s)}`);
+  list.replaceChildren(...(items.length ? items : ["no desaturation, pause or alarm"])
+    .map(t => el("li", t)));
 }
 
 function renderBedDetail(b) {
@@ -146,8 +185,10 @@ function renderBedDetail(b) {
   const tl = $("#timeline");
   const points = b.timeline || [];
   const restricted = points.length && points[0].delivered_ml !== undefined;
+  timelineMarks = b.marks || timelineMarks;
+  renderMarkList(timelineMarks);
   if (!timelineChart) timelineChart = lineChart(tl,
-    restricted ? "delivered mL" : "elapsed s", null);
+    restricted ? "delivered mL" : "elapsed s", null, true);
   if (timelineChart) timelineChart.setData([
     points.map(p => p.elapsed_s),
     points.map(p => restricted ? p.delivered_ml : p.elapsed_s)]);
