@@ -246,14 +246,16 @@ class WardState:
             None,
         )
         t = dev.telemetry
+        # Telemetry stops at the session's end: a session is running while the last
+        # telemetry says so and no dose of that session has been recorded since.
+        finished = (
+            bool(dev.doses) and t is not None and dev.doses[0].event.session_no == t.session_no
+        )
         in_session = (
             t is not None
             and t.session_no is not None
-            and t.state
-            in (
-                "NEBULIZING",
-                "PAUSED",
-            )
+            and t.state in ("NEBULIZING", "PAUSED")
+            and not finished
         )
         view: dict[str, Any] = {
             "bed": device.bed,
