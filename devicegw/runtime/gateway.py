@@ -156,6 +156,29 @@ class BedTicker:
         pass
 
 
+STOP_ROUNDS = 50
+STOP_ROUND_S = 0.2
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel every task until it has stopped.
+
+    On Python 3.11 a cancellation can be lost: ``asyncio.wait_for`` returning just as it
+    arrives, or a TaskGroup whose child fails at that moment, swallows it, and the task
+    runs on. Cancelling again until each task is done keeps a stop from hanging
+    (a bounded number of rounds; what still runs after them is left to the TaskGroup).
+    """
+    for _ in range(STOP_ROUNDS):
+        pending = [t for t in tasks if not t.done()]
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=STOP_ROUND_S)
+    still = [t.get_name() for t in tasks if not t.done()]
+    log.error("tasks still running after %d cancellations: %s", STOP_ROUNDS, ", ".join(still))
+
+
 class Gateway:
     def __init__(
         self,
@@ -520,8 +543,15 @@ class Gateway:
             # Every task is supervised: a failure nobody expected is logged and that task
             # restarted; the others, and the process, go on (docs: README "Guarantees").
             async with asyncio.TaskGroup() as tg:
-                for runner in self.supervised_runners():
+                tasks = [
                     spawn(tg, runner, clock=self.clock, restarts=self.restarts)
+                    for runner in self.supervised_runners()
+                ]
+                try:
+                    await asyncio.Future()  # until cancelled
+                except asyncio.CancelledError:
+                    await _stop(tasks)
+                    raise
         except asyncio.CancelledError:
             stop_reason = "stopped"
             raise
