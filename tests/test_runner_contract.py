@@ -167,3 +167,27 @@ async def test_a_bug_in_an_oximeter_feed_and_a_bed_tick_restarts_only_that_runne
     # The nebulizers were never restarted: one link each, never dropped.
     for runner in gateway.runners:
         assert runner.health.connects == 1, runner.device.id
+
+
+async def test_a_task_that_swallows_its_cancellation_is_still_stopped() -> None:
+    """Python 3.11 can lose a cancellation (wait_for, TaskGroup); the gateway's stop
+    cancels again until the task has stopped (devicegw/runtime/gateway.py ``_stop``)."""
+    from devicegw.runtime.gateway import _stop
+
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed >= 3:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    await _stop([task])
+    assert task.cancelled() and swallowed == 3
