@@ -38,6 +38,24 @@ def free_port() -> int:
         return port
 
 
+def free_port_outside_ephemeral() -> int:
+    """A free loopback port below the ephemeral range, for a broker that a client tries
+    thousands of times before it listens: a connect to a closed port in the ephemeral
+    range can pick that very port as its source and connect to itself (TCP
+    self-connect), holding the port the broker then cannot bind."""
+    low = 20000
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
+    for port in range(low - 1, 1024, -1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
 def mosquitto_binary() -> str | None:
     return shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)), None
