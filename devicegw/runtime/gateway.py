@@ -156,8 +156,10 @@ class BedTicker:
         pass
 
 
-STOP_ROUNDS = 50
 STOP_ROUND_S = 0.2
+#: A task still running this long after its last cancellation is cancelled again.
+STOP_GRACE_S = 5.0
+STOP_LIMIT_S = 60.0
 
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:
@@ -165,18 +167,29 @@ async def _stop(tasks: list[asyncio.Task[None]]) -> None:
 
     On Python 3.11 a cancellation can be lost: ``asyncio.wait_for`` returning just as it
     arrives, or a TaskGroup whose child fails at that moment, swallows it, and the task
-    runs on. Cancelling again until each task is done keeps a stop from hanging
-    (a bounded number of rounds; what still runs after them is left to the TaskGroup).
+    runs on. A task is cancelled again when nothing cancellation is pending on it any
+    more (its cancellation was swallowed) or it has run on for STOP_GRACE_S since the
+    last one -- never while it is still cleaning up in time (the dashboard's server
+    closing its connections). Bounded: what still runs after STOP_LIMIT_S is logged
+    and left to the TaskGroup.
     """
-    for _ in range(STOP_ROUNDS):
+    loop = asyncio.get_running_loop()
+    last: dict[asyncio.Task[None], float] = {}
+    deadline = loop.time() + STOP_LIMIT_S
+    while loop.time() < deadline:
         pending = [t for t in tasks if not t.done()]
         if not pending:
             return
+        now = loop.time()
         for task in pending:
-            task.cancel()
+            if task not in last or task.cancelling() == 0 or now - last[task] >= STOP_GRACE_S:
+                task.cancel()
+                last[task] = now
         await asyncio.wait(pending, timeout=STOP_ROUND_S)
     still = [t.get_name() for t in tasks if not t.done()]
-    log.error("tasks still running after %d cancellations: %s", STOP_ROUNDS, ", ".join(still))
+    log.error(
+        "tasks still running %g s after their cancellation: %s", STOP_LIMIT_S, ", ".join(still)
+    )
 
 
 class Gateway:
