@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -98,17 +98,21 @@ class AssignmentDesk:
             "kit_number": request.kit_number,
             "end": request.end,
         }
+
+        def refuse(why: str, **more: object) -> NoReturn:
+            service.refuse(
+                bed=request.bed,
+                operator=request.operator,
+                reason=request.reason,
+                channel=request.channel,
+                asked={**asked, **more},
+                refusal=why,
+            )
+
         try:
             if request.end:
                 if request.subject_id is not None or request.kit_number is not None:
-                    service.refuse(
-                        bed=request.bed,
-                        operator=request.operator,
-                        reason=request.reason,
-                        channel=request.channel,
-                        asked=asked,
-                        refusal="an end takes no subject or kit",
-                    )
+                    refuse("an end takes no subject or kit")
                 a = service.end(
                     bed=request.bed,
                     operator=request.operator,
@@ -117,26 +121,12 @@ class AssignmentDesk:
                 )
                 return AssignResult(True, f"bed {a.bed} unassigned", a)
             if request.subject_id is None or request.kit_number is None:
-                service.refuse(
-                    bed=request.bed,
-                    operator=request.operator,
-                    reason=request.reason,
-                    channel=request.channel,
-                    asked=asked,
-                    refusal="a subject and a kit are required (or end the bed)",
-                )
+                refuse("a subject and a kit are required (or end the bed)")
             planned = request.planned_first_dose_utc
             if planned is not None:
                 why = self._cannot_plan(request.subject_id, planned)
                 if why is not None:
-                    service.refuse(
-                        bed=request.bed,
-                        operator=request.operator,
-                        reason=request.reason,
-                        channel=request.channel,
-                        asked={**asked, "planned_first_dose_utc": planned.isoformat()},
-                        refusal=why,
-                    )
+                    refuse(why, planned_first_dose_utc=planned.isoformat())
             a = service.assign(
                 bed=request.bed,
                 subject_id=request.subject_id,
