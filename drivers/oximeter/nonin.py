@@ -72,7 +72,7 @@ after a broken packet) are counted in ``frames_orphaned``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, IntFlag
 
 from drivers.errors import ProtocolError
@@ -169,6 +169,8 @@ def perfusion_of(status: NoninStatus) -> Perfusion:
     return Perfusion.NONE
 
 
+_PERFUSION_OF = tuple(perfusion_of(_STATUS_OF[i]).value for i in range(256))
+
 # 0-based frame index of each DATA value.
 _HR = (0, 1)
 _SPO2 = 2
@@ -203,10 +205,23 @@ class NoninPacket:
     spo2_extended_display: int | None
     hr_display: int | None
     hr_extended_display: int | None
+    #: Every frame's STATUS OR-ed, and the worst perfusion class: read several times per
+    #: packet (75 frames/s per oximeter), so computed once here (issue 13).
+    _status_any: int = field(init=False, repr=False, compare=False)
+    _worst_perfusion: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        any_bits = 0
+        worst = 0
+        for s in self.statuses:
+            v = int(s)
+            any_bits |= v
+            worst = max(worst, _PERFUSION_OF[v & 0xFF])
+        object.__setattr__(self, "_status_any", any_bits)
+        object.__setattr__(self, "_worst_perfusion", worst)
 
     def _any(self, bit: NoninStatus) -> bool:
-        b = int(bit)
-        return any(int(s) & b for s in self.statuses)
+        return bool(self._status_any & int(bit))
 
     @property
     def sensor_disconnected(self) -> bool:
@@ -227,7 +242,7 @@ class NoninPacket:
     @property
     def perfusion(self) -> Perfusion:
         """Worst perfusion class reported by any frame of the packet."""
-        return max((perfusion_of(s) for s in self.statuses), key=lambda p: p.value)
+        return Perfusion(self._worst_perfusion)
 
 
 def frame_checksum(head: bytes | bytearray) -> int:
