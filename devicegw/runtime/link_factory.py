@@ -9,6 +9,7 @@ adapter, BLE PLX / BerryMed links directly).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 
 from devicegw.config import BleLinkSettings, DeviceSettings, OximeterSettings
@@ -33,6 +34,23 @@ def _device_number(path: str) -> int | None:
     return st.st_rdev or None  # 0: not a device file (a plain file in a test): no identity
 
 
+#: How long another entry's device number is trusted. Every port opening compares itself
+#: with every other serial entry: without this, 1,000 ports opening at start made a
+#: million stat() calls (issue 13).
+_OTHERS_TTL_S = 1.0
+_others_seen: dict[str, tuple[float, int | None]] = {}
+
+
+def _other_device_number(path: str) -> int | None:
+    now = time.monotonic()
+    seen = _others_seen.get(path)
+    if seen is not None and now - seen[0] < _OTHERS_TTL_S:
+        return seen[1]
+    number = _device_number(path)
+    _others_seen[path] = (now, number)
+    return number
+
+
 class GuardedSerialLink(SerialLink):
     """A serial port that refuses to open while another configured port names the same
     device: two ports opened for one device would split its bytes between two beds, and
@@ -55,7 +73,7 @@ class GuardedSerialLink(SerialLink):
         mine = _device_number(self.path)
         if mine is not None:
             for other_id, other_path in self._others:
-                if _device_number(other_path) == mine:
+                if _other_device_number(other_path) == mine:
                     raise SharedPortError(
                         f"port {self.path} is the same device as port {other_path} "
                         f"(configured for {other_id}); neither is opened until the "
