@@ -43,7 +43,7 @@ from devicegw.core.ports import AuditKind
 from devicegw.mqtt.publisher import MqttPublisher, encode
 from devicegw.recording.bed_inputs import RecordingBedMonitor
 from devicegw.recording.format import RecordingWriter
-from devicegw.runtime import descriptors, health, systemd_notify
+from devicegw.runtime import descriptors, health, loop_lag, systemd_notify
 from devicegw.runtime.assign_command import AssignCommand
 from devicegw.runtime.assignment_commands import AssignmentDesk, seed_initial
 from devicegw.runtime.control_socket import ControlServer
@@ -221,6 +221,7 @@ class Gateway:
         )
         self.store = self.store_opening.store
         self.restarts = Restarts()
+        self.loop_lag = loop_lag.LoopLag()
         started = clock.now()
 
         def status_payload(online: bool) -> bytes:
@@ -385,6 +386,7 @@ class Gateway:
         runners: list[Runner] = [
             Task("mqtt-publisher", self.publisher.run),
             Task("health", lambda: health.run(self.snapshot, self.config.gateway.data_dir)),
+            Task("loop-lag", lambda: loop_lag.run(self.loop_lag)),
             Task("store-upkeep", self._store_upkeep),
             ControlServer(self.config.gateway.data_dir, self.assignments, self.corrections),
         ]
@@ -395,7 +397,9 @@ class Gateway:
         runners += self.oximeter_runners
         runners += self.runners
         notifier = self.notifier
-        if notifier is not None:  # last: READY=1 once everything else runs
+        # Outside a Type=notify service there is nothing to tell: no task (it would return
+        # at once, and the supervisor would log it as a failure every second or so).
+        if notifier is not None and notifier.enabled:  # last: READY=1 once all else runs
             runners.append(
                 Task("systemd-notify", lambda: systemd_notify.run(self.snapshot, notifier))
             )
@@ -444,6 +448,7 @@ class Gateway:
                 last_error=oh.last_error,
             )
         held = self.store.held
+        lag = self.loop_lag
         return health.GatewaySnapshot(
             gateway_id=self.config.gateway.id,
             site=self.config.gateway.site,
@@ -470,6 +475,12 @@ class Gateway:
             oximeters=oximeters,
             task_restarts=dict(self.restarts.counts),
             task_errors=dict(self.restarts.last_error),
+            loop_lag=health.LoopLagSnapshot(
+                samples=lag.samples,
+                max_s=round(lag.max_s, 4),
+                over_50ms=lag.over_50ms,
+                stalls=lag.stalls,
+            ),
         )
 
     def _audit_store_opening(self) -> None:

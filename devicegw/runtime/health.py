@@ -84,6 +84,16 @@ class StoreSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class LoopLagSnapshot:
+    """How late the event loop woke (:mod:`devicegw.runtime.loop_lag`), since start."""
+
+    samples: int
+    max_s: float
+    over_50ms: int
+    stalls: int
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySnapshot:
     gateway_id: str
     site: str
@@ -102,6 +112,7 @@ class GatewaySnapshot:
     #: supervised tasks restarted after an unexpected failure (a bug: see the log)
     task_restarts: dict[str, int]
     task_errors: dict[str, str]
+    loop_lag: LoopLagSnapshot
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,10 +144,14 @@ async def run(snapshot: Callable[[], GatewaySnapshot], data_dir: Path | str) -> 
     """Refresh the snapshot every INTERVAL_S until cancelled.
 
     Real seconds, not the gateway clock: this is for the people and monitors
-    watching the process, whatever speed a simulation runs at.
+    watching the process, whatever speed a simulation runs at. The snapshot is
+    taken on the loop (a consistent view) and turned into JSON and written in a
+    worker thread: with 1,000 devices that took ~20 ms, every 2 s, which the
+    event loop would otherwise spend not reading ports (issue 13). The snapshot
+    is built fresh and never shared, so the thread reads it safely.
     """
     while True:
-        write(snapshot(), data_dir)
+        await asyncio.to_thread(write, snapshot(), data_dir)
         await asyncio.sleep(INTERVAL_S)
 
 

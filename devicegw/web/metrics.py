@@ -142,6 +142,13 @@ class GatewayMetrics:
             registry=self.registry,
         )
         gateway.publisher.latency_observers.append(self._observe)
+        self.loop_lag = Histogram(
+            "devicegw_event_loop_lag_seconds",
+            "how late the event loop woke, sampled every 50 ms (every device waits meanwhile)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        gateway.loop_lag.observers.append(self.loop_lag.observe)
 
     def _observe(self, kind: str, seconds: float) -> None:
         self.publish_latency.labels(kind).observe(seconds)

@@ -158,6 +158,14 @@ def _status_view(snap: dict[str, Any], stale: bool) -> list[RenderableType]:
 
 def _descriptors(snap: dict[str, Any]) -> str:
     used, allowed = snap.get("descriptors_in_use"), snap.get("descriptors_limit")
-    if allowed is None:
-        return ""
-    return f", file descriptors {'?' if used is None else used} of {allowed}"
+    out = (
+        ""
+        if allowed is None
+        else f", file descriptors {'?' if used is None else used} of {allowed}"
+    )
+    lag = snap.get("loop_lag")
+    if isinstance(lag, dict) and isinstance(lag.get("max_s"), int | float):
+        out += f", event loop late by at most {float(lag['max_s']) * 1000:.0f} ms"
+        if lag.get("stalls"):
+            out += f" ({int(lag['stalls'])} stalls of 1 s or more)"
+    return out
