@@ -28,6 +28,9 @@ from devicegw.storage.store import Store
 
 log = logging.getLogger(__name__)
 
+#: Retained, latest-wins kinds: committed without an fsync of their own (store.py).
+_LATEST_WINS = frozenset({TopicKind.STATUS, TopicKind.DEVICE_DETAIL})
+
 #: What the outbox holds: every durable kind (telemetry never enters it).
 Kind = Literal[
     TopicKind.DOSE,
@@ -160,7 +163,8 @@ class Outbox:
         """
         if detail is not None and event_id is None:
             raise ValueError("a detail record needs the event_id of its dose event")
-        with self.store.transaction() as db:
+        # A retained status is replaced by the next one: no fsync of its own (store.py).
+        with self.store.transaction(durable=kind not in _LATEST_WINS) as db:
             rows = [(kind, topic, payload, event_id)]
             if detail is not None and event_id is not None:
                 rows.append(
@@ -292,15 +296,20 @@ class Outbox:
         return binding_problem(self.store.conn, row)
 
     def mark_attempt(self, row_id: int) -> None:
-        self.store.conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
+        # Not fsync'ed (store.py): a count lost to a power cut only undercounts attempts.
+        with self.store.transaction(durable=False) as db:
+            db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
 
     def mark_sent(self, row: OutboxRow, now: datetime) -> None:
-        if row.kind == TopicKind.STATUS:
-            self.store.conn.execute("DELETE FROM outbox WHERE id = ?", (row.id,))
-        else:
-            self.store.conn.execute(
-                "UPDATE outbox SET sent_utc = ? WHERE id = ?", (now.isoformat(), row.id)
-            )
+        # Not fsync'ed (store.py): a mark lost to a power cut means one more copy, which
+        # subscribers drop by event_id (delivery is at least once).
+        with self.store.transaction(durable=False) as db:
+            if row.kind == TopicKind.STATUS:
+                db.execute("DELETE FROM outbox WHERE id = ?", (row.id,))
+            else:
+                db.execute(
+                    "UPDATE outbox SET sent_utc = ? WHERE id = ?", (now.isoformat(), row.id)
+                )
 
     def mark_sent_or_hold(self, row: OutboxRow, now: datetime) -> None:
         """Mark sent; on a full disk remember it in memory (never sent twice) and mark later."""
