@@ -30,9 +30,10 @@ import sqlite3
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -42,7 +43,7 @@ from pydantic import BaseModel
 from devicegw.config import BrokerSettings
 from devicegw.contract.vocabulary import PAYLOAD_FEED, Feed, PayloadKind, TopicKind
 from devicegw.errors import ConfigError
-from devicegw.storage.outbox import AddResult, Kind, Outbox, OutboxRow
+from devicegw.storage.outbox import LATEST_WINS, AddResult, Kind, Outbox, OutboxRow
 from devicegw.storage.store import Store
 from drivers.backoff import Backoff
 from drivers.clock import Clock
@@ -125,6 +126,10 @@ class _LinkDown(Exception):
     """A publish failed because the connection broke: reconnect."""
 
 
+#: Telemetry messages handed to the client in one go.
+TELEMETRY_BATCH = 200
+
+
 class MqttPublisher:
     """Owns the broker connection; producers call the ``publish_*`` methods and never block."""
 
@@ -153,6 +158,8 @@ class MqttPublisher:
         self._telemetry: deque[tuple[str, bytes]] = deque()
         self._telemetry_max = telemetry_buffer
         self._max_inflight = max_inflight
+        #: Rows the broker acknowledged, not yet marked sent (see _flush_acked).
+        self._acked: list[tuple[OutboxRow, datetime]] = []
         self._wake = asyncio.Event()
         self._status_changed = False
         self._connected = asyncio.Event()
@@ -294,7 +301,7 @@ class MqttPublisher:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = SESSION_EXPIRY_S
         will = stamp(self._status_payload(False), birth_seq=birth_seq, seq=0)
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             hostname=s.host,
             port=s.port,
             username=s.username,
@@ -309,6 +316,10 @@ class MqttPublisher:
             max_inflight_messages=self._max_inflight,
             max_queued_outgoing_messages=10_000,
         )
+        # aiomqtt warns above this many unfinished publish calls; we start up to
+        # max_inflight QoS 1 records plus a telemetry batch on purpose.
+        client.pending_calls_threshold = self._max_inflight + TELEMETRY_BATCH + 10
+        return client
 
     async def run(self) -> None:
         """Run until cancelled; on cancellation publish the offline status if connected."""
@@ -365,6 +376,7 @@ class MqttPublisher:
             finally:
                 self.stats.connected = False
                 self._connected.clear()
+                self._flush_acked()  # before the next connection reads what is unsent
             await self._clock.sleep(backoff.next_delay())
 
     async def _say_goodbye(self, client: aiomqtt.Client, birth_seq: int) -> None:
@@ -415,13 +427,23 @@ class MqttPublisher:
         self, client: aiomqtt.Client, birth_seq: int, tg: asyncio.TaskGroup
     ) -> None:
         inflight: set[asyncio.Task[None]] = set()
-        last_id = 0
+        # One cursor for decided records, one for retained statuses: the decided go first.
+        last_id = {False: 0, True: 0}
         while True:
             self._wake.clear()
             free = self._max_inflight - len(inflight)
-            rows = self.outbox.pending(after_id=last_id, limit=free) if free > 0 else []
+            self._flush_acked()
+            rows: list[OutboxRow] = []
+            for latest in (False, True):
+                if free - len(rows) > 0:
+                    rows += self.outbox.pending(
+                        after_id=last_id[latest], limit=free - len(rows), latest_wins=latest
+                    )
+            if rows:
+                with contextlib.suppress(sqlite3.Error):  # a full disk: only a counter
+                    self.outbox.mark_attempts([row.id for row in rows])
             for row in rows:
-                last_id = row.id
+                last_id[row.kind in LATEST_WINS] = row.id
                 problem = self.outbox.check_binding(row)
                 if problem is not None:
                     # Changed after its audit record bound it: refused, kept, reported.
@@ -436,8 +458,6 @@ class MqttPublisher:
                 )
                 if row.attempts:
                     self.stats.redeliveries += 1
-                with contextlib.suppress(sqlite3.Error):  # a full disk: only a counter
-                    self.outbox.mark_attempt(row.id)
                 task = tg.create_task(self._publish_row(client, row, payload))
                 inflight.add(task)
                 task.add_done_callback(self._task_done(inflight))
@@ -449,19 +469,41 @@ class MqttPublisher:
                     seq=self._take_seq(Feed.BLINDED),
                 )
                 await client.publish(self._status_topic, status, qos=1, retain=True)
-            backlog = bool(rows) or bool(inflight)
-            while self._telemetry and not backlog:
-                topic, body = self._telemetry.popleft()
-                props = None
-                if self._use_v5:
-                    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                    props.MessageExpiryInterval = TELEMETRY_EXPIRY_S
-                payload = stamp(body, birth_seq=birth_seq, seq=self._take_seq(feed_of(body)))
-                await client.publish(topic, payload, qos=0, properties=props)
-                self.stats.telemetry_published += 1
+            # Telemetry goes out once the durable rows of this round are handed to the
+            # client (they keep their place ahead of it), without waiting for their
+            # PUBACKs: at 500 beds some QoS 1 record is nearly always in flight, and
+            # telemetry waited behind it for up to ~0.3 s (issue 13).
+            if self._telemetry and not rows:
+                await self._send_telemetry(client, birth_seq)
             _raise_if_cancelling()
             if not rows:
                 await self._wake.wait()
+
+    async def _send_telemetry(self, client: aiomqtt.Client, birth_seq: int) -> None:
+        """Hand up to TELEMETRY_BATCH queued messages to the client at once (QoS 0).
+
+        One at a time, each waited for the loop's next turn to be written: at 500 beds
+        (1,000 messages a second) that was the whole budget of the loop's turns.
+        """
+        sends: list[Coroutine[Any, Any, None]] = []
+        while self._telemetry and len(sends) < TELEMETRY_BATCH:
+            topic, body = self._telemetry.popleft()
+            props = None
+            if self._use_v5:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.MessageExpiryInterval = TELEMETRY_EXPIRY_S
+            payload = stamp(body, birth_seq=birth_seq, seq=self._take_seq(feed_of(body)))
+            sends.append(client.publish(topic, payload, qos=0, properties=props))
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        self.stats.telemetry_published += len(results) - len(failed)
+        if failed:
+            raise failed[0]
+
+    def _flush_acked(self) -> None:
+        """Mark what the broker acknowledged as sent (held in memory on a full disk)."""
+        acked, self._acked = self._acked, []
+        self.outbox.mark_all_sent_or_hold(acked)
 
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -498,7 +540,8 @@ class MqttPublisher:
         # Real seconds from PUBLISH to PUBACK, for the operators' monitoring (/metrics).
         for observe in self.latency_observers:
             observe(row.kind, time.perf_counter() - started)
-        self.outbox.mark_sent_or_hold(row, self._clock.now())
+        # Marked sent with the others of this round, at the dispatcher's next turn.
+        self._acked.append((row, self._clock.now()))
         if row.kind == TopicKind.DOSE:
             self.stats.dose_events_published += 1
         elif row.kind == TopicKind.DOSE_DETAIL:

@@ -238,6 +238,9 @@ _SCHEMA = (
            (SELECT hash FROM audit ORDER BY seq DESC LIMIT 1), '{GENESIS_HASH}')
     BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only: INSERT is not the next link');
     END""",
+    # The publisher checks every dose row against its session_finished record; without
+    # this it scanned the whole trail for each (issue 13: linear in the trail's age).
+    "CREATE INDEX IF NOT EXISTS audit_by_device ON audit(device_id, kind)",
 )
 _TRIGGERS = ("audit_no_update", "audit_no_delete", "audit_append_only")
 

@@ -37,7 +37,7 @@ def register(sub: SubParsers) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from devicegw.runtime import descriptors
+    from devicegw.runtime import descriptors, gc_policy
     from devicegw.runtime.gateway import Gateway
     from devicegw.runtime.systemd_notify import Notifier
 
@@ -73,6 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:  # the certificate or key (ssl.SSLError is an OSError)
             error(f"cannot start the dashboard: [http] tls_cert/tls_key: {exc}")
             return EXIT_FATAL
+
+    # Built: what exists now lives as long as the process (runtime/gc_policy.py).
+    gc_policy.freeze_startup_objects()
 
     async def serve() -> None:
         async with gateway:  # closes the store and the recorder on the way out
