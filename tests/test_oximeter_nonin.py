@@ -493,3 +493,42 @@ def test_output_and_counters_do_not_depend_on_chunking(stream: bytes, sizes: lis
     assert whole.stats.frames_ok * 5 + whole.stats.bytes_discarded + whole.pending_bytes == len(
         stream
     )
+
+
+# --------------------------------------------------------------------------- serial source
+
+
+async def test_serial_source_gives_up_a_port_of_line_noise_and_reads_a_real_one() -> None:
+    """A port that brings 16 KiB with no complete packet is not a Nonin (or is all noise):
+    read_samples raises, so the runner closes it and reopens it with backoff instead of
+    decoding garbage for ever (issue 13). Real pyserial on a real pseudo-terminal."""
+    import asyncio
+    import os
+    import random
+    import tty
+
+    from drivers.clock import ManualClock
+    from drivers.errors import TransportError
+    from drivers.transport.adapters import NOISE_LIMIT_BYTES, NoninSerialSource
+    from drivers.transport.serial_link import SerialLink
+
+    controller, device = os.openpty()
+    tty.setraw(device)
+    source = NoninSerialSource(SerialLink(os.ttyname(device), baudrate=9600), ManualClock(), "t")
+    try:
+        await source.open()
+        os.write(controller, NORMAL * 2)
+        async with asyncio.timeout(5):
+            got = await source.read_samples()
+        assert got and got[0].sample.spo2 is not None
+        noise = random.Random(13).randbytes(NOISE_LIMIT_BYTES + 4096).replace(b"\x01", b"\x02")
+        writer = asyncio.get_running_loop().run_in_executor(None, os.write, controller, noise)
+        with pytest.raises(TransportError, match="no valid Nonin packet"):
+            async with asyncio.timeout(10):
+                while True:
+                    await source.read_samples()
+        await writer
+    finally:
+        await source.close()
+        os.close(controller)
+        os.close(device)

@@ -245,3 +245,30 @@ def test_unknown_session_end_is_reconciled_from_device_log() -> None:
     assert a.verdict is Verdict.COMPLETE
     assert a.volumes.output_integral_ml is None
     assert a.volumes.estimates_agree is True  # level drop vs the device's own total
+
+
+def test_a_device_flooding_output_is_thinned_to_the_icds_fastest_rate() -> None:
+    """OUTPUT 1,000 times a second (20x the ICD's 50 Hz maximum, SET_RATE) for 7.25 min:
+    the session keeps at most ~66 samples a second, so its memory is bounded by time,
+    not by what the link can carry (issue 13); the dose is assessed as before."""
+    s = StreamBuilder()
+    s.status(DeviceState.READY)
+    s.start()
+    s.nebulize(435, hz=1000)
+    s.end(EndReason.COMPLETE, residual=105, neb_ms=435_000)
+    [session] = finished(run(s))
+    assert len(session.sample_times_s) <= 435 * 67
+    assert len(session.sample_times_s) >= 435 * 50
+    a = assess(session, RULES)
+    assert a.verdict is Verdict.COMPLETE
+    assert a.volumes.output_integral_ml == pytest.approx(2.9, abs=0.01)
+
+
+def test_output_at_the_icds_50_hz_is_kept_whole() -> None:
+    s = StreamBuilder()
+    s.status(DeviceState.READY)
+    s.start()
+    s.nebulize(60, hz=50)
+    s.end(EndReason.COMPLETE, residual=2600, neb_ms=60_000)
+    [session] = finished(run(s))
+    assert len(session.sample_times_s) == 60 * 50

@@ -137,6 +137,9 @@ class FetchSessionRecord:
     session_no: int
 
 
+#: OUTPUT samples closer than this (device time) to the last kept one are not kept.
+MIN_SAMPLE_SPACING_S = 0.015
+
 TrackerEvent = SessionStarted | SessionFinished | StateChanged | AlarmChanged | FetchSessionRecord
 
 
@@ -369,8 +372,14 @@ class SessionTracker:
         o = self._open
         if o is None:
             return
-        o.times.append(dev - o.start_dev)
-        o.rates.append(msg.rate_ul_min)
+        t = dev - o.start_dev
+        # Kept at most ~66 a second: the ICD's fastest OUTPUT rate is 50 Hz (SET_RATE), so
+        # only a device flooding beyond it is thinned -- a session's memory then grows by
+        # at most ~1 kB a second, not by whatever the link can carry (issue 13). A sample
+        # out of order (earlier than the last) is kept, as before.
+        if not o.times or not 0.0 <= t - o.times[-1] < MIN_SAMPLE_SPACING_S:
+            o.times.append(t)
+            o.rates.append(msg.rate_ul_min)
         o.last_cum_ul = msg.cum_ul
         o.last_dev = dev
 

@@ -13,11 +13,18 @@ links are sample sources themselves (:mod:`drivers.transport.ble_oximeter_link`)
 from __future__ import annotations
 
 from drivers.clock import Clock
+from drivers.errors import TransportError
 from drivers.oximeter.downsample import ReceivedSample
 from drivers.oximeter.nonin import NoninDecoder, to_sample
 from drivers.transport.base import Link
 
-__all__ = ["NoninSerialSource"]
+__all__ = ["NOISE_LIMIT_BYTES", "NoninSerialSource"]
+
+#: This many bytes without one complete packet is line noise, or not a Nonin (which sends
+#: a packet every 1/3 s, with or without a finger): the link is given up, and the runner
+#: reopens it with backoff, as the VM-1's runner does after 64 KiB (issue 13). 16 KiB is
+#: ~17 s of a 9600-baud line, about 130 packets' worth.
+NOISE_LIMIT_BYTES = 16 * 1024
 
 
 class NoninSerialSource:
@@ -39,9 +46,18 @@ class NoninSerialSource:
         await self._link.open()
 
     async def read_samples(self) -> list[ReceivedSample]:
+        noise = 0
         while True:
-            packets = self._decoder.feed(await self._link.read())
+            data = await self._link.read()
+            packets = self._decoder.feed(data)
             self.checksum_errors = self._decoder.stats.checksum_errors
+            if not packets:
+                noise += len(data)
+                if noise > NOISE_LIMIT_BYTES:
+                    raise TransportError(
+                        f"no valid Nonin packet in the last {NOISE_LIMIT_BYTES} bytes "
+                        "(line noise or not a Nonin OEM III): reopening the link later"
+                    )
             if packets:
                 t_s, utc = self._clock.monotonic(), self._clock.now()
                 return [
