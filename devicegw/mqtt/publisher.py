@@ -160,6 +160,8 @@ class MqttPublisher:
         self._max_inflight = max_inflight
         #: Rows the broker acknowledged, not yet marked sent (see _flush_acked).
         self._acked: list[tuple[OutboxRow, datetime]] = []
+        #: Set when a row was committed or an in-flight slot freed: worth asking the store.
+        self._outbox_changed = True
         self._wake = asyncio.Event()
         self._status_changed = False
         self._connected = asyncio.Event()
@@ -209,6 +211,7 @@ class MqttPublisher:
                 device_id=device_id,
                 event_id=event_id,
             )
+            self._outbox_changed = True
             self._wake.set()
 
         key = f"{kind}:{topic}" if kind == TopicKind.STATUS else f"{kind}:{topic}:{id(body)}"
@@ -238,6 +241,7 @@ class MqttPublisher:
             event_id=event_id,
             detail=(detail_topic, encode(detail)),
         )
+        self._outbox_changed = True
         self._wake.set()
         return result
 
@@ -429,16 +433,24 @@ class MqttPublisher:
         inflight: set[asyncio.Task[None]] = set()
         # One cursor for decided records, one for retained statuses: the decided go first.
         last_id = {False: 0, True: 0}
+        sending: asyncio.Task[None] | None = None  # the telemetry batch being written
+        self._outbox_changed = True  # a new connection: whatever is unsent
         while True:
             self._wake.clear()
             free = self._max_inflight - len(inflight)
             self._flush_acked()
             rows: list[OutboxRow] = []
-            for latest in (False, True):
-                if free - len(rows) > 0:
-                    rows += self.outbox.pending(
-                        after_id=last_id[latest], limit=free - len(rows), latest_wins=latest
-                    )
+            # The store is asked only when something was committed or a slot freed: the
+            # dispatcher also wakes for every telemetry message (1,000 a second at 500 beds).
+            if self._outbox_changed and free > 0:
+                self._outbox_changed = False
+                for latest in (False, True):
+                    if free - len(rows) > 0:
+                        rows += self.outbox.pending(
+                            after_id=last_id[latest], limit=free - len(rows), latest_wins=latest
+                        )
+                if len(rows) >= free:
+                    self._outbox_changed = True  # more may be waiting
             if rows:
                 with contextlib.suppress(sqlite3.Error):  # a full disk: only a counter
                     self.outbox.mark_attempts([row.id for row in rows])
@@ -473,8 +485,11 @@ class MqttPublisher:
             # client (they keep their place ahead of it), without waiting for their
             # PUBACKs: at 500 beds some QoS 1 record is nearly always in flight, and
             # telemetry waited behind it for up to ~0.3 s (issue 13).
-            if self._telemetry and not rows:
-                await self._send_telemetry(client, birth_seq)
+            # In its own task (one batch at a time), so that the dispatcher is back for the
+            # next decided record while the batch is being written.
+            if self._telemetry and not rows and (sending is None or sending.done()):
+                sending = tg.create_task(self._send_telemetry(client, birth_seq))
+                sending.add_done_callback(lambda _: self._wake.set())
             _raise_if_cancelling()
             if not rows:
                 await self._wake.wait()
@@ -530,6 +545,7 @@ class MqttPublisher:
     def _task_done(self, inflight: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
             inflight.discard(task)
+            self._outbox_changed = True  # a free slot: rows beyond the last round may wait
             self._wake.set()
 
         return done
