@@ -112,15 +112,20 @@ class SessionJournal:
                 times, rates = open_["times"], open_["rates"]
                 head["open"] = {k: v for k, v in open_.items() if k not in _SAMPLE_FIELDS}
                 # What is already on disk for this session (another session's chunks go).
-                conn.execute(
-                    "DELETE FROM session_journal_samples WHERE device_id = ? AND session_no != ?",
-                    (device_id, session_no),
-                )
-                (saved,) = conn.execute(
-                    "SELECT COALESCE(MAX(first + n), 0) FROM session_journal_samples"
-                    " WHERE device_id = ? AND session_no = ?",
+                # Index ranges of the primary key (device_id, session_no, first): a long
+                # session holds thousands of chunks, and "!=" or MAX(first + n) walked them
+                # all at every save (3 ms after 4 h of a flooding device).
+                for other in ("session_no < ?", "session_no > ?"):
+                    conn.execute(
+                        f"DELETE FROM session_journal_samples WHERE device_id = ? AND {other}",
+                        (device_id, session_no),
+                    )
+                last = conn.execute(
+                    "SELECT first + n FROM session_journal_samples"
+                    " WHERE device_id = ? AND session_no = ? ORDER BY first DESC LIMIT 1",
                     (device_id, session_no),
                 ).fetchone()
+                saved = 0 if last is None else int(last[0])
                 if saved > len(times) or len(times) != len(rates):  # not ours to extend
                     conn.execute(
                         "DELETE FROM session_journal_samples WHERE device_id = ?", (device_id,)
