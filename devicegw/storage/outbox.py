@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: Retained, latest-wins kinds: committed without an fsync of their own (store.py), and
 #: published after the decided records waiting with them (``pending(latest_wins=...)``).
-LATEST_WINS = frozenset({TopicKind.STATUS, TopicKind.DEVICE_DETAIL})
+LATEST_WINS = frozenset({TopicKind.STATUS})  # device detail statuses are STATUS rows too
 _LATEST_WINS_SQL = ", ".join(f"'{k.value}'" for k in sorted(LATEST_WINS))
 
 #: What the outbox holds: every durable kind (telemetry never enters it).

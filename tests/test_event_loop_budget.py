@@ -1,0 +1,161 @@
+"""What keeps the one event loop free at scale (issue 13), each part on its own.
+
+``benchmarks/scale.py`` measures the whole; these tests pin the behaviour the
+figures depend on: which commits wait for an fsync, that decided records are
+published before retained statuses, that the loop's lateness is measured and a
+stall is logged once, that the daemon's start-up objects are frozen for the
+garbage collector, and that no systemd task runs outside systemd.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from devicegw.runtime import gc_policy, loop_lag
+from devicegw.runtime.systemd_notify import Notifier
+from devicegw.storage.outbox import Outbox
+from devicegw.storage.store import Store
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def synchronous(store: Store) -> int:
+    return int(store.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+FULL, NORMAL = 2, 1
+
+
+def test_only_decided_records_wait_for_an_fsync(tmp_path: Path) -> None:
+    store = Store(tmp_path / "gw.sqlite3")
+    try:
+        store.conn.execute("CREATE TABLE t (v INTEGER)")
+        assert synchronous(store) == FULL
+        with store.transaction(durable=False) as db:
+            assert synchronous(store) == NORMAL
+            db.execute("INSERT INTO t VALUES (1)")
+        # Outside a non-durable transaction the connection is FULL again, so a statement
+        # in autocommit mode (audit, meta) is durable.
+        assert synchronous(store) == FULL
+        with store.transaction() as db:
+            assert synchronous(store) == FULL
+            db.execute("INSERT INTO t VALUES (2)")
+        with pytest.raises(RuntimeError), store.transaction(durable=False) as db:
+            db.execute("INSERT INTO t VALUES (3)")
+            raise RuntimeError("rolled back")
+        assert synchronous(store) == FULL
+        assert [r[0] for r in store.conn.execute("SELECT v FROM t ORDER BY v")] == [1, 2]
+    finally:
+        store.close()
+
+
+def test_a_durable_write_nested_in_a_non_durable_one_is_still_committed_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(tmp_path / "gw.sqlite3")
+    try:
+        store.conn.execute("CREATE TABLE t (v INTEGER)")
+        with caplog.at_level(logging.ERROR), store.transaction(durable=False) as db:
+            db.execute("INSERT INTO t VALUES (1)")
+            with store.transaction() as inner:  # a bug in the caller: said, not fatal
+                inner.execute("INSERT INTO t VALUES (2)")
+        assert "durable write joined a non-durable transaction" in caplog.text
+        assert store.conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 2
+        assert synchronous(store) == FULL
+    finally:
+        store.close()
+
+
+def test_statuses_commit_without_an_fsync_and_wait_behind_decided_records(
+    tmp_path: Path,
+) -> None:
+    ob = Outbox(Store(tmp_path / "gw.sqlite3"))
+    try:
+        ob.add("status", "s/dev1", b'{"v":1}', qos=1, retain=True, now=NOW)
+        ob.add("dose", "d/dev1", b"{}", qos=1, retain=False, now=NOW, event_id="e1")
+        ob.add("status", "device-detail/dev1", b"{}", qos=1, retain=True, now=NOW)
+        ob.add("safety", "a/dev1", b"{}", qos=1, retain=False, now=NOW)
+        everything = [r.kind for r in ob.pending()]
+        assert everything == ["status", "dose", "status", "safety"]  # id order
+        decided = ob.pending(latest_wins=False)
+        assert [r.kind for r in decided] == ["dose", "safety"]
+        statuses = ob.pending(latest_wins=True)
+        assert [r.topic for r in statuses] == ["s/dev1", "device-detail/dev1"]
+        # The cursor of each kind of row is its own.
+        assert [r.kind for r in ob.pending(after_id=decided[0].id, latest_wins=False)] == ["safety"]
+        ob.mark_attempts([r.id for r in decided])
+        ob.mark_all_sent_or_hold([(decided[0], NOW), (statuses[0], NOW)])
+        assert [r.topic for r in ob.pending()] == ["device-detail/dev1", "a/dev1"]
+        assert [r.attempts for r in ob.pending(latest_wins=False)] == [1]
+    finally:
+        ob.store.close()
+
+
+def test_the_loop_lag_is_counted_and_a_stall_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[float] = []
+    lag = loop_lag.LoopLag(observers=[seen.append])
+    with caplog.at_level(logging.WARNING, logger="devicegw.runtime.loop_lag"):
+        lag.observe(0.001, 0.0)
+        lag.observe(0.08, 0.1)
+        lag.observe(1.5, 0.2)  # a stall: logged
+        lag.observe(2.5, 10.0)  # within the minute: counted, not logged
+        lag.observe(0.0, 70.0)  # a minute on: the one pending stall is summarised
+        lag.observe(0.0, 80.0)
+    assert (lag.samples, lag.over_50ms, lag.stalls, lag.max_s) == (6, 3, 2, 2.5)
+    assert seen == [0.001, 0.08, 1.5, 2.5, 0.0, 0.0]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "stalled 1 time(s) (the longest 1.5 s)" in lines[0]
+    assert "stalled 1 time(s) (the longest 2.5 s)" in lines[1]
+
+
+async def test_the_sampler_measures_a_blocked_loop() -> None:
+    import asyncio
+    import time
+
+    lag = loop_lag.LoopLag()
+    task = asyncio.create_task(loop_lag.run(lag, interval_s=0.01))
+    await asyncio.sleep(0.05)
+    time.sleep(0.2)  # noqa: ASYNC251 - the loop is blocked on purpose: the sampler wakes late
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert lag.samples >= 2
+    assert lag.max_s >= 0.15
+
+
+def test_startup_objects_are_frozen_for_the_collector() -> None:
+    try:
+        frozen = gc_policy.freeze_startup_objects()
+        assert frozen > 1000 and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_no_systemd_task_outside_systemd(tmp_path: Path) -> None:
+    """Without NOTIFY_SOCKET the task returned at once and the supervisor logged it as a
+    failure every ~1.5 s, for ever."""
+    from devicegw.runtime.gateway import Gateway
+    from drivers.clock import ManualClock
+    from tests.session_stream import one_device_config
+
+    config = one_device_config()
+    config = config.model_copy(
+        update={"gateway": config.gateway.model_copy(update={"data_dir": str(tmp_path)})}
+    )
+    for env, expected in (({}, False), ({"NOTIFY_SOCKET": "/run/systemd/notify"}, True)):
+        gw = Gateway(config, clock=ManualClock(), notifier=Notifier.from_environment(env))
+        try:
+            names = [r.task_name for r in gw.supervised_runners()]
+            assert ("systemd-notify" in names) is expected
+            assert "loop-lag" in names
+        finally:
+            gw.close()
