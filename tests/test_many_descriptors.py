@@ -128,3 +128,45 @@ def test_a_ward_that_cannot_fit_is_refused_at_start(
         preflight(config)
     monkeypatch.setattr(descriptors, "hard_limit", lambda: 4096)
     preflight(config)
+
+
+async def test_a_consumer_that_falls_behind_pauses_the_reading_and_loses_nothing() -> None:
+    """The reader stays registered and reads ahead into a bounded buffer (issue 13): when
+    the consumer stops taking bytes, the link reads at most ~256 KiB ahead, then leaves
+    the rest to the OS (the writer waits), and resumes when the consumer catches up."""
+    from drivers.transport import serial_link
+
+    controller, device = os.openpty()
+    tty.setraw(device)
+    link = SerialLink(os.ttyname(device), device_id="neb-slow")
+    data = bytes(range(256)) * (3 * serial_link._BUFFER_LIMIT // 256)  # 768 KiB
+    loop = asyncio.get_running_loop()
+    try:
+        await link.open()
+        first = await asyncio.wait_for(
+            asyncio.gather(link.read(), loop.run_in_executor(None, os.write, controller, b"x")),
+            5,
+        )
+        assert first[0] == b"x"
+        writer = loop.run_in_executor(None, _write_all, controller, data)
+        async with asyncio.timeout(10):
+            while link._reading:  # noqa: ASYNC110 - polls the link: reads ahead until full, pauses
+                await asyncio.sleep(0.01)
+        assert serial_link._BUFFER_LIMIT <= link._buffered < serial_link._BUFFER_LIMIT + 4096
+        assert not writer.done()  # the rest waits in the OS, nothing is dropped
+        got = bytearray()
+        async with asyncio.timeout(20):
+            while len(got) < len(data):
+                got += await link.read()
+        await writer
+        assert bytes(got) == data
+    finally:
+        await link.close()
+        os.close(controller)
+        os.close(device)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
