@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -33,8 +34,11 @@ from devicegw.storage.audit import verify
 from devicegw.web.auth import Role
 
 if TYPE_CHECKING:
+    from devicegw.config import DeviceSettings
     from devicegw.runtime.gateway import Gateway
     from devicegw.runtime.health import GatewaySnapshot
+    from devicegw.runtime.oximeter_runner import OximeterRunner
+    from devicegw.storage.assignments import Assignment
 
 __all__ = ["Role", "WardState"]
 
@@ -80,6 +84,7 @@ class WardState:
         self.devices: dict[str, _Device] = {d.id: _Device() for d in gateway.config.devices}
         self.version = 0  # bumped on every change, so the event stream sends only news
         self._audit_checked: tuple[float, bool] | None = None
+        self._ox_by_id: dict[str, OximeterRunner] | None = None
         gateway.sink.listeners.append(self)
         gateway.sink.safety_listeners.append(self.safety_event)
 
@@ -149,11 +154,14 @@ class WardState:
     def ward(self, role: Role) -> dict[str, Any]:
         """Every bed, for the overview page and its event stream."""
         snap = self.gateway.snapshot()
+        # One read of the assignments for the whole ward (per frame, per client): read per
+        # bed, it was beds x history rows every second at 500 beds (issue 13).
+        assignments = self.gateway.assignment_service.current()
         return {
             "gateway": {"id": snap.gateway_id, "site": snap.site, "utc": snap.utc},
             "broker_connected": bool(snap.broker.get("connected")),
             "role": role,
-            "beds": [self._bed(d.id, role, snap) for d in self._devices()],
+            "beds": [self._bed(d, role, snap, assignments) for d in self._devices()],
         }
 
     def bed(self, bed: str, role: Role) -> dict[str, Any] | None:
@@ -161,7 +169,8 @@ class WardState:
         device = next((d for d in self._devices() if d.bed == bed), None)
         if device is None:
             return None
-        view = self._bed(device.id, role, self.gateway.snapshot())
+        assignments = self.gateway.assignment_service.current()
+        view = self._bed(device, role, self.gateway.snapshot(), assignments)
         dev = self.devices[device.id]
         view["timeline"] = [
             {"elapsed_s": e, **({"delivered_ml": v} if role == "engineer" else {})}
@@ -226,25 +235,29 @@ class WardState:
 
     # -- pieces ------------------------------------------------------------------------------
 
-    def _devices(self) -> list[Any]:
+    def _devices(self) -> list[DeviceSettings]:
         return sorted(self.gateway.config.devices, key=lambda d: d.bed)
 
-    def _bed(self, device_id: str, role: Role, snap: GatewaySnapshot) -> dict[str, Any]:
+    def _ox_runners(self) -> dict[str, OximeterRunner]:
+        if self._ox_by_id is None:
+            self._ox_by_id = {r.oximeter.id: r for r in self.gateway.oximeter_runners}
+        return self._ox_by_id
+
+    def _bed(
+        self,
+        device: DeviceSettings,
+        role: Role,
+        snap: GatewaySnapshot,
+        assignments: Mapping[str, Assignment],
+    ) -> dict[str, Any]:
         gw = self.gateway
-        device = next(d for d in gw.config.devices if d.id == device_id)
+        device_id = device.id
         dev = self.devices[device_id]
         snap_dev = snap.devices.get(device_id)
-        assignment = gw.assignment_service.current().get(device.bed)
+        assignment = assignments.get(device.bed)
         monitor = gw.beds.get(device.bed)
         oximeter = gw.config.oximeter_for(device)
-        ox_runner = next(
-            (
-                r
-                for r in gw.oximeter_runners
-                if oximeter is not None and r.oximeter.id == oximeter.id
-            ),
-            None,
-        )
+        ox_runner = None if oximeter is None else self._ox_runners().get(oximeter.id)
         t = dev.telemetry
         # Telemetry stops at the session's end: a session is running while the last
         # telemetry says so and no dose of that session has been recorded since.
