@@ -103,9 +103,7 @@ def generate(
     out: Path, subjects: int, sessions: int, gap_s: float, jobs: int, oximeter: bool = True
 ) -> None:
     scenarios = [subject_scenario(i, sessions, gap_s) for i in range(subjects)]
-    oximeters = (
-        [subject_oximeter(i, sessions, gap_s) for i in range(subjects)] if oximeter else []
-    )
+    oximeters = [subject_oximeter(i, sessions, gap_s) for i in range(subjects)] if oximeter else []
     t0 = time.perf_counter()
     results = simulate_record(scenarios, out, jobs=jobs, oximeters=oximeters)
     wall = time.perf_counter() - t0
@@ -115,8 +113,7 @@ def generate(
     cpu = sum(r.wall_s for r in results)
     beds = "nebulizer + oximeter" if oximeter else "nebulizer only"
     print(
-        f"scenario runner: {subjects} subjects ({beds}) x {sessions} sessions, "
-        f"{jobs} process(es)"
+        f"scenario runner: {subjects} subjects ({beds}) x {sessions} sessions, {jobs} process(es)"
     )
     print(f"  {frames:,} frames, {dev_s / 3600:,.1f} device-hours, {size / 1e6:,.1f} MB")
     print(
