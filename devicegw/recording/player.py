@@ -286,11 +286,14 @@ class Player:
                 self.summary.problems.append(f"{path}: {stats.problem}")
 
     def records(self) -> Iterator[tuple[str, Record]]:
-        """Every record of every file, devices merged in UTC order."""
+        """Every record of every file, devices merged in UTC order (ties: device order)."""
         streams = [self._device_stream(d) for d in self._groups]
         if len(streams) == 1:
             return streams[0]
-        return heapq.merge(*streams, key=_utc_key)
+        # Plain tuples (UTC, device index, ...) merge without a key function per record;
+        # the index settles ties before anything else is compared, as the key's merge did.
+        keyed = [_keyed(i, stream) for i, stream in enumerate(streams)]
+        return ((device_id, rec) for _, _, device_id, rec in heapq.merge(*keyed))
 
     # -- applying records ----------------------------------------------------------
 
@@ -424,8 +427,11 @@ class Player:
         return self._finish(time.perf_counter() - t0)
 
 
-def _utc_key(item: tuple[str, Record]) -> int:
-    return item[1].utc_us
+def _keyed(
+    index: int, stream: Iterator[tuple[str, Record]]
+) -> Iterator[tuple[int, int, str, Record]]:
+    for device_id, rec in stream:
+        yield rec.utc_us, index, device_id, rec
 
 
 # ======================================================================== parallel
