@@ -202,8 +202,12 @@ class Vm1Pipeline:
         attributor: Attributor | None = None,
         schedule: DoseSchedule | None = None,
         claims: SerialClaims | None = None,
+        telemetry: bool = True,
     ) -> None:
+        """``telemetry=False``: build no telemetry at all, for a sink that would drop it
+        (a replay not asked for it); everything else comes out the same."""
         self.device = device
+        self._telemetry = telemetry
         self.schedule = schedule
         self.claims = claims
         self.bed = bed
@@ -726,7 +730,7 @@ class Vm1Pipeline:
 
     def _maybe_telemetry(self, msg: Output, utc: datetime, mono: float) -> None:
         tcfg = self.config.telemetry
-        if not tcfg.enabled or mono - self._last_telemetry < tcfg.interval_s:
+        if not self._telemetry or not tcfg.enabled or mono - self._last_telemetry < tcfg.interval_s:
             return
         self._last_telemetry = mono
         o = self.tracker.open_session

@@ -254,6 +254,10 @@ class Player:
         self.summary = ReplaySummary(files=len(self.paths))
         self._emit = emit
         self._kinds = frozenset(kinds)
+        #: Telemetry models are built only for someone who will see them.
+        self._wants_telemetry = emit is not None and not self._kinds.isdisjoint(
+            ("telemetry", "telemetry-detail")
+        )
         self._runs: dict[str, _Run] = {}
         self._finished: list[_Run] = []
         self._groups: dict[str, list[tuple[int, Path]]] = {}
@@ -313,7 +317,7 @@ class Player:
         sink = _Sink(dev_summary, self._kinds, self._emit)
         oximeter = config.oximeter_for(device) if header.oximeter is not None else None
         bed = None if oximeter is None else BedMonitor(config, device, oximeter, sink)
-        pipeline = Vm1Pipeline(device, config, sink, bed=bed)
+        pipeline = Vm1Pipeline(device, config, sink, bed=bed, telemetry=self._wants_telemetry)
         return _Run(header.run_id, pipeline, utc_us, utc_us, bed)
 
     def apply(self, device_id: str, rec: Record) -> None:
@@ -501,10 +505,14 @@ def play_parallel(
     if jobs <= 1 or len(job_list) <= 1:
         results = [_play_device(job) for job in job_list]
     else:
+        # Biggest devices first, one per task: the workers finish together (chunks of
+        # devices left one worker alone with the last chunk). Results keep device order.
+        size = [sum(p.stat().st_size for p in job[0]) for job in job_list]
+        order = sorted(range(len(job_list)), key=lambda i: -size[i])
         with ProcessPoolExecutor(max_workers=min(jobs, len(job_list))) as pool:
-            results = list(
-                pool.map(_play_device, job_list, chunksize=max(1, len(job_list) // (4 * jobs)))
-            )
+            done = pool.map(_play_device, [job_list[i] for i in order])
+            by_index = dict(zip(order, done, strict=True))
+        results = [by_index[i] for i in range(len(job_list))]
     if emit is not None:
         streams = [outputs for _, outputs in results]
         for _, item in heapq.merge(*streams, key=_timed_key):
