@@ -326,7 +326,8 @@ class Vm1Pipeline:
                 continue
             else:
                 self._on_message(msg, utc, mono, fetch)
-        self._journal(utc, mono)
+        if self.journal is not None:
+            self._journal(utc, mono)
         return PipelineResult(acks, fetch, identified)
 
     def _repeated_ident(self, ident: Ident, mono: float) -> bool:

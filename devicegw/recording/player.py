@@ -26,7 +26,6 @@ recordings of such a bed replay without an overlay (``no_oximeter_assigned``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import time
 from collections import Counter
@@ -336,9 +335,10 @@ class Player:
         run.last_utc_us = rec.utc_us
         if kind == RX:
             self.summary.rx_bytes += len(rec.payload)
-            # A refused device: the live runner dropped the link; the recording shows the close.
-            with contextlib.suppress(UnexpectedDeviceError):
+            try:  # noqa: SIM105 (contextlib.suppress costs ~0.25 us a frame)
                 run.pipeline.feed(rec.payload, rec.utc, rec.mono)
+            except UnexpectedDeviceError:
+                pass  # a refused device: the live runner dropped the link; the close follows
         elif kind == OPEN:
             run.pipeline.link_up(rec.utc)
         elif kind == CLOSE:
