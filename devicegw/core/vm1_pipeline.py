@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import NoReturn, Protocol
+from typing import NamedTuple, NoReturn, Protocol
 
 from devicegw.config import Config, DeviceSettings
 from devicegw.contract.payloads import (
@@ -171,8 +171,7 @@ class DeviceHealth:
     verdicts: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class PipelineResult:
+class PipelineResult(NamedTuple):  # immutable; one per chunk fed, so cheap to build
     acks: list[Ack]
     fetch: list[int]  # session numbers whose record must be fetched (GET_SESSION)
     identified: bool = False  # this feed carried the connection's first accepted IDENT
@@ -783,7 +782,7 @@ class Vm1Pipeline:
                     error=error,
                 ),
             )
-        alarms = sorted(alarm_name(c) for c in t.active_alarms)
+        alarms = sorted(alarm_name(c) for c in t.active_alarms) if t.active_alarms else []
         fault = status.fault_code if status else None
         battery = status.battery_pct if status else None
         detail_key = (self.health.connected, battery, fault, tuple(alarms))
