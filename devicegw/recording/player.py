@@ -320,18 +320,12 @@ class Player:
         return _Run(header.run_id, pipeline, utc_us, utc_us, bed)
 
     def apply(self, device_id: str, rec: Record) -> None:
-        """Feed one record to its device's pipeline."""
+        """Feed one record to its device's pipeline (the commonest kinds tested first)."""
         kind = rec.kind
         run = self._runs.get(device_id)
-        if kind == HEADER:
-            header = parse_header(rec)
-            if run is None or run.run_id != header.run_id:
-                if run is not None:
-                    self._finished.append(run)
-                self._runs[device_id] = self._start_run(device_id, header, rec.utc_us)
+        if run is None or kind == HEADER:
+            self._header(device_id, rec, run)
             return
-        if run is None:
-            raise RecordingError(f"{device_id}: records before the first header")
         run.last_utc_us = rec.utc_us
         if kind == RX:
             self.summary.rx_bytes += len(rec.payload)
@@ -339,6 +333,12 @@ class Player:
                 run.pipeline.feed(rec.payload, rec.utc, rec.mono)
             except UnexpectedDeviceError:
                 pass  # a refused device: the live runner dropped the link; the close follows
+        elif kind == OX_SAMPLE:
+            if run.bed is not None:
+                run.bed.feed(rec.mono, decode_sample(rec.payload))
+        elif kind == BED_TICK:
+            if run.bed is not None:
+                run.bed.tick(rec.mono)
         elif kind == OPEN:
             run.pipeline.link_up(rec.utc)
         elif kind == CLOSE:
@@ -347,14 +347,20 @@ class Player:
             # What the gateway asked: an unanswerable GET_SESSION finishes a session.
             run.pipeline.sent(rec.payload)
         elif run.bed is not None:
-            if kind == OX_SAMPLE:
-                run.bed.feed(rec.mono, decode_sample(rec.payload))
-            elif kind == BED_TICK:
-                run.bed.tick(rec.mono)
-            elif kind == OX_UP:
+            if kind == OX_UP:
                 run.bed.oximeter_up(rec.mono)
             elif kind == OX_DOWN:
                 run.bed.oximeter_down(rec.mono)
+
+    def _header(self, device_id: str, rec: Record, run: _Run | None) -> None:
+        """A header record: a new gateway run starts a fresh pipeline; nothing may precede one."""
+        if rec.kind != HEADER:
+            raise RecordingError(f"{device_id}: records before the first header")
+        header = parse_header(rec)
+        if run is None or run.run_id != header.run_id:
+            if run is not None:
+                self._finished.append(run)
+            self._runs[device_id] = self._start_run(device_id, header, rec.utc_us)
 
     def _note(self, rec: Record) -> None:
         s = self.summary
@@ -454,10 +460,11 @@ def _play_device(
     at = [0]
     player = Player(paths, config=config, kinds=kinds, emit=lambda item: out.append((at[0], item)))
     t0 = time.perf_counter()
+    note, apply = player._note, player.apply
     for device_id, rec in player.records():
         at[0] = rec.utc_us
-        player._note(rec)
-        player.apply(device_id, rec)
+        note(rec)
+        apply(device_id, rec)
     return player._finish(time.perf_counter() - t0), out
 
 
