@@ -125,7 +125,9 @@ def generate(
 def replay(out: Path) -> None:
     files = sorted(out.glob("*.dgwrec"))
     player = Player(files)
+    cpu0 = time.process_time()
     s = player.run()
+    cpu = time.process_time() - cpu0
     verdicts = ", ".join(f"{k} {v}" for k, v in sorted(s.verdicts().items()))
     print(f"replay (one core, as fast as possible): {len(files)} files, {s.records:,} records")
     print(f"  {s.sessions} sessions ({verdicts})")
@@ -141,12 +143,21 @@ def replay(out: Path) -> None:
         f"  x real time (per device, {s.device_seconds / 3600:,.1f} device-hours): "
         f"{s.device_seconds / s.wall_s:,.0f}x"
     )
+    print(
+        f"  CPU {cpu:.1f} s ({cpu / max(s.records, 1) * 1e6:.2f} us per record); "
+        f"ward {s.span_s / cpu:,.0f}x per CPU second"
+    )
 
 
 def replay_parallel(out: Path, jobs: int) -> None:
     """The same recordings, one device per task in ``jobs`` worker processes."""
     files = sorted(out.glob("*.dgwrec"))
+    before = os.times()
     s = play_parallel(files, jobs=jobs)
+    after = os.times()
+    workers = (after.children_user + after.children_system) - (
+        before.children_user + before.children_system
+    )
     print(f"replay (play_parallel, {jobs} processes, as fast as possible): {len(files)} files")
     print(
         f"  {s.frames:,} frames, {s.records:,} records in {s.wall_s:.1f} s: "
@@ -160,6 +171,13 @@ def replay_parallel(out: Path, jobs: int) -> None:
         f"  x real time (per device, {s.device_seconds / 3600:,.1f} device-hours): "
         f"{s.device_seconds / s.wall_s:,.0f}x"
     )
+    if workers > 0:  # 0 when everything ran in this process (jobs 1, or one device)
+        ideal = workers / min(jobs, len(files))
+        print(
+            f"  workers' CPU {workers:.1f} s in {s.wall_s:.1f} s wall "
+            f"({workers / s.wall_s:.2f} cores busy); with {min(jobs, len(files))} idle cores "
+            f"~{ideal:.1f} s = ~{s.span_s / ideal:,.0f}x ward"
+        )
 
 
 def ward_month_sample(jobs: int) -> None:
