@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/replay.py --subjects 100 --sessions 2 --keep /tmp/ward
     .venv/bin/python benchmarks/replay.py --reuse /tmp/ward    # replay those again only
     .venv/bin/python benchmarks/replay.py --no-oximeter        # nebulizer-only beds (format v1)
+    .venv/bin/python benchmarks/replay.py --subjects 20 --sessions 2 --gap-s 43200  # a BID ward
 
 Step 1 generates one recording per subject with the scenario runner
 (``devicegw simulate --record``; virtual time, the gateway's handshake
@@ -14,15 +15,24 @@ about 8 minutes long; every 10th session a user stop, every 7th a 2-minute
 pause). Each subject also wears a Nonin oximeter (``simulate --record
 --oximeter``: 3 samples/s from power-on, the bed's 1 s tick, format v2;
 every 4th session has a desaturation during the dose) unless
-``--no-oximeter``. Step 2 replays all of it on one core, as fast as possible, through
-the same pipeline the daemon runs; step 3 again with ``play_parallel`` (one
-device per task, ``--jobs`` processes). Printed figures, no assertions:
+``--no-oximeter``. Step 2 replays all of it on one core, as fast as
+possible, through the same pipeline the daemon runs; step 3 again with
+``play_parallel`` (one device per task, ``--jobs`` processes). Printed
+figures, no assertions:
 
-- frames/s: VM-1 frames decoded per second of wall time;
+- frames/s, records/s: VM-1 frames decoded, records applied per second of wall time;
 - x real time (ward): gateway time the recordings span / wall time (the
   subjects were recorded side by side, as on a ward);
 - x real time (per device): sum of every device's recorded time / wall time
-  (what one device's stream gets: the stricter figure).
+  (what one device's stream gets: the stricter figure);
+- CPU: the one-core replay's CPU time (per record, and ward x per CPU
+  second), and the parallel workers' summed CPU and the cores they got: the
+  box is shared, so wall times alone vary from run to run.
+
+The ward clock depends on how busy the beds are: between doses a bed costs
+a STATUS frame, three oximeter samples and a tick per second; a dose and its
+30-minute observation window cost ten OUTPUT frames more per second and the
+SpO2 statistics (``--gap-s 1800``, the default, keeps every bed in one).
 """
 
 from __future__ import annotations
