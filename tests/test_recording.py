@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -141,6 +142,22 @@ def test_corruption_ends_the_stream_quietly(tmp_path: Path) -> None:
     stats = ReadStats()
     assert list(iter_records(path, stats)) == full[:-1]
     assert stats.problem is not None and "CRC" in stats.problem
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_a_bad_length_ends_the_stream_however_it_is_fed(tmp_path: Path, step: int) -> None:
+    """A length prefix beyond the limit is corruption at once, not a record still to come."""
+    data = write_sample(tmp_path).paths()[0].read_bytes()
+    full = RecordDecoder().feed(data)
+    bad = data + struct.pack("<II", 1 << 24, 0) + b"x" * 40
+    dec = RecordDecoder()
+    got: list[Record] = []
+    for i in range(0, len(bad), step):
+        got += dec.feed(bad[i : i + step])
+    stats = dec.finish()
+    assert got == full
+    assert stats.problem is not None and "bad record length" in stats.problem
+    assert stats.bytes_ok + stats.bytes_skipped == len(bad)
 
 
 def test_not_a_recording(tmp_path: Path) -> None:

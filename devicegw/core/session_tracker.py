@@ -19,7 +19,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from devicegw.contract.vocabulary import DataSource, Reason
 from drivers.vm1.messages import (
@@ -49,9 +49,12 @@ IN_SESSION = (DeviceState.NEBULIZING, DeviceState.PAUSED)
 _END_MISSED_AFTER = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Rx:
-    """A decoded message with the gateway's clock readings at receipt."""
+class Rx(NamedTuple):
+    """A decoded message with the gateway's clock readings at receipt.
+
+    Immutable like a frozen dataclass, and built for every message received: a
+    NamedTuple costs a third of one to make.
+    """
 
     msg: DeviceMessage
     utc: datetime

@@ -197,11 +197,12 @@ class _Stats:
     def contains(self, t: float) -> bool:
         return t >= self.start and (self.end is None or t < self.end)
 
-    def add_sample(self, t: float, sample: OximeterSample) -> None:
-        if not self.contains(t):
+    def add_sample(self, t: float, sample: OximeterSample, valid: bool) -> None:
+        """Count one sample; ``valid`` is ``sample.valid`` (the caller has it already)."""
+        if t < self.start or (self.end is not None and t >= self.end):
             return
         self.total += 1
-        if not sample.valid:
+        if not valid:
             gating = sample.gating
             self.excluded_flags.update([str(f) for f in gating] if gating else ["missing_value"])
             return
@@ -376,25 +377,36 @@ class Spo2Monitor:
 
     def feed(self, t_s: float, sample: OximeterSample) -> list[Spo2Event]:
         t = self._time(t_s)
+        dose = self._dose
+        if dose is None:
+            # Between doses (most of a ward's day): keep the baseline ring, nothing else.
+            # (No _advance: it has no deadline without a dose; no _end_hold: a hold counts
+            # only in a dose's windows.)
+            valid = sample.valid
+            spo2 = sample.spo2
+            self._hold = (
+                t,
+                valid,
+                valid and spo2 is not None and spo2 < self.rules.absolute_threshold,
+            )
+            self._link_up = True
+            if valid:
+                self._keep(t, sample)
+            return []
         events = self._advance(t)
         self._end_hold(t)
-        below = (
-            sample.valid and sample.spo2 is not None and sample.spo2 < self.rules.absolute_threshold
-        )
-        self._hold = (t, sample.valid, below)
+        valid = sample.valid
+        below = valid and sample.spo2 is not None and sample.spo2 < self.rules.absolute_threshold
+        self._hold = (t, valid, below)
         self._link_up = True
-        if sample.valid:
-            assert sample.spo2 is not None and sample.pulse_bpm is not None
-            self._ring.append((t, sample.spo2, sample.pulse_bpm))
-            horizon = t - self.rules.baseline_window_s
-            while self._ring and self._ring[0][0] < horizon:
-                self._ring.popleft()
+        if valid:
+            self._keep(t, sample)
         dose = self._dose
         if dose is None:
             return events
         for w in dose.windows():
-            w.add_sample(t, sample)
-        if not sample.valid:
+            w.add_sample(t, sample, valid)
+        if not valid:
             return events
         assert sample.spo2 is not None and sample.pulse_bpm is not None
         if not dose.baseline_final and t < dose.start + self.rules.baseline_fallback_s:
@@ -402,6 +414,15 @@ class Spo2Monitor:
         events += self._detect(dose, t, sample.spo2)
         dose.last_valid_t = t
         return events
+
+    def _keep(self, t: float, sample: OximeterSample) -> None:
+        """A valid sample into the baseline ring; older than the baseline window drops out."""
+        assert sample.spo2 is not None and sample.pulse_bpm is not None
+        ring = self._ring
+        ring.append((t, sample.spo2, sample.pulse_bpm))
+        horizon = t - self.rules.baseline_window_s
+        while ring and ring[0][0] < horizon:
+            ring.popleft()
 
     def session_started(
         self, t_s: float, correlation_id: uuid.UUID, *, start_utc: datetime | None = None

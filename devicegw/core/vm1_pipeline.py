@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import NoReturn, Protocol
+from typing import NamedTuple, NoReturn, Protocol
 
 from devicegw.config import Config, DeviceSettings
 from devicegw.contract.payloads import (
@@ -171,8 +171,7 @@ class DeviceHealth:
     verdicts: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class PipelineResult:
+class PipelineResult(NamedTuple):  # immutable; one per chunk fed, so cheap to build
     acks: list[Ack]
     fetch: list[int]  # session numbers whose record must be fetched (GET_SESSION)
     identified: bool = False  # this feed carried the connection's first accepted IDENT
@@ -202,8 +201,12 @@ class Vm1Pipeline:
         attributor: Attributor | None = None,
         schedule: DoseSchedule | None = None,
         claims: SerialClaims | None = None,
+        telemetry: bool = True,
     ) -> None:
+        """``telemetry=False``: build no telemetry at all, for a sink that would drop it
+        (a replay not asked for it); everything else comes out the same."""
         self.device = device
+        self._telemetry = telemetry
         self.schedule = schedule
         self.claims = claims
         self.bed = bed
@@ -322,7 +325,8 @@ class Vm1Pipeline:
                 continue
             else:
                 self._on_message(msg, utc, mono, fetch)
-        self._journal(utc, mono)
+        if self.journal is not None:
+            self._journal(utc, mono)
         return PipelineResult(acks, fetch, identified)
 
     def _repeated_ident(self, ident: Ident, mono: float) -> bool:
@@ -726,7 +730,7 @@ class Vm1Pipeline:
 
     def _maybe_telemetry(self, msg: Output, utc: datetime, mono: float) -> None:
         tcfg = self.config.telemetry
-        if not tcfg.enabled or mono - self._last_telemetry < tcfg.interval_s:
+        if not self._telemetry or not tcfg.enabled or mono - self._last_telemetry < tcfg.interval_s:
             return
         self._last_telemetry = mono
         o = self.tracker.open_session
@@ -778,7 +782,7 @@ class Vm1Pipeline:
                     error=error,
                 ),
             )
-        alarms = sorted(alarm_name(c) for c in t.active_alarms)
+        alarms = sorted(alarm_name(c) for c in t.active_alarms) if t.active_alarms else []
         fault = status.fault_code if status else None
         battery = status.battery_pct if status else None
         detail_key = (self.health.connected, battery, fault, tuple(alarms))

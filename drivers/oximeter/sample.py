@@ -93,4 +93,8 @@ class OximeterSample:
     @property
     def valid(self) -> bool:
         """Both values present and no gating flag: safe to use for decisions."""
-        return self.spo2 is not None and self.pulse_bpm is not None and not self.gating
+        # Asked several times per sample on the monitor's path: no set is built for it.
+        if self.spo2 is None or self.pulse_bpm is None:
+            return False
+        quality = self.quality
+        return not quality or quality.isdisjoint(GATING_FLAGS)

@@ -123,11 +123,18 @@ def _enum_out(msg: str, field: str, value: object, enum: type[_E]) -> int:
         raise ProtocolError(f"{msg}.{field}={value!r} is not a valid {enum.__name__}") from exc
 
 
+#: Members of each decoded enum by value: a dict lookup per field, not ``Enum.__call__``.
+_MEMBERS: dict[type[Any], dict[int, Any]] = {}
+
+
 def _enum_in(msg: str, field: str, value: int, enum: type[_E]) -> _E:
-    try:
-        return enum(value)
-    except ValueError as exc:
-        raise ProtocolError(f"{msg}: unknown {field} value {value}") from exc
+    members = _MEMBERS.get(enum)
+    if members is None:
+        members = _MEMBERS[enum] = {int(m): m for m in enum}
+    member: _E | None = members.get(value)
+    if member is None:
+        raise ProtocolError(f"{msg}: unknown {field} value {value}")
+    return member
 
 
 def _str_out(msg: str, field: str, value: object, width: int) -> bytes:
