@@ -63,8 +63,8 @@ def test_attempts_are_counted_for_redelivery(tmp_path: Path) -> None:
     ob = outbox(tmp_path)
     ob.add("dose", "t", b"{}", qos=1, retain=False, now=NOW, event_id="e")
     [row] = ob.pending()
-    ob.mark_attempt(row.id)
-    ob.mark_attempt(row.id)
+    ob.mark_attempts([row.id])
+    ob.mark_attempts([row.id])
     assert ob.pending()[0].attempts == 2
 
 

@@ -68,12 +68,6 @@ _COLUMNS = "id, kind, device_id, topic, qos, retain, payload, event_id, attempts
 _KINDS = frozenset(k.value for k in get_args(Kind))  # what a stored row's kind may be
 
 
-def _kind_text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    return str(value)
-
-
 def payload_sha256(payload: bytes) -> str:
     """What the audit trail binds a dose event's (and its detail's) stored bytes with."""
     return hashlib.sha256(payload).hexdigest()
@@ -257,8 +251,6 @@ class Outbox:
                 why = f"outbox: reading rows after {after_id} failed ({exc}); reading one by one"
                 log.error(why)  # noqa: TRY400 - the error is the message
                 raw = self._one_by_one(after_id, limit)
-                if latest_wins is not None:
-                    raw = [r for r in raw if (_kind_text(r[1]) in LATEST_WINS) == latest_wins]
         finally:
             conn.text_factory = saved
         rows: list[OutboxRow] = []
@@ -270,6 +262,9 @@ class Outbox:
             row, problem = _decode(r)
             if row is None:
                 self.quarantine(int(r[0]), problem or "unreadable")
+                continue
+            # The query filtered already; rows read one by one around damage are not.
+            if latest_wins is not None and (row.kind in LATEST_WINS) != latest_wins:
                 continue
             rows.append(row)
         return rows
@@ -326,11 +321,6 @@ class Outbox:
     def check_binding(self, row: OutboxRow) -> str | None:
         return binding_problem(self.store.conn, row)
 
-    def mark_attempt(self, row_id: int) -> None:
-        # Not fsync'ed (store.py): a count lost to a power cut only undercounts attempts.
-        with self.store.transaction(durable=False) as db:
-            db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
-
     def mark_sent(self, row: OutboxRow, now: datetime) -> None:
         # Not fsync'ed (store.py): a mark lost to a power cut means one more copy, which
         # subscribers drop by event_id (delivery is at least once).
@@ -341,15 +331,19 @@ class Outbox:
                 db.execute("UPDATE outbox SET sent_utc = ? WHERE id = ?", (now.isoformat(), row.id))
 
     def mark_attempts(self, row_ids: Sequence[int]) -> None:
-        """:meth:`mark_attempt` for a round of rows, in one (non-durable) transaction."""
+        """Count a publishing attempt for each of a round of rows, in one transaction.
+
+        Not fsync'ed (store.py): a count lost to a power cut only undercounts attempts.
+        """
         with self.store.transaction(durable=False) as db:
             db.executemany(
                 "UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", [(i,) for i in row_ids]
             )
 
     def mark_all_sent_or_hold(self, acked: Sequence[tuple[OutboxRow, datetime]]) -> None:
-        """:meth:`mark_sent_or_hold` for the rows acknowledged since the last call, in one
-        transaction: one commit per round instead of one per row (issue 13)."""
+        """Mark the rows acknowledged since the last call sent, in one transaction (one
+        commit per round, not per row; issue 13). On a full disk the marks are held in
+        memory and the rows are never sent twice meanwhile (``_sent_unmarked``)."""
         if not acked:
             return
         ids = [row.id for row, _ in acked]
@@ -362,16 +356,6 @@ class Outbox:
             self._sent_unmarked.difference_update(ids)
 
         self.store.held.run(f"sent:{ids[0]}+{len(ids)}", write)
-
-    def mark_sent_or_hold(self, row: OutboxRow, now: datetime) -> None:
-        """Mark sent; on a full disk remember it in memory (never sent twice) and mark later."""
-        self._sent_unmarked.add(row.id)
-
-        def write() -> None:
-            self.mark_sent(row, now)
-            self._sent_unmarked.discard(row.id)
-
-        self.store.held.run(f"sent:{row.id}", write)
 
     def depth(self) -> int:
         row = self.store.conn.execute(

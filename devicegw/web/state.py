@@ -84,7 +84,9 @@ class WardState:
         self.devices: dict[str, _Device] = {d.id: _Device() for d in gateway.config.devices}
         self.version = 0  # bumped on every change, so the event stream sends only news
         self._audit_checked: tuple[float, bool] | None = None
-        self._ox_by_id: dict[str, OximeterRunner] | None = None
+        self._ox_by_id: dict[str, OximeterRunner] = {
+            r.oximeter.id: r for r in gateway.oximeter_runners
+        }
         gateway.sink.listeners.append(self)
         gateway.sink.safety_listeners.append(self.safety_event)
 
@@ -238,11 +240,6 @@ class WardState:
     def _devices(self) -> list[DeviceSettings]:
         return sorted(self.gateway.config.devices, key=lambda d: d.bed)
 
-    def _ox_runners(self) -> dict[str, OximeterRunner]:
-        if self._ox_by_id is None:
-            self._ox_by_id = {r.oximeter.id: r for r in self.gateway.oximeter_runners}
-        return self._ox_by_id
-
     def _bed(
         self,
         device: DeviceSettings,
@@ -257,7 +254,7 @@ class WardState:
         assignment = assignments.get(device.bed)
         monitor = gw.beds.get(device.bed)
         oximeter = gw.config.oximeter_for(device)
-        ox_runner = None if oximeter is None else self._ox_runners().get(oximeter.id)
+        ox_runner = None if oximeter is None else self._ox_by_id.get(oximeter.id)
         t = dev.telemetry
         # Telemetry stops at the session's end: a session is running while the last
         # telemetry says so and no dose of that session has been recorded since.
