@@ -377,24 +377,12 @@ class Spo2Monitor:
 
     def feed(self, t_s: float, sample: OximeterSample) -> list[Spo2Event]:
         t = self._time(t_s)
-        dose = self._dose
-        if dose is None:
-            # Between doses (most of a ward's day): keep the baseline ring, nothing else.
-            # (No _advance: it has no deadline without a dose; no _end_hold: a hold counts
-            # only in a dose's windows.)
-            valid = sample.valid
-            spo2 = sample.spo2
-            self._hold = (
-                t,
-                valid,
-                valid and spo2 is not None and spo2 < self.rules.absolute_threshold,
-            )
-            self._link_up = True
-            if valid:
-                self._keep(t, sample)
-            return []
-        events = self._advance(t)
-        self._end_hold(t)
+        # Between doses (most of a ward's day) only the baseline ring is kept: _advance has
+        # no deadline without a dose, and a hold counts only in a dose's windows.
+        events: list[Spo2Event] = []
+        if self._dose is not None:
+            events = self._advance(t)
+            self._end_hold(t)
         valid = sample.valid
         below = valid and sample.spo2 is not None and sample.spo2 < self.rules.absolute_threshold
         self._hold = (t, valid, below)
