@@ -126,6 +126,7 @@ class ControlServer:
 
     async def run(self) -> None:
         self._remove_stale()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with _reachable(self.path) as where:
             server = await asyncio.start_unix_server(self._serve, path=where)
             os.chmod(where, 0o660)

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 
 from pydantic import BaseModel
@@ -220,6 +221,9 @@ class Gateway:
             else open_checked(config.gateway.data_dir, new_store=new_store)
         )
         self.store = self.store_opening.store
+        # The control socket, status.json and the witness live here even when the store was
+        # handed in from elsewhere; made now, not by whichever task happens to write first.
+        Path(config.gateway.data_dir).mkdir(parents=True, exist_ok=True)
         self.restarts = Restarts()
         self.loop_lag = loop_lag.LoopLag()
         started = clock.now()
