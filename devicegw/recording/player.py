@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +53,7 @@ from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
 from devicegw.recording.bed_inputs import decode_sample
 from devicegw.recording.format import (
+    _EPOCH,
     BED_TICK,
     CLOSE,
     HEADER,
@@ -279,14 +281,17 @@ class Player:
 
     # -- the record stream -----------------------------------------------------------
 
-    def _device_stream(self, device_id: str) -> Iterator[tuple[str, Record]]:
+    def _device_records(self, device_id: str) -> Iterator[Record]:
         for _, path in self._groups[device_id]:
             stats = ReadStats()
-            for rec in iter_records(path, stats):
-                yield device_id, rec
+            yield from iter_records(path, stats)
             if stats.bytes_skipped:
                 self.summary.skipped_bytes += stats.bytes_skipped
                 self.summary.problems.append(f"{path}: {stats.problem}")
+
+    def _device_stream(self, device_id: str) -> Iterator[tuple[str, Record]]:
+        for rec in self._device_records(device_id):
+            yield device_id, rec
 
     def records(self) -> Iterator[tuple[str, Record]]:
         """Every record of every file, devices merged in UTC order (ties: device order)."""
@@ -351,6 +356,56 @@ class Player:
                 run.bed.oximeter_up(rec.mono)
             elif kind == OX_DOWN:
                 run.bed.oximeter_down(rec.mono)
+
+    def play_device(self, device_id: str, at: list[int] | None = None) -> None:
+        """All of one device's records, in its own order, as fast as possible.
+
+        What :meth:`_note` and :meth:`apply` do for each record, with the kinds a ward
+        is made of (R, S, K: ~99.9 % of records) handled here inline and every other
+        kind handed to :meth:`apply`. ``at[0]``, if given, is set to each record's UTC
+        before it is applied (what a worker stamps the outputs with).
+        """
+        s = self.summary
+        apply = self.apply
+        first, last, count, rx_bytes = s.first_utc_us, s.last_utc_us, 0, 0
+        run = self._runs.get(device_id)
+        epoch, micros = _EPOCH, timedelta
+        try:
+            for rec in self._device_records(device_id):
+                kind, mono, utc_us, payload = rec
+                count += 1
+                if first is None:
+                    first = utc_us
+                if last is None or utc_us > last:
+                    last = utc_us
+                if at is not None:
+                    at[0] = utc_us
+                if run is not None:
+                    if kind == RX:
+                        run.last_utc_us = utc_us
+                        rx_bytes += len(payload)
+                        try:  # noqa: SIM105 (as in apply)
+                            # us_to_utc inline, positional: the same datetime, half the cost.
+                            run.pipeline.feed(payload, epoch + micros(0, 0, utc_us), mono)
+                        except UnexpectedDeviceError:
+                            pass
+                        continue
+                    if kind == OX_SAMPLE:
+                        run.last_utc_us = utc_us
+                        if run.bed is not None:
+                            run.bed.feed(mono, decode_sample(payload))
+                        continue
+                    if kind == BED_TICK:
+                        run.last_utc_us = utc_us
+                        if run.bed is not None:
+                            run.bed.tick(mono)
+                        continue
+                apply(device_id, rec)
+                run = self._runs.get(device_id)  # a header may have started a new run
+        finally:
+            s.records += count
+            s.rx_bytes += rx_bytes
+            s.first_utc_us, s.last_utc_us = first, last
 
     def _header(self, device_id: str, rec: Record, run: _Run | None) -> None:
         """A header record: a new gateway run starts a fresh pipeline; nothing may precede one."""
@@ -460,11 +515,8 @@ def _play_device(
     at = [0]
     player = Player(paths, config=config, kinds=kinds, emit=lambda item: out.append((at[0], item)))
     t0 = time.perf_counter()
-    note, apply = player._note, player.apply
-    for device_id, rec in player.records():
-        at[0] = rec.utc_us
-        note(rec)
-        apply(device_id, rec)
+    for device_id in player._groups:
+        player.play_device(device_id, at)
     return player._finish(time.perf_counter() - t0), out
 
 
