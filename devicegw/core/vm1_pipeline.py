@@ -307,20 +307,21 @@ class Vm1Pipeline:
         acks: list[Ack] = []
         fetch: list[int] = []
         identified = False
+        health = self.health
         for msg in messages:
             if isinstance(msg, HOST_COMMAND_TYPES):
                 continue  # a host command echoed back is not from the device
-            self.health.frames_ok += 1
-            self.health.last_frame_mono = mono
+            health.frames_ok += 1
+            health.last_frame_mono = mono
             if isinstance(msg, Ack):
                 acks.append(msg)  # transport level: the handshake needs them before IDENT
-                if self.health.identified:
+                if health.identified:
                     self._on_ack(msg, utc, mono)
-            elif isinstance(msg, Ident) and not self.health.identified:
+            elif isinstance(msg, Ident) and not health.identified:
                 self._identify(msg, utc, mono, fetch)
                 identified = True
-            elif not self.health.identified:
-                self._hold(Rx(msg=msg, utc=utc, mono=mono))
+            elif not health.identified:
+                self._hold(Rx(msg, utc, mono))
             elif isinstance(msg, Ident) and self._repeated_ident(msg, mono):
                 continue
             else:
@@ -496,7 +497,7 @@ class Vm1Pipeline:
             self._check_allowed(msg)
             self._audit_identity(msg)
             self._reconcile(msg, fetch)
-        for event in self.tracker.feed(Rx(msg=msg, utc=utc, mono=mono)):
+        for event in self.tracker.feed(Rx(msg, utc, mono)):
             if isinstance(event, SessionStarted):
                 self.health.sessions_started += 1
                 who = self._subject_at(utc)
@@ -535,7 +536,8 @@ class Vm1Pipeline:
                 )
                 self.publish_status()
         if isinstance(msg, Output):
-            self._maybe_telemetry(msg, utc, mono)
+            if self._telemetry:
+                self._maybe_telemetry(msg, utc, mono)
         elif isinstance(msg, (Ident, Status)):
             self.publish_status()
 
