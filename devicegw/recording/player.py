@@ -68,7 +68,7 @@ from devicegw.recording.format import (
     RecordingError,
     RecordingHeader,
     first_header,
-    iter_records,
+    iter_record_batches,
     parse_header,
 )
 from drivers.clock import Clock, ScaledClock
@@ -281,17 +281,18 @@ class Player:
 
     # -- the record stream -----------------------------------------------------------
 
-    def _device_records(self, device_id: str) -> Iterator[Record]:
+    def _device_batches(self, device_id: str) -> Iterator[list[Record]]:
         for _, path in self._groups[device_id]:
             stats = ReadStats()
-            yield from iter_records(path, stats)
+            yield from iter_record_batches(path, stats)
             if stats.bytes_skipped:
                 self.summary.skipped_bytes += stats.bytes_skipped
                 self.summary.problems.append(f"{path}: {stats.problem}")
 
     def _device_stream(self, device_id: str) -> Iterator[tuple[str, Record]]:
-        for rec in self._device_records(device_id):
-            yield device_id, rec
+        for batch in self._device_batches(device_id):
+            for rec in batch:
+                yield device_id, rec
 
     def records(self) -> Iterator[tuple[str, Record]]:
         """Every record of every file, devices merged in UTC order (ties: device order)."""
@@ -371,37 +372,38 @@ class Player:
         run = self._runs.get(device_id)
         epoch, micros = _EPOCH, timedelta
         try:
-            for rec in self._device_records(device_id):
-                kind, mono, utc_us, payload = rec
-                count += 1
-                if first is None:
-                    first = utc_us
-                if last is None or utc_us > last:
-                    last = utc_us
-                if at is not None:
-                    at[0] = utc_us
-                if run is not None:
-                    if kind == RX:
-                        run.last_utc_us = utc_us
-                        rx_bytes += len(payload)
-                        try:  # noqa: SIM105 (as in apply)
-                            # us_to_utc inline, positional: the same datetime, half the cost.
-                            run.pipeline.feed(payload, epoch + micros(0, 0, utc_us), mono)
-                        except UnexpectedDeviceError:
-                            pass
-                        continue
-                    if kind == OX_SAMPLE:
-                        run.last_utc_us = utc_us
-                        if run.bed is not None:
-                            run.bed.feed(mono, decode_sample(payload))
-                        continue
-                    if kind == BED_TICK:
-                        run.last_utc_us = utc_us
-                        if run.bed is not None:
-                            run.bed.tick(mono)
-                        continue
-                apply(device_id, rec)
-                run = self._runs.get(device_id)  # a header may have started a new run
+            for batch in self._device_batches(device_id):
+                for rec in batch:
+                    kind, mono, utc_us, payload = rec
+                    count += 1
+                    if first is None:
+                        first = utc_us
+                    if last is None or utc_us > last:
+                        last = utc_us
+                    if at is not None:
+                        at[0] = utc_us
+                    if run is not None:
+                        if kind == RX:
+                            run.last_utc_us = utc_us
+                            rx_bytes += len(payload)
+                            try:  # noqa: SIM105 (as in apply)
+                                # us_to_utc inline, positional: the same datetime, half the cost.
+                                run.pipeline.feed(payload, epoch + micros(0, 0, utc_us), mono)
+                            except UnexpectedDeviceError:
+                                pass
+                            continue
+                        if kind == OX_SAMPLE:
+                            run.last_utc_us = utc_us
+                            if run.bed is not None:
+                                run.bed.feed(mono, decode_sample(payload))
+                            continue
+                        if kind == BED_TICK:
+                            run.last_utc_us = utc_us
+                            if run.bed is not None:
+                                run.bed.tick(mono)
+                            continue
+                    apply(device_id, rec)
+                    run = self._runs.get(device_id)  # a header may have started a new run
         finally:
             s.records += count
             s.rx_bytes += rx_bytes
