@@ -450,7 +450,8 @@ class Spo2Monitor:
 
     def tick(self, t_s: float) -> list[Spo2Event]:
         """Let time pass without a sample: closes the observation window when it is due."""
-        return self._advance(self._time(t_s))
+        t = self._time(t_s)
+        return [] if self._dose is None else self._advance(t)
 
     def link_down(self, t_s: float) -> list[Spo2Event]:
         """The oximeter link broke: the last sample holds no longer than now."""
