@@ -99,6 +99,9 @@ _PREFIX = struct.Struct("<II")
 _BODY = struct.Struct("<Bdq")
 #: Longest body a reader accepts; anything longer is corruption, not a record.
 MAX_BODY = 1 << 20
+#: ``_PREFIX`` and ``_BODY`` in one: what the reader unpacks per record.
+_HEAD = struct.Struct("<IIBdq")
+assert _HEAD.size == _PREFIX.size + _BODY.size
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -287,7 +290,6 @@ class RecordDecoder:
         out: list[Record] = []
         n = len(buf)
         unpack_prefix = _PREFIX.unpack_from
-        unpack_body = _BODY.unpack_from
         crc32 = zlib.crc32
         body_min = _BODY.size
         if n - pos < 8:
@@ -305,9 +307,14 @@ class RecordDecoder:
         new_record = _new_tuple
         append = out.append
         first = pos  # bytes_ok is settled once, after the loop
-        while n - pos >= 8:
-            length, crc = unpack_prefix(data_b, pos)
-            if length < body_min or length > MAX_BODY:
+        unpack_head = _HEAD.unpack_from
+        max_body = MAX_BODY
+        head = _HEAD.size  # prefix + body header: the shortest possible record
+        # Prefix and body header in one unpack; the body's fields are used only once the
+        # CRC has vouched for them. Fewer than ``head`` bytes left are judged after the loop.
+        while n - pos >= head:
+            length, crc, kind_b, mono, utc_us = unpack_head(data_b, pos)
+            if length < body_min or length > max_body:
                 self._die(f"bad record length {length} at byte {self.stats.bytes_ok + pos - first}")
                 break
             start = pos + 8
@@ -317,7 +324,6 @@ class RecordDecoder:
             if crc32(view[start:end]) != crc:
                 self._die(f"CRC mismatch in the record at byte {self.stats.bytes_ok + pos - first}")
                 break
-            kind_b, mono, utc_us = unpack_body(data_b, start)
             kind = kind_of[kind_b]
             if kind is None:
                 at = self.stats.bytes_ok + pos - first
@@ -326,6 +332,11 @@ class RecordDecoder:
             # Record(...) without its Python-level __new__: the same tuple, half the cost.
             append(new_record(Record, (kind, mono, utc_us, data_b[start + body_min : end])))
             pos = end
+        if not self._dead and n - pos >= 8:
+            # A prefix but not a whole body header: a record still coming, or a bad length.
+            length = unpack_prefix(data_b, pos)[0]
+            if length < body_min or length > max_body:
+                self._die(f"bad record length {length} at byte {self.stats.bytes_ok + pos - first}")
         self.stats.bytes_ok += pos - first
         view.release()
         if self._dead:
