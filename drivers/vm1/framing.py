@@ -8,10 +8,11 @@ is expected on a serial link and must not stop the stream.
 
 from __future__ import annotations
 
+from binascii import crc_hqx  # crc16_ccitt_false without the wrapper's call, per frame
 from dataclasses import dataclass
 
 from drivers.errors import ProtocolError
-from drivers.vm1.crc import crc16_ccitt_false
+from drivers.vm1.crc import CRC16_INIT, crc16_ccitt_false
 from drivers.vm1.messages import HEADER_LEN, MAX_PAYLOAD
 
 __all__ = [
@@ -218,7 +219,9 @@ class Deframer:
             stats.oversize_frames += 1
         elif size < MIN_CONTENT:
             stats.short_frames += 1
-        elif crc16_ccitt_false(content[:-CRC_LEN]) != int.from_bytes(content[-CRC_LEN:], "little"):
+        elif crc_hqx(content[:-CRC_LEN], CRC16_INIT) != int.from_bytes(
+            content[-CRC_LEN:], "little"
+        ):
             stats.crc_errors += 1
         else:
             stats.frames_ok += 1
