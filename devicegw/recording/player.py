@@ -599,9 +599,8 @@ def play_parallel(
 
     Devices are independent (one pipeline each), so each device's files are
     played by one worker. The outputs are handed to ``emit`` after all workers
-    finished, merged by the UTC of the record that produced them (ties: the
-    device order of :class:`Player`, then each device's own order) -- the order
-    ``Player.run`` emits in when every device's recorded UTC only moves forward.
+    finished, merged as :meth:`Player.run` merges them (:func:`_merge_outputs`): the
+    order of the UTC merge of every record, as :meth:`Player.run_async` plays them.
     The summary is the sum of the workers' (``wall_s``: the whole parallel run).
     """
     t0 = time.perf_counter()
