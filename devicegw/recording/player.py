@@ -376,21 +376,19 @@ class Player:
         """
         s = self.summary
         apply = self.apply
-        first, last, count, rx_bytes = s.first_utc_us, s.last_utc_us, 0, 0
-        latest = -1  # this device's latest UTC so far
+        count = rx_bytes = 0
+        latest = _BEFORE_ANY  # this device's latest UTC so far (summary's last: the latest)
         run = self._runs.get(device_id)
         epoch, micros = _EPOCH, timedelta
         try:
             for _, path in self._groups[device_id]:
                 stats = ReadStats()
                 for batch in iter_record_batches(path, stats):
+                    if s.first_utc_us is None:  # batches are never empty
+                        s.first_utc_us = batch[0].utc_us
                     for rec in batch:
                         kind, mono, utc_us, payload = rec
                         count += 1
-                        if first is None:
-                            first = utc_us
-                        if last is None or utc_us > last:
-                            last = utc_us
                         if utc_us > latest:
                             latest = utc_us
                         if at is not None:
@@ -427,7 +425,8 @@ class Player:
         finally:
             s.records += count
             s.rx_bytes += rx_bytes
-            s.first_utc_us, s.last_utc_us = first, last
+            if count and (s.last_utc_us is None or latest > s.last_utc_us):
+                s.last_utc_us = latest
 
     def _header(self, device_id: str, rec: Record, run: _Run | None) -> None:
         """A header record: a new gateway run starts a fresh pipeline; nothing may precede one."""
@@ -547,6 +546,8 @@ def _keyed(
 # ======================================================================== parallel
 
 
+#: The stamp before a device's first record: below any recorded UTC (an i64).
+_BEFORE_ANY = -(1 << 64)
 #: One device's outputs: (stamp of the record that produced it, the output), in order.
 _Timed = tuple[int, Emitted]
 _T = TypeVar("_T")
