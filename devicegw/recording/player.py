@@ -393,7 +393,12 @@ class Player:
                             latest = utc_us
                         if at is not None:
                             at[0] = latest
-                        if run is not None:
+                        if run is not None:  # the commonest kinds first
+                            if kind == OX_SAMPLE:
+                                run.last_utc_us = utc_us
+                                if run.bed is not None:
+                                    run.bed.feed(mono, decode_sample(payload))
+                                continue
                             if kind == RX:
                                 run.last_utc_us = utc_us
                                 rx_bytes += len(payload)
@@ -402,11 +407,6 @@ class Player:
                                     run.pipeline.feed(payload, epoch + micros(0, 0, utc_us), mono)
                                 except UnexpectedDeviceError:
                                     pass
-                                continue
-                            if kind == OX_SAMPLE:
-                                run.last_utc_us = utc_us
-                                if run.bed is not None:
-                                    run.bed.feed(mono, decode_sample(payload))
                                 continue
                             if kind == BED_TICK:
                                 run.last_utc_us = utc_us
