@@ -86,12 +86,8 @@ async def test_queue_qos0_reaches_a_real_broker_in_order(mosquitto: MosquittoBro
     props.MessageExpiryInterval = 60
     received: list[tuple[str, bytes, int | None]] = []
     async with (
-        aiomqtt.Client(
-            mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
-        ) as sub,
-        aiomqtt.Client(
-            mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5
-        ) as pub,
+        aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as sub,
+        aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as pub,
     ):
         assert isinstance(pub._client, paho.mqtt.client.Client)
         await sub.subscribe("t/#", qos=0)
