@@ -179,6 +179,7 @@ async def one_run(
         telemetry_ms: list[float] = []
         alert_ms: list[float] = []
         lag: dict[str, Any] = {}
+        kinds: dict[str, int] = {}
         try:
             while not (links / "ready").exists():
                 await asyncio.sleep(0.2)
@@ -202,6 +203,10 @@ async def one_run(
                     async for msg in sub.messages:
                         now = clock.now()
                         topic = str(msg.topic)
+                        # <base>/<kind>/<device>[/status]: counted by kind (and status)
+                        rest = topic.partition("/gw-scale/")[2].split("/")
+                        kind = "/".join(rest[:1] + rest[2:])
+                        kinds[kind] = kinds.get(kind, 0) + 1
                         if "/dose/" in topic or "/telemetry/" in topic or "/safety/" in topic:
                             body = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
                             if "/dose/" in topic:
@@ -271,6 +276,8 @@ async def one_run(
             "alert_p50": pct(alert_ms, 50),
             "alert_p99": pct(alert_ms, 99),
             "lag_max": lag.get("max_s", float("nan")) * 1000,
+            "kinds": dict(sorted(kinds.items())),
+            "wall_s": wall,
             "lag_over": lag.get("over_50ms", 0) / max(1, lag.get("samples", 0)),
         }
 
@@ -307,6 +314,8 @@ def main() -> None:
             f"{r['lag_max']:.0f} ms, {r['lag_over']:.1%}",
             flush=True,
         )
+        per_s = ", ".join(f"{k} {v / r['wall_s']:.0f}" for k, v in r["kinds"].items())
+        print(f"    messages/s at the subscriber by topic kind: {per_s}", flush=True)
         if args.profile is not None and args.profile.exists():
             import pstats
 
