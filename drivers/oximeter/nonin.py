@@ -450,6 +450,18 @@ class NoninDecoder:
         """Frames of the packet being assembled."""
         return len(self._frames)
 
+    def bytes_to_packet_end(self) -> int:
+        """Bytes still to come before the packet in progress can complete (at least 1).
+
+        Assumes the rest arrives as valid frames; if it does not, feeding them costs
+        nothing but a later look. With no packet in progress, a whole packet.
+        """
+        if self._frames:
+            need = (FRAMES_PER_PACKET - len(self._frames)) * FRAME_LEN - len(self._buf)
+        else:
+            need = PACKET_LEN - len(self._buf)
+        return max(1, need)
+
     def reset(self) -> None:
         """Drop partial frames and packets, e.g. after the port reopens."""
         self.stats.bytes_discarded += len(self._buf)
