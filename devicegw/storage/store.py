@@ -266,8 +266,11 @@ class Store:
     # -- fsync off the event loop (sync_later) ------------------------------------------
 
     def _request_sync(self) -> None:
-        if self._sync_task is None or self._sync_task.done():
-            self._sync_task = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        task = self._sync_task
+        # A task of an earlier event loop (asyncio.run twice with one store) never runs.
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._sync_task = loop.create_task(
                 self._sync_pending(), name="store-sync"
             )
 
