@@ -538,17 +538,19 @@ class NoninDecoder:
         ):
             return 0
         self.stats.frames_ok += FRAMES_PER_PACKET
+        self._complete([chunk[i : i + FRAME_LEN] for i in range(0, PACKET_LEN, FRAME_LEN)], out)
+        return pos + PACKET_LEN
+
+    def _complete(self, frames: list[bytes], out: list[NoninPacket]) -> None:
+        """25 valid frames: a packet, or a bad packet counted (never raised)."""
         try:
-            packet = _packet_from_frames(
-                [chunk[i : i + FRAME_LEN] for i in range(0, PACKET_LEN, FRAME_LEN)]
-            )
+            packet = _packet_from_frames(frames)
         except ProtocolError as exc:
             self.stats.bad_packets += 1
             self.last_error = exc
         else:
             self.stats.packets_ok += 1
             out.append(packet)
-        return pos + PACKET_LEN
 
     def _discard(self, n: int) -> None:
         self.stats.bytes_discarded += n
@@ -570,12 +572,5 @@ class NoninDecoder:
         else:
             frames.append(frame)
         if len(frames) == FRAMES_PER_PACKET:
-            try:
-                packet = _packet_from_frames(frames)
-            except ProtocolError as exc:
-                self.stats.bad_packets += 1
-                self.last_error = exc
-            else:
-                self.stats.packets_ok += 1
-                out.append(packet)
+            self._complete(frames, out)
             frames.clear()
