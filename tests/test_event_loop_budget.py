@@ -1,7 +1,8 @@
 """What keeps the one event loop free at scale (issue 13), each part on its own.
 
 ``benchmarks/scale.py`` measures the whole; these tests pin the behaviour the
-figures depend on: which commits wait for an fsync, that decided records are
+figures depend on: which commits wait for an fsync (and that a finished session's,
+fsync'ed off the loop, is published only after it), that decided records are
 published before retained statuses, that the loop's lateness is measured and a
 stall is logged once, that the daemon's start-up objects are frozen for the
 garbage collector, and that no systemd task runs outside systemd.
@@ -9,14 +10,17 @@ garbage collector, and that no systemd task runs outside systemd.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import gc
+import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from devicegw.runtime import gc_policy, loop_lag
+from devicegw.runtime import gc_policy, health, loop_lag
 from devicegw.runtime.systemd_notify import Notifier
 from devicegw.storage.outbox import Outbox
 from devicegw.storage.store import Store
@@ -159,3 +163,156 @@ def test_no_systemd_task_outside_systemd(tmp_path: Path) -> None:
             assert "loop-lag" in names
         finally:
             gw.close()
+
+
+def test_the_status_snapshot_serialises_as_asdict_would() -> None:
+    """health._plain replaced dataclasses.asdict (its deep copy cost the loop ~20 ms a round)."""
+    dev = health.DeviceSnapshot(
+        identity=health.DeviceIdentity("VM-1", 'VM1-"7"\n', "1.2"),
+        port="/dev/ttyUSB0",
+        connected=True,
+        connects=1,
+        open_failures=0,
+        refusals=0,
+        last_frame_age_s=0.1,
+        frames_ok=100,
+        frames_bad=0,
+        frames_lost=0,
+        refused=None,
+        last_error="ü",
+        identified=True,
+        identity_note=None,
+        held_before_ident=0,
+        dropped_before_ident=0,
+        idents_ignored=0,
+        open_session=3,
+    )
+    ox = health.OximeterSnapshot("/dev/x", "B1", True, 0.2, 5, 0, 0, None)
+    snap = health.GatewaySnapshot(
+        gateway_id="g",
+        site="s",
+        utc=NOW.isoformat(),
+        pid=1,
+        broker={"host": "127.0.0.1", "nested": [1, {"a": (2, 3)}]},
+        outbox_depth=0,
+        store_bytes=0,
+        store=health.StoreSnapshot(0, 0, 0, None, None, 0),
+        descriptors_in_use=None,
+        descriptors_limit=2,
+        devices={"d1": dev, "d2": dataclasses.replace(dev, identity=None)},
+        oximeters={"o1": ox},
+        task_restarts={"x": 1},
+        task_errors={},
+        loop_lag=health.LoopLagSnapshot(1, 0.0, 0, 0),
+    )
+    assert snap.to_json() == json.loads(json.dumps(dataclasses.asdict(snap)))
+    assert json.dumps(snap.to_json()) == json.dumps(dataclasses.asdict(snap))
+
+
+# -- a finished session's fsync off the loop (Store.transaction(sync_later=True)) --------
+
+
+async def _until_synced(store: Store) -> None:
+    for _ in range(500):
+        if store.synced_gen >= store.transaction_gen - 1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the store's background fsync never completed")
+
+
+async def test_a_finished_session_is_fsynced_off_the_loop_and_published_only_after(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "gw.sqlite3")
+    ob = Outbox(store)
+    woken: list[int] = []
+    store.sync_listeners.append(lambda: woken.append(store.synced_gen))
+    try:
+        with store.transaction(sync_later=True):
+            assert synchronous(store) == NORMAL  # no fsync at this commit
+            assert store.deferring
+            ob.add("dose", "d/dev1", b"{}", qos=1, retain=False, now=NOW, event_id="e1")
+            ob.add("safety", "a/dev1", b"{}", qos=1, retain=False, now=NOW)
+        assert synchronous(store) == FULL  # and back to FULL for everything else
+        # A status committed after it is not held back; the decided rows are, until the
+        # fsync (nothing has yielded to the loop yet, so it cannot have run).
+        ob.add("status", "s/dev1", b"{}", qos=1, retain=True, now=NOW)
+        assert ob.pending(latest_wins=False) == []
+        assert ob.pending() == []  # in id order, nothing overtakes the held rows
+        assert [r.topic for r in ob.pending(latest_wins=True)] == ["s/dev1"]
+        await _until_synced(store)
+        assert [r.kind for r in ob.pending(latest_wins=False)] == ["dose", "safety"]
+        assert woken, "the publisher is told when more rows became publishable"
+    finally:
+        store.close()
+
+
+def test_without_an_event_loop_sync_later_is_an_ordinary_durable_commit(tmp_path: Path) -> None:
+    store = Store(tmp_path / "gw.sqlite3")
+    ob = Outbox(store)
+    try:
+        with store.transaction(sync_later=True):
+            assert synchronous(store) == FULL
+            ob.add("dose", "d/dev1", b"{}", qos=1, retain=False, now=NOW, event_id="e1")
+        assert [r.kind for r in ob.pending()] == ["dose"]
+    finally:
+        store.close()
+
+
+async def test_a_failing_fsync_holds_decided_rows_back_until_it_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Mocked: a disk whose fsync fails cannot be made here; the failure is injected.
+    store = Store(tmp_path / "gw.sqlite3")
+    ob = Outbox(store)
+    real = store._fsync_wal
+    failures = [OSError(5, "Input/output error")] * 2
+
+    def flaky() -> None:
+        if failures:
+            raise failures.pop()
+        real()
+
+    monkeypatch.setattr(store, "_fsync_wal", flaky)
+    try:
+        with store.transaction(sync_later=True):
+            ob.add("dose", "d/dev1", b"{}", qos=1, retain=False, now=NOW, event_id="e1")
+        await asyncio.sleep(0.2)
+        assert failures and ob.pending() == []
+        assert "cannot fsync the store's WAL" in caplog.text
+        await _until_synced(store)  # retried once a second
+        assert [r.kind for r in ob.pending()] == ["dose"]
+        assert caplog.text.count("cannot fsync the store's WAL") == 1  # said once
+    finally:
+        store.close()
+
+
+async def test_a_rolled_back_session_commit_does_not_hold_the_outbox_for_ever(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "gw.sqlite3")
+    ob = Outbox(store)
+    try:
+        with pytest.raises(RuntimeError), store.transaction(sync_later=True):
+            ob.add("dose", "d/dev1", b"{}", qos=1, retain=False, now=NOW, event_id="e1")
+            raise RuntimeError("the session's audit record failed")
+        ob.add("dose", "d/dev2", b"{}", qos=1, retain=False, now=NOW, event_id="e2")
+        await _until_synced(store)
+        assert [r.topic for r in ob.pending()] == ["d/dev2"]
+    finally:
+        store.close()
+
+
+async def test_closing_the_store_syncs_what_is_not_yet_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path / "gw.sqlite3")
+    ob = Outbox(store)
+    synced: list[bool] = []
+    real = store._fsync_wal
+    monkeypatch.setattr(store, "_fsync_wal", lambda: (synced.append(True), real())[1])
+    with store.transaction(sync_later=True):
+        ob.add("dose", "d/dev1", b"{}", qos=1, retain=False, now=NOW, event_id="e1")
+    store.close()  # before the loop ran the background fsync
+    assert synced
+    await asyncio.sleep(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tomllib
 from pathlib import Path
@@ -531,4 +532,90 @@ async def test_serial_source_gives_up_a_port_of_line_noise_and_reads_a_real_one(
     finally:
         await source.close()
         os.close(controller)
+        os.close(device)
+
+
+async def test_serial_source_wakes_once_per_packet_not_per_frame() -> None:
+    """Frames arriving one by one (as a 9600-baud line delivers them) wake the reader when
+    the packet can be complete, not 25 times (issue 13: 75 wake-ups a second per oximeter
+    were the largest share of the loop's turns at 500 beds). No sample is late for it:
+    the packet's last frame is the one that wakes the reader. Real pty."""
+    import asyncio
+    import os
+    import tty
+
+    from drivers.clock import ManualClock
+    from drivers.transport.adapters import NoninSerialSource
+    from drivers.transport.serial_link import SerialLink
+
+    controller, device = os.openpty()
+    tty.setraw(device)
+    link = SerialLink(os.ttyname(device), baudrate=9600)
+    wakes: list[int] = []
+    read_at_least = link.read_at_least
+
+    async def counted(n: int) -> bytes:
+        data = await read_at_least(n)
+        wakes.append(len(data))
+        return data
+
+    link.read_at_least = counted  # type: ignore[method-assign]
+    source = NoninSerialSource(link, ManualClock(), "t")
+    try:
+        await source.open()
+        # Start mid-packet (10 orphan frames), then three whole packets, a frame at a time.
+        stream = NORMAL[15 * 5 :] + NORMAL * 3
+        frames = [stream[i : i + 5] for i in range(0, len(stream), 5)]
+        reader = asyncio.create_task(source.read_samples())
+        got = []
+        for n, frame in enumerate(frames, start=1):
+            os.write(controller, frame)
+            await asyncio.sleep(0.003)
+            if n > 10 and (n - 10) % 25 == 0:  # the last frame of a whole packet
+                async with asyncio.timeout(5):
+                    got += await reader
+                reader = asyncio.create_task(source.read_samples())
+            else:
+                assert not reader.done(), f"woke with no packet after frame {n}"
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        assert len(got) == 3
+        assert all(r.sample.spo2 is not None for r in got)
+        # 85 frames came; the reader woke about once per packet (orphans: one more).
+        assert len(wakes) <= 5, wakes
+    finally:
+        await source.close()
+        os.close(controller)
+        os.close(device)
+
+
+async def test_read_at_least_returns_what_is_left_when_the_port_fails() -> None:
+    """A port that fails before n bytes came: the bytes that did come, then the error."""
+    import asyncio
+    import os
+    import tty
+
+    from drivers.errors import TransportError
+    from drivers.transport.serial_link import SerialLink
+
+    controller, device = os.openpty()
+    tty.setraw(device)
+    link = SerialLink(os.ttyname(device), baudrate=9600)
+    try:
+        await link.open()
+        os.write(controller, b"\x01\x80\x00")
+        pending = asyncio.create_task(link.read_at_least(125))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        os.close(controller)  # the other side goes away: EIO on the next read
+        controller = -1
+        async with asyncio.timeout(5):
+            assert await pending == b"\x01\x80\x00"
+            with pytest.raises(TransportError):
+                await link.read_at_least(125)
+    finally:
+        await link.close()
+        if controller >= 0:
+            os.close(controller)
         os.close(device)

@@ -189,6 +189,8 @@ class MqttPublisher:
         self._clock = clock
         self._store = store
         self.outbox = Outbox(store)
+        # A record committed with sync_later becomes publishable when its fsync returns.
+        store.sync_listeners.append(self._outbox_grew)
         self._status_topic = status_topic
         self._status_payload = status_payload
         self._protocol_pref = protocol
@@ -593,6 +595,10 @@ class MqttPublisher:
                     if correlation is not None:
                         props.CorrelationData = correlation
                 await client.publish(topic, body, qos=1, properties=props)
+
+    def _outbox_grew(self) -> None:
+        self._outbox_changed = True
+        self._wake.set()
 
     def _task_done(self, inflight: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:

@@ -514,6 +514,8 @@ class Gateway:
 
     def _write_witness(self) -> None:
         with contextlib.suppress(Exception):  # a damaged or full store: logged where it failed
+            # Only a head that is on disk: sessions committed with sync_later may not be yet.
+            self.store.sync_now()
             head = str(self.audit.head())
             write_witness(self.config.gateway.data_dir, head, now=self.clock.now())
 

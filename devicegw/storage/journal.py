@@ -201,8 +201,11 @@ class SessionJournal:
 
     @contextlib.contextmanager
     def finishing(self, device_id: str, session_no: int) -> Iterator[None]:
-        """Commit whatever is recorded inside together with clearing the session's journal row."""
-        with self.store.transaction():
+        """Commit whatever is recorded inside together with clearing the session's journal row.
+
+        fsync'ed off the event loop (``sync_later``): the outbox publishes nothing of it
+        until the fsync returns (devicegw/storage/store.py)."""
+        with self.store.transaction(sync_later=True):
             yield
             self.clear(device_id, session_no)
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -156,6 +157,9 @@ class Outbox:
         self._skip: set[int] = set()  # quarantined rows the store could not mark
         self._sent_unmarked: set[int] = set()  # acknowledged; marking held by a full disk
         self.quarantined_now = 0  # rows quarantined by this process
+        #: (transaction number, row id) of decided rows committed with sync_later and not
+        #: known to be on disk yet: pending() gives nothing from the first of them on.
+        self._unsynced: deque[tuple[int, int]] = deque()
 
     def add(
         self,
@@ -205,7 +209,7 @@ class Outbox:
             if kind == TopicKind.STATUS:
                 db.execute("DELETE FROM outbox WHERE topic = ? AND sent_utc IS NULL", (topic,))
             for row_kind, row_topic, row_payload, row_key in rows:
-                db.execute(
+                cursor = db.execute(
                     "INSERT INTO outbox (kind, device_id, topic, qos, retain, payload, event_id,"
                     " created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -219,7 +223,16 @@ class Outbox:
                         now.isoformat(),
                     ),
                 )
+                if self.store.deferring and cursor.lastrowid is not None:
+                    self._unsynced.append((self.store.transaction_gen, cursor.lastrowid))
         return AddResult(added=True, conflict=False)
+
+    def _first_unsynced_id(self) -> int | None:
+        """The first decided row not known to be on disk (Store, sync_later), if any."""
+        unsynced = self._unsynced
+        while unsynced and self.store.is_synced(unsynced[0][0]):
+            unsynced.popleft()
+        return unsynced[0][1] if unsynced else None
 
     def pending(
         self, *, after_id: int = 0, limit: int = 100, latest_wins: bool | None = None
@@ -254,6 +267,7 @@ class Outbox:
         finally:
             conn.text_factory = saved
         rows: list[OutboxRow] = []
+        unsynced_from = self._first_unsynced_id()
         for r in raw:
             if len(rows) >= limit:
                 break
@@ -266,6 +280,8 @@ class Outbox:
             # The query filtered already; rows read one by one around damage are not.
             if latest_wins is not None and (row.kind in LATEST_WINS) != latest_wins:
                 continue
+            if unsynced_from is not None and row.id >= unsynced_from and latest_wins is not True:
+                break  # committed, not yet fsync'ed: not published yet (store.py)
             rows.append(row)
         return rows
 

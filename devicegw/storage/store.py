@@ -11,12 +11,24 @@ of them back, and the next FULL commit makes every earlier one durable too.
 Each FULL commit waits for an fsync on the event loop; at 500 beds the
 snapshots alone were 100 a second (issue 13).
 
+A session's decided record (its dose event, audit entry and journal clear, in one
+transaction) commits with ``transaction(sync_later=True)``: NORMAL at commit, then
+the WAL is fsync'ed in a worker thread (:meth:`Store._sync_pending`) instead of on
+the event loop, where 500 sessions ending together spent ~4-8 ms each waiting for
+the disk (issue 13). Until that fsync returns the record is not *published*: the
+outbox holds back every decided row from the first one not yet synced
+(:meth:`Store.is_synced`), and the witness file is written only after
+:meth:`Store.sync_now`. A power cut before the fsync takes the whole transaction
+back (the session is still in its journal and in the device's log), and nothing
+outside the gateway saw it.
+
 The outbox, the session journal and the audit trail keep their tables here, so
 one file (and one backup) holds everything that makes a dose record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -30,6 +42,14 @@ from types import TracebackType
 from devicegw.errors import GatewayError
 
 log = logging.getLogger(__name__)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class StoreError(GatewayError):
@@ -153,6 +173,16 @@ class Store:
             self.conn.execute("PRAGMA synchronous=FULL")
             self._full_sync = True
             self._want_full = True
+            self._deferring = False
+            #: Top-level transactions so far; a transaction inside is number _gen + 1.
+            self._gen = 0
+            #: Every transaction up to this number is on disk (a FULL commit or an fsync).
+            self.synced_gen = 0
+            self._deferred_gen = 0  # the last sync_later transaction
+            self._sync_task: asyncio.Task[None] | None = None
+            self._sync_failing = False
+            #: Called (on the event loop) when an fsync made more transactions durable.
+            self.sync_listeners: list[Callable[[], None]] = []
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA busy_timeout=5000")
         except (OSError, sqlite3.Error) as exc:
@@ -167,19 +197,42 @@ class Store:
             self.conn.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
             self._full_sync = full
 
+    @property
+    def transaction_gen(self) -> int:
+        """The number the transaction in progress will have (see :meth:`is_synced`)."""
+        return self._gen + 1
+
+    @property
+    def deferring(self) -> bool:
+        """Inside a ``sync_later`` transaction: what it commits is not on disk at return."""
+        return self.conn.in_transaction and self._deferring
+
+    def is_synced(self, gen: int) -> bool:
+        return gen <= self.synced_gen
+
     @contextlib.contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(
+        self, *, durable: bool = True, sync_later: bool = False
+    ) -> Iterator[sqlite3.Connection]:
         """One atomic transaction, fsync'ed at commit unless ``durable`` is False (see the
         module's docstring). Nested calls join the outer one. Outside a non-durable
         transaction the connection is always FULL, so a statement in autocommit mode
-        (audit, meta) is durable."""
+        (audit, meta) is durable.
+
+        ``sync_later``: durable, but fsync'ed by a worker thread after the commit
+        (the module's docstring says who waits for it). Without a running event loop
+        it is an ordinary durable transaction."""
         if self.conn.in_transaction:
-            if durable:
+            if durable and not self._deferring:
                 self._want_full = True
             yield self.conn
             return
-        self._want_full = durable
-        self._sync_mode(durable)
+        deferring = sync_later and _loop_running()
+        full = durable and not deferring
+        self._deferring = deferring
+        self._want_full = full
+        self._sync_mode(full)
+        committed = False
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -192,14 +245,74 @@ class Store:
                     with contextlib.suppress(sqlite3.Error):
                         self.conn.execute("ROLLBACK")
                 raise
+            committed = True
             if self._want_full and not self._full_sync:
                 # A bug: a durable write nested in a non-durable transaction. A checkpoint
                 # syncs the WAL first, so the commit is made durable all the same.
                 log.error("a durable write joined a non-durable transaction; syncing now")
                 self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
+            self._gen += 1
+            self._deferring = False
+            if committed and full:
+                self.synced_gen = self._gen  # the fsync of a FULL commit covers the whole WAL
+            elif deferring:
+                # Rolled back too: the outbox may hold this number for a row that is gone.
+                self._deferred_gen = self._gen
+                self._request_sync()
             with contextlib.suppress(sqlite3.Error):
                 self._sync_mode(True)
+
+    # -- fsync off the event loop (sync_later) ------------------------------------------
+
+    def _request_sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._sync_task
+        # A task of an earlier event loop (asyncio.run twice with one store) never runs.
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._sync_task = loop.create_task(
+                self._sync_pending(), name="store-sync"
+            )
+
+    async def _sync_pending(self) -> None:
+        while self.synced_gen < self._deferred_gen:
+            target = self._gen
+            try:
+                await asyncio.to_thread(self._fsync_wal)
+            except OSError as exc:
+                if not self._sync_failing:
+                    log.error(  # noqa: TRY400 - the error is the message
+                        "cannot fsync the store's WAL: %s; decided records are held back "
+                        "from the broker until it succeeds",
+                        exc,
+                    )
+                self._sync_failing = True
+                await asyncio.sleep(1.0)
+                continue
+            if self._sync_failing:
+                log.warning("the store's WAL fsync succeeds again")
+                self._sync_failing = False
+            self.synced_gen = max(self.synced_gen, target)
+            for listener in self.sync_listeners:
+                listener()
+
+    def _fsync_wal(self) -> None:
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed into the main file (which a checkpoint syncs) and gone
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sync_now(self) -> None:
+        """Every committed transaction on disk now (blocking): before the witness, at close."""
+        if self.synced_gen >= self._gen:
+            return
+        target = self._gen
+        self._fsync_wal()
+        self.synced_gen = max(self.synced_gen, target)
 
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         self._meta_table()
@@ -253,7 +366,15 @@ class Store:
         return total
 
     def close(self) -> None:
-        self.conn.close()
+        try:
+            if self._deferred_gen > self.synced_gen:
+                self.sync_now()
+        except OSError as exc:
+            log.error("cannot fsync the store's WAL at close: %s", exc)  # noqa: TRY400
+        finally:
+            if self._sync_task is not None:
+                self._sync_task.cancel()
+            self.conn.close()
 
     def __enter__(self) -> Store:
         return self

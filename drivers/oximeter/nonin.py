@@ -74,6 +74,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, IntFlag
+from functools import reduce
+from operator import or_
 
 from drivers.errors import ProtocolError
 from drivers.oximeter.sample import OximeterSample, QualityFlag
@@ -144,6 +146,11 @@ _GPRF_BIT = int(NoninStatus.GPRF)
 _RPRF_BIT = int(NoninStatus.RPRF)
 _BIT7_BIT = int(NoninStatus.BIT7)
 _STATUS_OF = tuple(NoninStatus(i) for i in range(256))
+# A whole packet checked at once (NoninDecoder._whole_packet): every frame's START byte,
+# and the STATUS bits that say where the packet starts.
+_STARTS = bytes([START]) * FRAMES_PER_PACKET
+_SYNC_MASK = _SYNC_BIT | _BIT7_BIT
+_SYNC_FIRST = _SYNC_BIT | _BIT7_BIT
 
 
 class Perfusion(Enum):
@@ -211,14 +218,11 @@ class NoninPacket:
     _worst_perfusion: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        any_bits = 0
-        worst = 0
-        for s in self.statuses:
-            v = int(s)
-            any_bits |= v
-            worst = max(worst, _PERFUSION_OF[v & 0xFF])
-        object.__setattr__(self, "_status_any", any_bits)
-        object.__setattr__(self, "_worst_perfusion", worst)
+        raw = [int(s) & 0xFF for s in self.statuses]
+        object.__setattr__(self, "_status_any", reduce(or_, raw, 0))
+        object.__setattr__(
+            self, "_worst_perfusion", max(map(_PERFUSION_OF.__getitem__, raw), default=0)
+        )
 
     def _any(self, bit: NoninStatus) -> bool:
         return bool(self._status_any & int(bit))
@@ -450,6 +454,18 @@ class NoninDecoder:
         """Frames of the packet being assembled."""
         return len(self._frames)
 
+    def bytes_to_packet_end(self) -> int:
+        """Bytes still to come before the packet in progress can complete (at least 1).
+
+        Assumes the rest arrives as valid frames; if it does not, feeding them costs
+        nothing but a later look. With no packet in progress, a whole packet.
+        """
+        if self._frames:
+            need = (FRAMES_PER_PACKET - len(self._frames)) * FRAME_LEN - len(self._buf)
+        else:
+            need = PACKET_LEN - len(self._buf)
+        return max(1, need)
+
     def reset(self) -> None:
         """Drop partial frames and packets, e.g. after the port reopens."""
         self.stats.bytes_discarded += len(self._buf)
@@ -476,19 +492,65 @@ class NoninDecoder:
                 self._discard(1)
                 pos += 1
                 continue
+            if end - pos >= PACKET_LEN and not self._frames:
+                packet_end = self._whole_packet(buf, pos, out)
+                if packet_end:
+                    pos = packet_end
+                    continue
             if end - pos < FRAME_LEN:
                 break  # a plausible frame start: wait for the rest
-            frame = bytes(buf[pos : pos + FRAME_LEN])
-            if frame_checksum(frame) != frame[4]:
+            # frame_checksum, without building the frame first (75 frames/s per oximeter).
+            if (buf[pos] + buf[pos + 1] + buf[pos + 2] + buf[pos + 3]) & 0xFF != buf[pos + 4]:
                 stats.checksum_errors += 1
                 self._discard(1)
                 pos += 1
                 continue
             stats.frames_ok += 1
+            self._on_frame(bytes(buf[pos : pos + FRAME_LEN]), out)
             pos += FRAME_LEN
-            self._on_frame(frame, out)
         del buf[:pos]
         return out
+
+    def _whole_packet(self, buf: bytearray, pos: int, out: list[NoninPacket]) -> int:
+        """A whole valid packet at ``pos`` in one step: where it ends, or 0 if it is not one.
+
+        The frame-by-frame path gives the same packets and counters (the hypothesis test
+        on chunking checks it); this one checks 25 frames with slices instead of 25
+        calls, which matters at 75 frames/s per oximeter (issue 13).
+        """
+        chunk = bytes(buf[pos : pos + PACKET_LEN])
+        statuses = chunk[1::FRAME_LEN]
+        if (
+            chunk[0::FRAME_LEN] != _STARTS
+            or statuses[0] & _SYNC_MASK != _SYNC_FIRST
+            or any(b & _SYNC_MASK != _BIT7_BIT for b in statuses[1:])
+            or bytes(
+                (a + b + c + d) & 0xFF
+                for a, b, c, d in zip(
+                    chunk[0::FRAME_LEN],
+                    statuses,
+                    chunk[2::FRAME_LEN],
+                    chunk[3::FRAME_LEN],
+                    strict=True,
+                )
+            )
+            != chunk[4::FRAME_LEN]
+        ):
+            return 0
+        self.stats.frames_ok += FRAMES_PER_PACKET
+        self._complete([chunk[i : i + FRAME_LEN] for i in range(0, PACKET_LEN, FRAME_LEN)], out)
+        return pos + PACKET_LEN
+
+    def _complete(self, frames: list[bytes], out: list[NoninPacket]) -> None:
+        """25 valid frames: a packet, or a bad packet counted (never raised)."""
+        try:
+            packet = _packet_from_frames(frames)
+        except ProtocolError as exc:
+            self.stats.bad_packets += 1
+            self.last_error = exc
+        else:
+            self.stats.packets_ok += 1
+            out.append(packet)
 
     def _discard(self, n: int) -> None:
         self.stats.bytes_discarded += n
@@ -510,12 +572,5 @@ class NoninDecoder:
         else:
             frames.append(frame)
         if len(frames) == FRAMES_PER_PACKET:
-            try:
-                packet = _packet_from_frames(frames)
-            except ProtocolError as exc:
-                self.stats.bad_packets += 1
-                self.last_error = exc
-            else:
-                self.stats.packets_ok += 1
-                out.append(packet)
+            self._complete(frames, out)
             frames.clear()

@@ -25,12 +25,12 @@ lost link, wait a capped, jittered backoff, open a new one.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from drivers.link_unit import LinkUnit
 from drivers.oximeter.downsample import ReceivedSample
 
-__all__ = ["ByteLink", "Link", "LinkUnit", "SampleSource"]
+__all__ = ["BatchingLink", "ByteLink", "Link", "LinkUnit", "SampleSource"]
 
 
 class Link(Protocol):
@@ -51,6 +51,18 @@ class Link(Protocol):
     async def write(self, data: bytes) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchingLink(Protocol):
+    """A stream link that can hold its reader until a whole message may be there.
+
+    Optional (serial has it): ``read_at_least(n)`` returns everything buffered once it
+    is ``n`` bytes or more, or what is left when the link fails (then it raises, as
+    ``read`` does). A codec that knows how long its message is asks for the rest of it.
+    """
+
+    async def read_at_least(self, n: int) -> bytes: ...
 
 
 #: The name the runtime has always used; the same contract.
