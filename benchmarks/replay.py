@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/replay.py --ward-month-sample  # extrapolate a 40-bed month
     .venv/bin/python benchmarks/replay.py --subjects 100 --sessions 2 --keep /tmp/ward
     .venv/bin/python benchmarks/replay.py --reuse /tmp/ward    # replay those again only
+    .venv/bin/python benchmarks/replay.py --reuse /tmp/ward --parallel-only  # step 3 only
     .venv/bin/python benchmarks/replay.py --no-oximeter        # nebulizer-only beds (format v1)
     .venv/bin/python benchmarks/replay.py --subjects 20 --sessions 2 --gap-s 43200  # a BID ward
 
@@ -220,6 +221,11 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="write the recordings here and keep them")
     p.add_argument("--reuse", default=None, help="replay the recordings in this dir, make none")
     p.add_argument("--no-oximeter", action="store_true", help="nebulizer-only beds (format v1)")
+    p.add_argument(
+        "--parallel-only",
+        action="store_true",
+        help="replay only with play_parallel (skip the one-core Player.run: a shorter run)",
+    )
     p.add_argument("--ward-month-sample", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # not the alerts' log lines: the figures
@@ -228,7 +234,8 @@ def main() -> None:
         return
     print(f"machine: {os.cpu_count()} cores, load average {_load()} before the run")
     if args.reuse:
-        replay(Path(args.reuse))
+        if not args.parallel_only:
+            replay(Path(args.reuse))
         replay_parallel(Path(args.reuse), args.jobs)
         print(f"machine load average after the run: {_load()}")
         return
@@ -237,7 +244,8 @@ def main() -> None:
         generate(
             out, args.subjects, args.sessions, args.gap_s, args.jobs, oximeter=not args.no_oximeter
         )
-        replay(out)
+        if not args.parallel_only:
+            replay(out)
         replay_parallel(out, args.jobs)
     print(f"machine load average after the run: {_load()}")
 

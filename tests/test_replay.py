@@ -23,7 +23,7 @@ from devicegw.contract.payloads import (
     TelemetryDetail,
 )
 from devicegw.mqtt.publisher import encode
-from devicegw.recording.format import iter_records
+from devicegw.recording.format import MAGIC, encode_record, iter_records
 from devicegw.recording.player import Emitted, Player, play_parallel
 from devicegw.runtime.gateway import Gateway
 from drivers.clock import ScaledClock
@@ -454,3 +454,50 @@ def test_cli_replay_with_jobs_prints_the_same_events(tmp_path: Path) -> None:
     res = run_cli("replay", "--jobs", "2", "--speed", "10", str(files[0]))
     assert res.returncode != 0
     assert b"--jobs" in res.stderr
+
+
+def _with_clock_step_back(src: Path, dst: Path, back_us: int) -> None:
+    """``src`` re-written with the gateway UTC of its middle third ``back_us`` earlier (a
+    clock step back and forward again), everything else as recorded."""
+    records = list(iter_records(src))
+    lo, hi = len(records) // 3, 2 * len(records) // 3
+    with dst.open("wb") as f:
+        f.write(MAGIC)
+        for i, rec in enumerate(records):
+            utc = rec.utc_us - back_us if lo <= i < hi else rec.utc_us
+            f.write(encode_record(rec.kind, rec.mono, utc, rec.payload))
+
+
+def test_device_by_device_replay_keeps_the_interleaved_order(tmp_path: Path) -> None:
+    """Player.run and play_parallel play a device at a time and merge the outputs; they
+    come out in the order of the UTC merge of every record that run_async plays, also
+    when a device's recorded clock steps back, and so do damaged files' problems."""
+    files = sorted(GOLDEN.glob("*.dgwrec"))
+    stepped = tmp_path / "stepped"
+    stepped.mkdir()
+    for i, f in enumerate(files[:2]):
+        _with_clock_step_back(f, stepped / f.name, (i + 1) * 90_000_000)
+    for f in files[2:]:  # two torn copies: two problems to order
+        data = f.read_bytes()
+        (stepped / f.name).write_bytes(data[: len(data) - 7])
+    paths = sorted(stepped.glob("*.dgwrec"))
+    kinds = (*ALL_KINDS, "safety")
+
+    def outputs(items: list[Emitted]) -> list[tuple[str, str, bytes]]:
+        return [(e.device_id, e.kind, encode(e.payload)) for e in items]
+
+    ref: list[Emitted] = []
+    ref_summary = asyncio.run(
+        Player(paths, emit=ref.append, kinds=kinds).run_async(speed=None, yield_every=10**9)
+    )
+    seq: list[Emitted] = []
+    seq_summary = Player(paths, emit=seq.append, kinds=kinds).run()
+    par: list[Emitted] = []
+    play_parallel(paths, jobs=2, emit=par.append, kinds=kinds)
+    assert outputs(seq) == outputs(ref)
+    assert outputs(par) == outputs(ref)
+    assert len(seq_summary.problems) == 2
+    for summary in (seq_summary, ref_summary):
+        summary.wall_s = 0.0
+    assert seq_summary.as_dict() == ref_summary.as_dict()
+    assert seq_summary.problems == ref_summary.problems

@@ -85,7 +85,9 @@ class BedMonitor:
             self.trend.append(
                 (t, sample.spo2 if valid else None, sample.pulse_bpm if valid else None)
             )
-        self._handle(self.monitor.feed(t, sample))
+        events = self.monitor.feed(t, sample)
+        if events:  # rarely: between doses there are none
+            self._handle(events)
 
     def oximeter_down(self, t: float) -> None:
         self._handle(self.monitor.link_down(t))
@@ -94,7 +96,9 @@ class BedMonitor:
         self._handle(self.monitor.link_up(t))
 
     def tick(self, t: float) -> None:
-        self._handle(self.monitor.tick(t))
+        events = self.monitor.tick(t)
+        if events:  # only when an observation window closes
+            self._handle(events)
 
     def session_started(
         self,

@@ -285,20 +285,38 @@ class SessionTracker:
 
     def feed(self, rx: Rx) -> list[TrackerEvent]:
         msg = rx.msg
+        raw_ms = msg.dev_ms
+        last = self._last_raw_ms
+        if last is not None and raw_ms >= last:
+            # Uptime moving forward (nearly every message): what _restarted and _unwrap
+            # decide for it, without the calls.
+            self._last_raw_ms = raw_ms
+            dev = (raw_ms + self._wrap_offset) / 1000.0
+            if isinstance(msg, Output):
+                self._on_output(msg, dev)
+                return []
+            if isinstance(msg, Status):
+                return self._on_status(msg, dev)
+            return self._dispatch(msg, dev, rx.utc, [])
         events: list[TrackerEvent] = []
-        if self._restarted(msg.dev_ms):
+        if self._restarted(raw_ms):
             events.extend(self._on_restart())
-        dev = self._unwrap(msg.dev_ms)
+        return self._dispatch(msg, self._unwrap(raw_ms), rx.utc, events)
+
+    def _dispatch(
+        self, msg: DeviceMessage, dev: float, utc: datetime, events: list[TrackerEvent]
+    ) -> list[TrackerEvent]:
+        """``msg`` at unwrapped device time ``dev``; its events after ``events``."""
         if isinstance(msg, Output):
             self._on_output(msg, dev)
         elif isinstance(msg, Status):
             events.extend(self._on_status(msg, dev))
         elif isinstance(msg, SessionStart):
-            events.extend(self._on_start(msg, dev, rx.utc))
+            events.extend(self._on_start(msg, dev, utc))
         elif isinstance(msg, SessionEnd):
-            events.extend(self._on_end(msg, dev, rx.utc))
+            events.extend(self._on_end(msg, dev, utc))
         elif isinstance(msg, SessionRecord):
-            events.extend(self._on_record(msg, rx.utc))
+            events.extend(self._on_record(msg, utc))
         elif isinstance(msg, Alarm):
             events.extend(self._on_alarm(msg, dev))
         elif isinstance(msg, Ident):

@@ -330,20 +330,25 @@ class _Dose:
     alerts_raised: int = 0
     last_valid_t: float | None = None
     flags: list[str] = field(default_factory=list)
+    #: session, combined and (once open) observation: what windows() returns, kept
+    #: rather than rebuilt twice per sample.
+    _windows: tuple[_Stats, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.session = _Stats(self.start)
         self.combined = _Stats(self.start)
+        self._windows = (self.session, self.combined)
 
     def flag(self, name: str) -> None:
         if name not in self.flags:
             self.flags.append(name)
 
-    def windows(self) -> list[_Stats]:
-        out = [self.session, self.combined]
-        if self.observation is not None:
-            out.append(self.observation)
-        return out
+    def open_observation(self, observation: _Stats) -> None:
+        self.observation = observation
+        self._windows = (self.session, self.combined, observation)
+
+    def windows(self) -> tuple[_Stats, ...]:
+        return self._windows
 
     def baseline_out(self) -> BaselineOut:
         return BaselineOut(
@@ -450,7 +455,8 @@ class Spo2Monitor:
 
     def tick(self, t_s: float) -> list[Spo2Event]:
         """Let time pass without a sample: closes the observation window when it is due."""
-        return self._advance(self._time(t_s))
+        t = self._time(t_s)
+        return [] if self._dose is None else self._advance(t)
 
     def link_down(self, t_s: float) -> list[Spo2Event]:
         """The oximeter link broke: the last sample holds no longer than now."""
@@ -684,7 +690,7 @@ class Spo2Monitor:
         dose.session.end = t
         dose.obs_end = t + self.rules.observation_window_s
         dose.combined.end = dose.obs_end
-        dose.observation = _Stats(t, dose.obs_end, link_down_seen=not self._link_up)
+        dose.open_observation(_Stats(t, dose.obs_end, link_down_seen=not self._link_up))
         extra = self._pending_hold(t)
         session_stats = dose.session.out(
             dose.start, self._desats_out(dose, dose.start, t, extra), extra_hold=extra

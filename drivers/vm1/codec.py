@@ -354,31 +354,56 @@ def _dec_ident(p: bytes) -> Ident:
     )
 
 
+# STATUS and OUTPUT are nearly every frame a VM-1 sends (1 Hz, and 10 Hz in a session).
+# Their decoders fill the frozen dataclass's slots directly: the generated __init__ sets
+# each field through object.__setattr__ (frozen), which is most of a decode's cost. The
+# result is the same object (same type, fields, equality and hash); every value is
+# checked first, exactly as before.
+_new_object = object.__new__
+_STATUS_SET = tuple(
+    getattr(Status, f).__set__
+    for f in ("state", "reservoir_ul", "battery_pct", "flags", "fault_code", "seq", "dev_ms")
+)
+_OUTPUT_SET = tuple(
+    getattr(Output, f).__set__ for f in ("rate_ul_min", "cum_ul", "breath", "seq", "dev_ms")
+)
+_STATES: dict[int, DeviceState] = {int(m): m for m in DeviceState}
+_BREATHS: dict[int, Breath] = {int(m): m for m in Breath}
+
+
 def _dec_status(p: bytes) -> Status:
     n = "STATUS"
     _, seq, dev_ms, state, reservoir, battery, flags, fault = _STATUS.unpack(p)
     if battery != BATTERY_ON_MAINS and battery > 100:
         raise ProtocolError(f"{n}: battery_pct {battery} outside 0..100 and not 0xFF")
-    return Status(
-        state=_enum_in(n, "state", state, DeviceState),
-        reservoir_ul=None if reservoir == RESERVOIR_UNKNOWN else reservoir,
-        battery_pct=None if battery == BATTERY_ON_MAINS else battery,
-        flags=flags,
-        fault_code=fault,
-        seq=seq,
-        dev_ms=dev_ms,
-    )
+    member = _STATES.get(state)
+    if member is None:
+        raise ProtocolError(f"{n}: unknown state value {state}")
+    msg: Status = _new_object(Status)
+    s_state, s_reservoir, s_battery, s_flags, s_fault, s_seq, s_dev_ms = _STATUS_SET
+    s_state(msg, member)
+    s_reservoir(msg, None if reservoir == RESERVOIR_UNKNOWN else reservoir)
+    s_battery(msg, None if battery == BATTERY_ON_MAINS else battery)
+    s_flags(msg, flags)
+    s_fault(msg, fault)
+    s_seq(msg, seq)
+    s_dev_ms(msg, dev_ms)
+    return msg
 
 
 def _dec_output(p: bytes) -> Output:
     _, seq, dev_ms, rate, cum, breath = _OUTPUT.unpack(p)
-    return Output(
-        rate_ul_min=rate,
-        cum_ul=cum,
-        breath=_enum_in("OUTPUT", "breath", breath, Breath),
-        seq=seq,
-        dev_ms=dev_ms,
-    )
+    member = _BREATHS.get(breath)
+    if member is None:
+        raise ProtocolError(f"OUTPUT: unknown breath value {breath}")
+    msg: Output = _new_object(Output)
+    s_rate, s_cum, s_breath, s_seq, s_dev_ms = _OUTPUT_SET
+    s_rate(msg, rate)
+    s_cum(msg, cum)
+    s_breath(msg, member)
+    s_seq(msg, seq)
+    s_dev_ms(msg, dev_ms)
+    return msg
 
 
 def _dec_session_start(p: bytes) -> SessionStart:
