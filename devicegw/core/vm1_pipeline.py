@@ -541,8 +541,7 @@ class Vm1Pipeline:
                 )
                 self.publish_status()
         if isinstance(msg, Output):
-            if self._telemetry:
-                self._maybe_telemetry(msg, utc, mono)
+            self._maybe_telemetry(msg, utc, mono)
         elif isinstance(msg, (Ident, Status)):
             self.publish_status()
 

@@ -320,8 +320,12 @@ class MqttPublisher:
             self.stats.telemetry_dropped += 1
         # The feed by the model's own kind (feed_of would decode the JSON again).
         kind = getattr(payload, "event_type", None)
-        feed = PAYLOAD_FEED.get(kind, Feed.RESTRICTED) if isinstance(kind, PayloadKind) else None
-        self._telemetry.append((topic, encode(payload), feed or Feed.RESTRICTED))
+        feed = (
+            PAYLOAD_FEED.get(kind, Feed.RESTRICTED)
+            if isinstance(kind, PayloadKind)
+            else Feed.RESTRICTED
+        )
+        self._telemetry.append((topic, encode(payload), feed))
         self._wake.set()
 
     @property

@@ -157,8 +157,8 @@ class Outbox:
         self._skip: set[int] = set()  # quarantined rows the store could not mark
         self._sent_unmarked: set[int] = set()  # acknowledged; marking held by a full disk
         self.quarantined_now = 0  # rows quarantined by this process
-        #: (transaction number, row id) of decided rows committed with sync_later and not
-        #: known to be on disk yet: pending() gives nothing from the first of them on.
+        #: (transaction number, row id) of rows committed with sync_later and not known to
+        #: be on disk yet: pending() gives no decided row from the first of them on.
         self._unsynced: deque[tuple[int, int]] = deque()
 
     def add(

@@ -270,9 +270,7 @@ class Store:
         task = self._sync_task
         # A task of an earlier event loop (asyncio.run twice with one store) never runs.
         if task is None or task.done() or task.get_loop() is not loop:
-            self._sync_task = loop.create_task(
-                self._sync_pending(), name="store-sync"
-            )
+            self._sync_task = loop.create_task(self._sync_pending(), name="store-sync")
 
     async def _sync_pending(self) -> None:
         while self.synced_gen < self._deferred_gen:

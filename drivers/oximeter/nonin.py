@@ -149,8 +149,7 @@ _STATUS_OF = tuple(NoninStatus(i) for i in range(256))
 # A whole packet checked at once (NoninDecoder._whole_packet): every frame's START byte,
 # and the STATUS bits that say where the packet starts.
 _STARTS = bytes([START]) * FRAMES_PER_PACKET
-_SYNC_MASK = _SYNC_BIT | _BIT7_BIT
-_SYNC_FIRST = _SYNC_BIT | _BIT7_BIT
+_SYNC_MASK = _SYNC_BIT | _BIT7_BIT  # frame 1 has both bits; frames 2-25 only BIT7
 
 
 class Perfusion(Enum):
@@ -522,7 +521,7 @@ class NoninDecoder:
         statuses = chunk[1::FRAME_LEN]
         if (
             chunk[0::FRAME_LEN] != _STARTS
-            or statuses[0] & _SYNC_MASK != _SYNC_FIRST
+            or statuses[0] & _SYNC_MASK != _SYNC_MASK
             or any(b & _SYNC_MASK != _BIT7_BIT for b in statuses[1:])
             or bytes(
                 (a + b + c + d) & 0xFF

@@ -367,8 +367,6 @@ _STATUS_SET = tuple(
 _OUTPUT_SET = tuple(
     getattr(Output, f).__set__ for f in ("rate_ul_min", "cum_ul", "breath", "seq", "dev_ms")
 )
-_STATES: dict[int, DeviceState] = {int(m): m for m in DeviceState}
-_BREATHS: dict[int, Breath] = {int(m): m for m in Breath}
 
 
 def _dec_status(p: bytes) -> Status:
@@ -376,9 +374,7 @@ def _dec_status(p: bytes) -> Status:
     _, seq, dev_ms, state, reservoir, battery, flags, fault = _STATUS.unpack(p)
     if battery != BATTERY_ON_MAINS and battery > 100:
         raise ProtocolError(f"{n}: battery_pct {battery} outside 0..100 and not 0xFF")
-    member = _STATES.get(state)
-    if member is None:
-        raise ProtocolError(f"{n}: unknown state value {state}")
+    member = _enum_in(n, "state", state, DeviceState)
     msg: Status = _new_object(Status)
     s_state, s_reservoir, s_battery, s_flags, s_fault, s_seq, s_dev_ms = _STATUS_SET
     s_state(msg, member)
@@ -393,9 +389,7 @@ def _dec_status(p: bytes) -> Status:
 
 def _dec_output(p: bytes) -> Output:
     _, seq, dev_ms, rate, cum, breath = _OUTPUT.unpack(p)
-    member = _BREATHS.get(breath)
-    if member is None:
-        raise ProtocolError(f"OUTPUT: unknown breath value {breath}")
+    member = _enum_in("OUTPUT", "breath", breath, Breath)
     msg: Output = _new_object(Output)
     s_rate, s_cum, s_breath, s_seq, s_dev_ms = _OUTPUT_SET
     s_rate(msg, rate)
