@@ -160,13 +160,19 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def one_run(
-    n: int, scale: float, session_s: float, profile: Path | None = None, keep: Path | None = None
+    n: int,
+    scale: float,
+    session_s: float,
+    profile: Path | None = None,
+    keep: Path | None = None,
+    series: Path | None = None,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dgw-scale-") as tmp_s:
         tmp = Path(tmp_s)
         links = tmp / "links"
         links.mkdir()
-        broker = MosquittoBroker(workdir=tmp)
+        # As deploy/mosquitto/devicegw-ward.conf: no Nagle delay towards the subscribers.
+        broker = MosquittoBroker(workdir=tmp, extra_conf="set_tcp_nodelay true\n")
         broker.start()
         sim_args = ["--_sims", str(n), "--_links", str(links), "--scale", str(scale)]
         sims = subprocess.Popen(
@@ -180,6 +186,8 @@ async def one_run(
         alert_ms: list[float] = []
         lag: dict[str, Any] = {}
         kinds: dict[str, int] = {}
+        samples: list[tuple[float, str, float]] = []  # (s since the gateway started, kind, ms)
+        t0 = time.monotonic()
         try:
             while not (links / "ready").exists():
                 await asyncio.sleep(0.2)
@@ -196,6 +204,7 @@ async def one_run(
                 )
                 t0, cpu0, rss = time.monotonic(), proc_cpu_s(gw.pid), 0.0
                 sim_cpu0 = proc_cpu_s(sims.pid)
+                broker_cpu0, own_cpu0 = proc_cpu_s(broker.proc.pid), time.process_time()
                 deadline = t0 + (40 + session_s * 1.5) / scale + 30
                 last_sample = 0.0
 
@@ -211,14 +220,18 @@ async def one_run(
                             body = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
                             if "/dose/" in topic:
                                 dose.append((body, now))
+                                samples.append((time.monotonic() - t0, "dose", float("nan")))
                             elif "/safety/" in topic:
                                 # The alert's utc: when the deciding sample was received.
                                 if body.get("event_type") == "safety_alert" and body.get("utc"):
                                     sent = datetime.fromisoformat(body["utc"])
                                     alert_ms.append((now - sent).total_seconds() * 1000 / scale)
+                                    samples.append((time.monotonic() - t0, "alert", alert_ms[-1]))
                             else:
                                 sent = datetime.fromisoformat(body["utc"])
-                                telemetry_ms.append((now - sent).total_seconds() * 1000 / scale)
+                                ms = (now - sent).total_seconds() * 1000 / scale
+                                telemetry_ms.append(ms)
+                                samples.append((time.monotonic() - t0, "telemetry", ms))
                         if len(dose) >= n:
                             return
 
@@ -230,6 +243,8 @@ async def one_run(
                         rss = max(rss, proc_rss_mb(gw.pid))
                 wall, cpu = time.monotonic() - t0, proc_cpu_s(gw.pid) - cpu0
                 sim_cpu = proc_cpu_s(sims.pid) - sim_cpu0
+                broker_cpu = proc_cpu_s(broker.proc.pid) - broker_cpu0
+                own_cpu = time.process_time() - own_cpu0
                 reader.cancel()
                 with contextlib.suppress(OSError, ValueError):
                     status = json.loads((tmp / "data" / "status.json").read_text())
@@ -252,6 +267,7 @@ async def one_run(
                         shutil.copyfile(src, keep / name)
         correct = 0
         dose_ms = []
+        dose_at = iter([t for t, kind, _ in samples if kind == "dose"])
         for body, got in dose:
             i = int(body["subject_id"].split("-")[1])
             if body["verdict"] == "complete" and body["kit_number"] == f"K-{i:04d}":
@@ -260,10 +276,18 @@ async def one_run(
                 print(json.dumps(body)[:600])
             end = datetime.fromisoformat(body["times"]["gateway_end_utc"])
             dose_ms.append((got - end).total_seconds() * 1000 / scale)
+            samples.append((next(dose_at), "dose_end", dose_ms[-1]))
+        if series is not None:
+            with series.open("a") as out:
+                out.writelines(
+                    f"{n},{t:.3f},{kind},{ms:.1f}\n" for t, kind, ms in samples if kind != "dose"
+                )
         return {
             "beds": n,
             "cpu_share": cpu / wall,
             "sim_cpu_share": sim_cpu / wall,
+            "broker_cpu_share": broker_cpu / wall,
+            "subscriber_cpu_share": own_cpu / wall,
             "rss_mb": rss,
             "events": len(dose),
             "correct": correct,
@@ -293,6 +317,11 @@ def main() -> None:
     ap.add_argument(
         "--keep", type=Path, help="copy each run's gateway log and status.json into this dir"
     )
+    ap.add_argument(
+        "--series",
+        type=Path,
+        help="write every latency sample (s since the gateway started, kind, ms) to this CSV",
+    )
     ap.add_argument("--_sims", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_links", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -305,7 +334,9 @@ def main() -> None:
         "safety alert->subscriber p50/p99 ms | event loop late: max ms, share of samples > 50 ms"
     )
     for n in args.beds:
-        r = asyncio.run(one_run(n, args.scale, args.session_s, args.profile, args.keep))
+        r = asyncio.run(
+            one_run(n, args.scale, args.session_s, args.profile, args.keep, args.series)
+        )
         print(
             f"{r['beds']} | {r['cpu_share']:.0%} | {r['sim_cpu_share']:.0%} | {r['rss_mb']:.0f} | "
             f"{r['events']}/{n} ({r['correct']}) | {r['dose_p50']:.0f} / {r['dose_p99']:.0f} | "
@@ -316,6 +347,11 @@ def main() -> None:
         )
         per_s = ", ".join(f"{k} {v / r['wall_s']:.0f}" for k, v in r["kinds"].items())
         print(f"    messages/s at the subscriber by topic kind: {per_s}", flush=True)
+        print(
+            f"    CPU of the broker {r['broker_cpu_share']:.0%}, of the subscriber (this "
+            f"process) {r['subscriber_cpu_share']:.0%}; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
         if args.profile is not None and args.profile.exists():
             import pstats
 

@@ -152,6 +152,24 @@ def test_a_dose_belongs_to_the_assignment_made_before_it(ward: Ward) -> None:
     assert not refused.applied and "already used" in refused.message
 
 
+def test_the_kit_is_marked_used_in_the_transaction_that_records_the_dose(ward: Ward) -> None:
+    """Not a transaction (and an fsync) of its own after it: a crash between the two left
+    a recorded dose whose kit could be handed out again without an override."""
+    ward.at(60)
+    ward.assign("CVD-042-0021", "K-0101")
+    ward.at(120)
+    statements: list[str] = []
+    ward.store.conn.set_trace_callback(statements.append)
+    ward.session()
+    ward.store.conn.set_trace_callback(None)
+    kit = next(i for i, s in enumerate(statements) if "INTO kit_used" in s)
+    begin = max(i for i, s in enumerate(statements[:kit]) if s.startswith("BEGIN"))
+    commit = kit + next(i for i, s in enumerate(statements[kit:]) if s == "COMMIT")
+    inside = statements[begin:commit]
+    assert any("DELETE FROM session_journal " in s for s in inside)  # the session's finishing
+    assert any("device_watermark" in s for s in inside)
+
+
 def test_a_reassignment_during_a_session_keeps_the_dose_with_its_start(ward: Ward) -> None:
     ward.at(10)
     ward.assign("CVD-042-0021", "K-0101")

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import logging
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from devicegw.runtime import gc_policy, health, loop_lag
 from devicegw.runtime.systemd_notify import Notifier
 from devicegw.storage.outbox import Outbox
 from devicegw.storage.store import Store
+from drivers.clock import ManualClock
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -142,6 +144,59 @@ def test_startup_objects_are_frozen_for_the_collector() -> None:
         assert frozen > 1000 and gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+class _Node:
+    """A reference cycle's member (a device's task and its callbacks, say)."""
+
+    def __init__(self) -> None:
+        self.other: _Node | None = None
+
+
+def test_refreeze_hides_the_devices_state_and_a_full_one_frees_frozen_cycles() -> None:
+    try:
+        gc_policy.freeze_startup_objects()
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a  # made once the loop runs: not frozen at start
+        assert gc.is_tracked(a) and gc.get_freeze_count() > 0
+        before = gc.get_freeze_count()
+        frozen, _ = gc_policy.refreeze(full=False)
+        assert frozen > before  # the cycle (and whatever else was young) is frozen now
+        ref = weakref.ref(a)
+        del a, b  # garbage now, but frozen: an ordinary collection does not see it
+        gc.collect()
+        assert ref() is not None
+        gc_policy.refreeze(full=True)  # the periodic full pass frees it
+        assert ref() is None
+        assert gc.get_freeze_count() > 0  # and what lives on is frozen again
+    finally:
+        gc.unfreeze()
+
+
+async def test_keep_frozen_waits_for_the_devices_then_refreezes_fully_every_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(
+        gc_policy, "refreeze", lambda *, full: calls.append(full) or (len(calls), 0.0)
+    )
+    clock = ManualClock()
+    task = asyncio.create_task(gc_policy.keep_frozen(clock, settle_s=30, interval_s=600))
+    await asyncio.sleep(0)  # asleep from t=0
+    for at, expected in ((29, []), (30, [False]), (629, [False]), (630, [False, True])):
+        clock.set(at)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert calls == expected, at
+    clock.set(1230)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    try:
+        assert calls == [False, True, True]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 def test_no_systemd_task_outside_systemd(tmp_path: Path) -> None:

@@ -170,3 +170,13 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def test_a_recent_count_of_descriptors_is_reused_when_allowed(tmp_path: Path) -> None:
+    from devicegw.runtime import descriptors
+
+    fresh = descriptors.in_use()
+    assert fresh is not None
+    with open(tmp_path / "x", "wb"):  # one more descriptor
+        assert descriptors.in_use(max_age_s=3600) == fresh  # the count just taken
+        assert descriptors.in_use() == fresh + 1  # counted again

@@ -9,8 +9,11 @@ we publish, and fall back to ``stamp`` for anything else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiomqtt
 import paho.mqtt.client
@@ -18,8 +21,19 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from devicegw.config import BrokerSettings
 from devicegw.contract.payloads import Telemetry, TelemetryDetail
-from devicegw.mqtt.publisher import encode, queue_qos0, stamp, stamp_fresh
+from devicegw.mqtt.publisher import (
+    MqttPublisher,
+    encode,
+    fixed_properties,
+    no_delay,
+    queue_qos0,
+    stamp,
+    stamp_fresh,
+)
+from devicegw.storage.store import Store
+from drivers.clock import SystemClock
 from tests.mqtt_helpers import MosquittoBroker
 
 UTC_NOW = datetime(2026, 11, 29, 7, 30, 1, 250000, tzinfo=UTC)
@@ -81,9 +95,24 @@ def test_stamp_fresh_falls_back_for_other_shapes(body: bytes) -> None:
     assert stamp_fresh(body, birth_seq=1, seq=2) == stamp(body, birth_seq=1, seq=2)
 
 
+def test_fixed_properties_are_packed_once_as_paho_packs_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plain = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    plain.MessageExpiryInterval = 60
+    fixed = fixed_properties(expiry_s=60)
+    assert fixed.pack() == plain.pack()  # type: ignore[no-untyped-call]
+    assert fixed.MessageExpiryInterval == 60
+
+    def refuse(self: Properties) -> bytes:
+        raise AssertionError("packed again")
+
+    monkeypatch.setattr(Properties, "pack", refuse)
+    assert fixed.pack() == b"\x05\x02\x00\x00\x00<"  # length 5, expiry (2) = 60
+
+
 async def test_queue_qos0_reaches_a_real_broker_in_order(mosquitto: MosquittoBroker) -> None:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    props.MessageExpiryInterval = 60
+    props = fixed_properties(expiry_s=60)  # what the publisher's telemetry carries
     received: list[tuple[str, bytes, int | None]] = []
     async with (
         aiomqtt.Client(mosquitto.host, mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as sub,
@@ -117,3 +146,49 @@ async def test_queue_qos0_raises_as_aiomqtt_does_when_not_connected(
         pass
     with pytest.raises(aiomqtt.MqttCodeError):
         queue_qos0(client, "t/x", b"1", None)
+
+
+async def test_no_delay_turns_nagle_off_on_the_broker_connection(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+        sock = client._client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # paho's default
+        no_delay(client)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_the_publisher_connects_without_nagle_delay(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nagle held a small QoS 0 packet until the broker's delayed ACK (up to ~40 ms)."""
+    clients: list[aiomqtt.Client] = []
+    make = MqttPublisher._make_client
+
+    def keep(self: MqttPublisher, birth_seq: int) -> aiomqtt.Client:
+        clients.append(make(self, birth_seq))
+        return clients[-1]
+
+    monkeypatch.setattr(MqttPublisher, "_make_client", keep)
+    store = Store(tmp_path / "s.sqlite3")
+    pub = MqttPublisher(
+        BrokerSettings(host=mosquitto.host, port=mosquitto.port),
+        client_id="nodelay-test",
+        clock=SystemClock(),
+        store=store,
+        status_topic="devicegw/v2/s/g/status",
+        status_payload=lambda online: b'{"online":%s}' % (b"true" if online else b"false"),
+    )
+    task = asyncio.create_task(pub.run())
+    try:
+        async with asyncio.timeout(30):
+            await pub.connected.wait()
+        sock = clients[-1]._client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        store.close()

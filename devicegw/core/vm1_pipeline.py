@@ -661,12 +661,14 @@ class Vm1Pipeline:
         journal, audit, device_id = self.journal, self.audit, self.device.id
 
         def commit() -> None:
+            # One transaction: the record, its audit entry, the watermark and the kit's
+            # use stand or fall together (and share one fsync, off the loop).
             with journal.finishing(device_id, session.session_no):
                 self.sink.dose_record(device_id, record)
                 if audit is not None:
                     audit.record_session_finished(record)
                 journal.raise_watermark(ident.model, ident.serial_no, session.session_no)
-            self._kit_used(record)
+                self._kit_used(record)
 
         # On a full disk the decided record is held in memory and committed when space
         # returns (README "Disk"); it is never lost while the gateway runs.

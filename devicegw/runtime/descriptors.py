@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 
 from devicegw.config import Config
 
@@ -50,12 +51,27 @@ def raise_soft_limit() -> int:
     return target
 
 
-def in_use() -> int | None:
-    """Descriptors this process holds now (Linux /proc), or None where it cannot tell."""
+#: (time.monotonic() of the count, the count) of the last :func:`in_use`.
+_last_count: tuple[float, int | None] | None = None
+
+
+def in_use(*, max_age_s: float = 0.0) -> int | None:
+    """Descriptors this process holds (Linux /proc), or None where it cannot tell.
+
+    ``max_age_s``: a count at most that old will do. Listing /proc/self/fd takes ~4 ms
+    at 3,000 descriptors (500 beds), and the status snapshot, taken every 2 s on the
+    event loop, does not need it fresher than every few seconds.
+    """
+    global _last_count
+    now = time.monotonic()
+    if _last_count is not None and now - _last_count[0] <= max_age_s:
+        return _last_count[1]
     try:
-        return len(os.listdir("/proc/self/fd"))
+        count: int | None = len(os.listdir("/proc/self/fd"))
     except OSError:
-        return None
+        count = None
+    _last_count = (now, count)
+    return count
 
 
 def limit() -> int:

@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 
 WITNESS_INTERVAL_S = 60.0
 HELD_RETRY_S = 2.0
+#: How old the status snapshot's count of open descriptors may be (counting costs ms).
+DESCRIPTOR_COUNT_MAX_AGE_S = 10.0
 
 
 class MqttSink:
@@ -473,7 +475,7 @@ class Gateway:
                 last_error=held.last_error,
                 quarantined_rows=self.publisher.outbox.quarantined_now,
             ),
-            descriptors_in_use=descriptors.in_use(),
+            descriptors_in_use=descriptors.in_use(max_age_s=DESCRIPTOR_COUNT_MAX_AGE_S),
             descriptors_limit=descriptors.limit(),
             devices=devices,
             oximeters=oximeters,

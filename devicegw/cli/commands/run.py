@@ -39,6 +39,7 @@ def register(sub: SubParsers) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from devicegw.runtime import descriptors, gc_policy
     from devicegw.runtime.gateway import Gateway
+    from devicegw.runtime.supervise import Task
     from devicegw.runtime.systemd_notify import Notifier
 
     config, warnings = checked(args.config, record=args.record)
@@ -74,8 +75,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             error(f"cannot start the dashboard: [http] tls_cert/tls_key: {exc}")
             return EXIT_FATAL
 
-    # Built: what exists now lives as long as the process (runtime/gc_policy.py).
+    # Built: what exists now lives as long as the process (runtime/gc_policy.py); so
+    # does what the devices' runners make once they run: frozen again when they are up.
     gc_policy.freeze_startup_objects()
+    clock = gateway.clock
+    gateway.extra_runners.append(Task("gc-freeze", lambda: gc_policy.keep_frozen(clock)))
 
     async def serve() -> None:
         async with gateway:  # closes the store and the recorder on the way out
