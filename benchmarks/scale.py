@@ -57,8 +57,18 @@ NICE_SIMULATORS = 10
 DIP_EVERY = 10
 
 
-def vm1_scenario(i: int, session_s: float) -> Scenario:
-    start = 15 + (i % 10)  # all within 10 s
+def start_s(i: int, n: int, spread: bool) -> float:
+    """When bed i's session starts: all within 10 s of each other.
+
+    By default in ten groups of n/10 beds whose sessions start (and end) in the same
+    millisecond: simulated devices keep perfect step, which real ones, each on its own
+    crystal, never do; ``spread`` starts them evenly over the 10 s instead.
+    """
+    return 15 + (10 * i / n if spread else i % 10)
+
+
+def vm1_scenario(i: int, session_s: float, n: int, spread: bool) -> Scenario:
+    start = start_s(i, n, spread)
     return parse_scenario(
         {
             "name": f"bed-{i}",
@@ -76,7 +86,7 @@ def vm1_scenario(i: int, session_s: float) -> Scenario:
     )
 
 
-def ox_scenario(i: int) -> OximeterScenario:
+def ox_scenario(i: int, n: int, spread: bool) -> OximeterScenario:
     spec: dict[str, Any] = {
         "name": f"ox-{i}",
         "bed": f"B{i:03d}",
@@ -87,14 +97,16 @@ def ox_scenario(i: int) -> OximeterScenario:
     if i % DIP_EVERY == 0:
         # Down to ~86 % (below the 90 % threshold) during the session: an alert raised
         # ~10 s into the dip (sustain_s) and cleared ~10 s after it ends.
-        start = 15 + (i % 10)
+        start = start_s(i, n, spread)
         spec["desaturations"] = [
             {"at_s": start + 15, "depth_points": 10, "duration_s": 20, "ramp_s": 3}
         ]
     return parse_oximeter_scenario(spec, source=f"ox-{i}")
 
 
-async def run_sims(n: int, link_dir: Path, scale: float, session_s: float) -> None:
+async def run_sims(
+    n: int, link_dir: Path, scale: float, session_s: float, spread: bool = False
+) -> None:
     """The simulator process: N VM-1s and N Nonins until SIGTERM.
 
     At nice 10: the simulated devices stand in for hardware that does not share the
@@ -108,8 +120,9 @@ async def run_sims(n: int, link_dir: Path, scale: float, session_s: float) -> No
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     sims: list[Any] = []
     for i in range(n):
-        sims.append(Vm1PtySimulator(vm1_scenario(i, session_s), clock=clock, link_dir=link_dir))
-        sims.append(NoninPtySimulator(ox_scenario(i), clock=clock, link_dir=link_dir))
+        vm1, ox = vm1_scenario(i, session_s, n, spread), ox_scenario(i, n, spread)
+        sims.append(Vm1PtySimulator(vm1, clock=clock, link_dir=link_dir))
+        sims.append(NoninPtySimulator(ox, clock=clock, link_dir=link_dir))
     for sim in sims:
         await sim.__aenter__()
     (link_dir / "ready").touch()
@@ -126,8 +139,9 @@ def gateway_toml(n: int, link_dir: Path, data_dir: Path, port: int, session_s: f
         f"[dose_rules]\nprescribed_volume_ml = {FILL_UL / 1000}\nmin_duration_s = 20\n"
     ]
     for i in range(n):
-        vm1 = link_dir / vm1_link_name(vm1_scenario(i, session_s))
-        ox = link_dir / ox_link_name(ox_scenario(i))
+        # The link names depend on the bed only, not on when its session starts.
+        vm1 = link_dir / vm1_link_name(vm1_scenario(i, session_s, n, False))
+        ox = link_dir / ox_link_name(ox_scenario(i, n, False))
         out.append(
             f'[[devices]]\nid = "neb-{i:03d}"\ntype = "vm1"\nbed = "B{i:03d}"\n'
             f'subject_id = "SCALE-{i:04d}"\nkit_number = "K-{i:04d}"\n'
@@ -166,6 +180,7 @@ async def one_run(
     profile: Path | None = None,
     keep: Path | None = None,
     series: Path | None = None,
+    spread: bool = False,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dgw-scale-") as tmp_s:
         tmp = Path(tmp_s)
@@ -176,7 +191,14 @@ async def one_run(
         broker.start()
         sim_args = ["--_sims", str(n), "--_links", str(links), "--scale", str(scale)]
         sims = subprocess.Popen(
-            [sys.executable, __file__, *sim_args, "--session-s", str(session_s)],
+            [
+                sys.executable,
+                __file__,
+                *sim_args,
+                "--session-s",
+                str(session_s),
+                *(["--spread"] if spread else []),
+            ],
             cwd=ROOT,
         )
         gw: subprocess.Popen[bytes] | None = None
@@ -322,11 +344,16 @@ def main() -> None:
         type=Path,
         help="write every latency sample (s since the gateway started, kind, ms) to this CSV",
     )
+    ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="start the sessions evenly over 10 s, not in ten lockstep groups",
+    )
     ap.add_argument("--_sims", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--_links", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._sims is not None:
-        asyncio.run(run_sims(args._sims, args._links, args.scale, args.session_s))
+        asyncio.run(run_sims(args._sims, args._links, args.scale, args.session_s, args.spread))
         return
     print(
         "beds | gateway CPU (one core) | simulators CPU | RSS MB | dose events (correct) | "
@@ -335,7 +362,9 @@ def main() -> None:
     )
     for n in args.beds:
         r = asyncio.run(
-            one_run(n, args.scale, args.session_s, args.profile, args.keep, args.series)
+            one_run(
+                n, args.scale, args.session_s, args.profile, args.keep, args.series, args.spread
+            )
         )
         print(
             f"{r['beds']} | {r['cpu_share']:.0%} | {r['sim_cpu_share']:.0%} | {r['rss_mb']:.0f} | "

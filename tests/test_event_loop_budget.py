@@ -302,6 +302,40 @@ async def test_a_finished_session_is_fsynced_off_the_loop_and_published_only_aft
         store.close()
 
 
+async def test_safety_messages_share_a_background_fsync_and_wait_for_it(tmp_path: Path) -> None:
+    """Fifty beds desaturating at once: fifty fsyncs on the event loop, one after the
+    other, were the safety alerts' own p99 at 500 beds (issue 13)."""
+    from pydantic import BaseModel
+
+    from devicegw.config import BrokerSettings
+    from devicegw.mqtt.publisher import MqttPublisher
+    from drivers.clock import SystemClock
+
+    class Alert(BaseModel):  # the payload's shape does not matter to the outbox
+        bed: str
+
+    store = Store(tmp_path / "gw.sqlite3")
+    pub = MqttPublisher(
+        BrokerSettings(),
+        client_id="t",
+        clock=SystemClock(),
+        store=store,
+        status_topic="s",
+        status_payload=lambda online: b"{}",
+    )
+    try:
+        before = store.synced_gen
+        for bed in range(50):
+            pub.publish_event(f"a/bed{bed}", Alert(bed=f"B{bed}"), device_id=f"ox-{bed}")
+        assert synchronous(store) == FULL  # each commit was NORMAL; FULL again after
+        assert store.synced_gen == before  # not one fsync yet: nothing yielded to the loop
+        assert pub.outbox.pending(latest_wins=False) == []  # and nothing publishable
+        await _until_synced(store)
+        assert len(pub.outbox.pending(latest_wins=False, limit=100)) == 50
+    finally:
+        store.close()
+
+
 def test_without_an_event_loop_sync_later_is_an_ordinary_durable_commit(tmp_path: Path) -> None:
     store = Store(tmp_path / "gw.sqlite3")
     ob = Outbox(store)

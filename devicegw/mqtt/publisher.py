@@ -271,10 +271,15 @@ class MqttPublisher:
         device_id: str | None,
         event_id: str | None = None,
     ) -> AddResult:
-        """Commit to the outbox (durable on return) and wake the sender.
+        """Commit to the outbox and wake the sender.
 
-        On a full disk the write is held in memory (the store's :class:`HeldWrites`;
-        a status under its topic, latest wins) and committed when space returns.
+        Durable on return, except a safety message: fsync'ed by the store's worker
+        thread and published only once that returned (Store.transaction
+        ``sync_later``), so that the alerts of many beds raised at once share an
+        fsync instead of each stalling the event loop for one (issue 13: 50 beds
+        desaturating together). On a full disk the write is held in memory (the
+        store's :class:`HeldWrites`; a status under its topic, latest wins) and
+        committed when space returns.
         """
         body, now = encode(payload), self._clock.now()
         result = AddResult(added=False, conflict=False)
@@ -290,6 +295,7 @@ class MqttPublisher:
                 now=now,
                 device_id=device_id,
                 event_id=event_id,
+                sync_later=kind == TopicKind.SAFETY,
             )
             self._outbox_changed = True
             self._wake.set()

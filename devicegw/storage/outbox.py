@@ -173,16 +173,19 @@ class Outbox:
         device_id: str | None = None,
         event_id: str | None = None,
         detail: tuple[str, bytes] | None = None,
+        sync_later: bool = False,
     ) -> AddResult:
         """Commit one record; ``detail`` is a dose event's restricted (topic, payload).
 
         The detail needs ``event_id``; it is inserted in the same transaction,
-        with the same qos and retain flag, or not at all.
+        with the same qos and retain flag, or not at all. ``sync_later``: fsync'ed
+        off the event loop, and not published before (Store.transaction).
         """
         if detail is not None and event_id is None:
             raise ValueError("a detail record needs the event_id of its dose event")
         # A retained status is replaced by the next one: no fsync of its own (store.py).
-        with self.store.transaction(durable=kind not in LATEST_WINS) as db:
+        durable = kind not in LATEST_WINS
+        with self.store.transaction(durable=durable, sync_later=durable and sync_later) as db:
             rows = [(kind, topic, payload, event_id)]
             if detail is not None and event_id is not None:
                 rows.append(
