@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import logging
+import sqlite3
 import weakref
 from datetime import UTC, datetime
 from pathlib import Path
@@ -405,3 +406,80 @@ async def test_closing_the_store_syncs_what_is_not_yet_on_disk(
     store.close()  # before the loop ran the background fsync
     assert synced
     await asyncio.sleep(0)
+
+
+# -- WAL checkpoints off the loop (Store.checkpoint_in_background) --------------------
+
+
+async def test_the_wal_is_checkpointed_by_a_worker_not_by_the_loops_commits(
+    tmp_path: Path,
+) -> None:
+    """SQLite checkpointed inside the commit that crossed 1,000 WAL pages: an fsync of
+    the WAL, the copy and an fsync of the file, every ~3 s at 500 beds, on the loop."""
+    store = Store(tmp_path / "gw.sqlite3")
+    try:
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+        store.conn.execute("CREATE TABLE t (v BLOB)")
+        main_file = tmp_path / "gw.sqlite3"
+        before = main_file.stat().st_size
+        task = asyncio.create_task(store.checkpoint_in_background(interval_s=0.01))
+        await asyncio.sleep(0)
+        try:
+            assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+            for i in range(40):  # ~2,500 pages: twice past SQLite's own threshold
+                with store.transaction(durable=False) as db:
+                    db.execute("INSERT INTO t VALUES (?)", (bytes([i]) * 250_000,))
+            for _ in range(500):
+                if store.checkpoints >= 2 and main_file.stat().st_size > before + 9_000_000:
+                    break
+                await asyncio.sleep(0.01)
+            assert store.checkpoints >= 2
+            assert main_file.stat().st_size > before + 9_000_000  # copied into the file
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+        assert store.conn.execute("SELECT COUNT(*), SUM(LENGTH(v)) FROM t").fetchone() == (
+            40,
+            40 * 250_000,
+        )
+    finally:
+        store.close()
+    reopened = Store(tmp_path / "gw.sqlite3")
+    try:
+        assert reopened.conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 40
+    finally:
+        reopened.close()
+
+
+async def test_a_failing_checkpoint_is_said_once_and_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Mocked: a disk that refuses a checkpoint cannot be made here (root ignores modes);
+    # the checkpointer's connection is swapped for one that raises as SQLite would.
+    store = Store(tmp_path / "gw.sqlite3")
+
+    class Refusing:
+        calls = 0
+
+        def execute(self, sql: str) -> object:
+            Refusing.calls += 1
+            if Refusing.calls <= 3:
+                raise sqlite3.OperationalError("database or disk is full")
+            return store.conn.execute("SELECT 1")
+
+        def close(self) -> None:
+            pass
+
+    store._checkpointer = Refusing()  # type: ignore[assignment]
+    try:
+        with caplog.at_level(logging.WARNING, logger="devicegw.storage.store"):
+            for _ in range(5):
+                store._checkpoint()
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("cannot checkpoint" in m for m in said) == 1
+        assert sum("succeed again" in m for m in said) == 1
+        assert store.checkpoints == 2
+    finally:
+        store.close()

@@ -394,6 +394,7 @@ class Gateway:
             Task("health", lambda: health.run(self.snapshot, self.config.gateway.data_dir)),
             Task("loop-lag", lambda: loop_lag.run(self.loop_lag)),
             Task("store-upkeep", self._store_upkeep),
+            Task("store-checkpoint", self.store.checkpoint_in_background),
             ControlServer(self.config.gateway.data_dir, self.assignments, self.corrections),
         ]
         if self.schedule_watch is not None:

@@ -22,6 +22,14 @@ outbox holds back every decided row from the first one not yet synced
 back (the session is still in its journal and in the device's log), and nothing
 outside the gateway saw it.
 
+SQLite copies the WAL back into the main file (a checkpoint: fsync the WAL, copy,
+fsync the file) inside whichever commit crosses 1,000 pages. At 500 beds that was
+every ~3 s, 10-80 ms each, on the event loop. The daemon runs
+:meth:`Store.checkpoint_in_background` instead: automatic checkpoints off on the
+loop's connection, a PASSIVE checkpoint every second from a worker thread with a
+connection of its own (writers go on meanwhile). Tools and tests that do not run
+it keep SQLite's automatic checkpoints.
+
 The outbox, the session journal and the audit trail keep their tables here, so
 one file (and one backup) holds everything that makes a dose record.
 """
@@ -34,6 +42,7 @@ import errno
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +84,10 @@ def is_disk_full(exc: BaseException) -> bool:
 #: checkpoints at 1,000 pages, ~4 MB, and a checkpoint needs room in the main file
 #: too) plus headroom for a day of events. README "Disk".
 MIN_FREE_BYTES = 16 * 1024 * 1024
+#: SQLite's own checkpoint threshold (pages), restored when the background one stops.
+AUTOCHECKPOINT_PAGES = 1000
+#: How often the daemon's worker thread checkpoints the WAL (Store.checkpoint_in_background).
+CHECKPOINT_INTERVAL_S = 1.0
 #: Decided writes the disk refused, kept in memory at most (README "Disk").
 HELD_LIMIT = 10_000
 
@@ -185,6 +198,11 @@ class Store:
             self.sync_listeners: list[Callable[[], None]] = []
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA busy_timeout=5000")
+            #: The background checkpointer's own connection (checkpoint_in_background).
+            self._checkpointer: sqlite3.Connection | None = None
+            self._checkpoint_lock = threading.Lock()
+            self._checkpoint_failing = False
+            self.checkpoints = 0
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the gateway store {self.path}: {exc}") from exc
 
@@ -363,6 +381,44 @@ class Store:
                 total += p.stat().st_size
         return total
 
+    # -- checkpoints off the event loop -----------------------------------------------
+
+    async def checkpoint_in_background(self, interval_s: float = CHECKPOINT_INTERVAL_S) -> None:
+        """Checkpoint the WAL from a worker thread every ``interval_s`` until cancelled.
+
+        Meanwhile the loop's connection never checkpoints (``wal_autocheckpoint=0``);
+        cancelled, it does again. A checkpoint that fails (a full disk) is said once
+        and tried again next time; the WAL grows meanwhile, as it would anyway.
+        """
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                await asyncio.to_thread(self._checkpoint)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+
+    def _checkpoint(self) -> None:
+        with self._checkpoint_lock:
+            try:
+                if self._checkpointer is None:
+                    self._checkpointer = sqlite3.connect(
+                        self.path, isolation_level=None, check_same_thread=False
+                    )
+                    # NORMAL: the WAL is fsync'ed before the copy and the file after it.
+                    self._checkpointer.execute("PRAGMA synchronous=NORMAL")
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                if not self._checkpoint_failing:
+                    log.error("cannot checkpoint the store's WAL: %s; trying again", exc)  # noqa: TRY400
+                self._checkpoint_failing = True
+                return
+            if self._checkpoint_failing:
+                log.warning("the store's WAL checkpoints succeed again")
+                self._checkpoint_failing = False
+            self.checkpoints += 1
+
     def close(self) -> None:
         try:
             if self._deferred_gen > self.synced_gen:
@@ -372,6 +428,10 @@ class Store:
         finally:
             if self._sync_task is not None:
                 self._sync_task.cancel()
+            with self._checkpoint_lock:  # a checkpoint still running in its thread ends first
+                if self._checkpointer is not None:
+                    self._checkpointer.close()
+                    self._checkpointer = None
             self.conn.close()
 
     def __enter__(self) -> Store:
