@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/scale.py --beds 50 100 200 [--scale 1] [--session-s 60]
 
 For each N: a private Mosquitto (tests/mqtt_helpers.py's, on a free loopback
-port), one simulator process holding N simulated VM-1s and N Nonin oximeters on
-ptys (simulators/vm1_pty.py, simulators/oximeter_pty.py; sessions start within
-10 s of each other, one ~``--session-s`` dose each), ``devicegw run`` against
+port, ``set_tcp_nodelay`` as deploy/mosquitto/ sets it), one simulator process
+holding N simulated VM-1s and N Nonin oximeters on ptys (simulators/vm1_pty.py,
+simulators/oximeter_pty.py; sessions start within 10 s of each other, in ten
+lockstep groups or, with ``--spread``, evenly; one ~``--session-s`` dose each),
+``devicegw run`` against
 them, and an EDC-like subscriber (QoS 1, everything under the gateway's base
 topic). Prints: the gateway's CPU share of one core and peak RSS (from /proc),
 dose events received and correct (verdict complete, subject and kit right),
