@@ -205,13 +205,13 @@ async def one_run(
         )
         gw: subprocess.Popen[bytes] | None = None
         clock = ScaledClock(scale)
-        dose: list[tuple[dict[str, Any], datetime]] = []
+        # (the event, received on the shared clock, received in s since the gateway started)
+        dose: list[tuple[dict[str, Any], datetime, float]] = []
         telemetry_ms: list[float] = []
         alert_ms: list[float] = []
         lag: dict[str, Any] = {}
         kinds: dict[str, int] = {}
         samples: list[tuple[float, str, float]] = []  # (s since the gateway started, kind, ms)
-        t0 = time.monotonic()
         try:
             while not (links / "ready").exists():
                 await asyncio.sleep(0.2)
@@ -243,8 +243,7 @@ async def one_run(
                         if "/dose/" in topic or "/telemetry/" in topic or "/safety/" in topic:
                             body = json.loads(bytes(msg.payload))  # type: ignore[arg-type]
                             if "/dose/" in topic:
-                                dose.append((body, now))
-                                samples.append((time.monotonic() - t0, "dose", float("nan")))
+                                dose.append((body, now, time.monotonic() - t0))
                             elif "/safety/" in topic:
                                 # The alert's utc: when the deciding sample was received.
                                 if body.get("event_type") == "safety_alert" and body.get("utc"):
@@ -291,8 +290,7 @@ async def one_run(
                         shutil.copyfile(src, keep / name)
         correct = 0
         dose_ms = []
-        dose_at = iter([t for t, kind, _ in samples if kind == "dose"])
-        for body, got in dose:
+        for body, got, got_s in dose:
             i = int(body["subject_id"].split("-")[1])
             if body["verdict"] == "complete" and body["kit_number"] == f"K-{i:04d}":
                 correct += 1
@@ -300,12 +298,10 @@ async def one_run(
                 print(json.dumps(body)[:600])
             end = datetime.fromisoformat(body["times"]["gateway_end_utc"])
             dose_ms.append((got - end).total_seconds() * 1000 / scale)
-            samples.append((next(dose_at), "dose_end", dose_ms[-1]))
+            samples.append((got_s, "dose_end", dose_ms[-1]))
         if series is not None:
             with series.open("a") as out:
-                out.writelines(
-                    f"{n},{t:.3f},{kind},{ms:.1f}\n" for t, kind, ms in samples if kind != "dose"
-                )
+                out.writelines(f"{n},{t:.3f},{kind},{ms:.1f}\n" for t, kind, ms in samples)
         return {
             "beds": n,
             "cpu_share": cpu / wall,
