@@ -350,6 +350,27 @@ async def test_not_connected_raises_as_aiomqtt_does(mosquitto: MosquittoBroker) 
     assert not client._client._out_packet  # nothing was queued
 
 
+async def test_a_batch_never_takes_the_mid_of_a_qos1_message_in_flight(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """paho's numbers wrap: the batch's on_publish must not complete a QoS 1 publish."""
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as pub:
+        batches = qos0_batches(pub)
+        assert batches is not None
+        paho = pub._client
+        taken = paho._last_mid % 65_535 + 1  # the number the batch would get next
+        paho._out_messages[taken] = paho_client.MQTTMessage(taken, b"t/q")
+        waiting = asyncio.Event()
+        pub._pending_publishes[taken] = waiting  # as aiomqtt's publish waits for a PUBACK
+        try:
+            await batches.wait(batches.queue([encode_publish(topic_field("t/x"), None, b"1")]))
+            assert paho._last_mid == taken % 65_535 + 1
+            assert not waiting.is_set()
+        finally:
+            del paho._out_messages[taken]
+            pub._pending_publishes.pop(taken, None)
+
+
 # -- through the publisher ------------------------------------------------------------
 
 

@@ -611,7 +611,7 @@ class MqttPublisher:
         Not connected: :class:`aiomqtt.MqttCodeError` before anything leaves the deque.
         """
         batches.ensure_connected()
-        props = self._telemetry_props_packed if self._use_v5 else None
+        props = self._telemetry_props_packed if batches.v5 else None
         fields = self._topic_fields
         packets: list[bytes] = []
         while self._telemetry and len(packets) < TELEMETRY_BATCH:

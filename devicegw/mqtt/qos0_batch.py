@@ -175,8 +175,9 @@ def _instance_problem(client: aiomqtt.Client) -> str | None:
     paho = getattr(client, "_client", None)
     if not isinstance(paho, paho_client.Client):
         return "aiomqtt.Client._client is not a paho client"
-    if not hasattr(paho, "_sock") or not hasattr(paho, "_protocol"):
-        return "the paho client has no _sock or _protocol"
+    for name in ("_sock", "_protocol", "_out_messages", "_out_packet"):
+        if not hasattr(paho, name):
+            return f"the paho client has no {name}"
     return None
 
 
@@ -227,7 +228,12 @@ class Qos0Batches:
         paho = self._paho
         data = b"".join(packets)
         written: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        mid = paho._mid_generate()  # a QoS 0 packet carries none; paho's callbacks do
+        # A QoS 0 packet carries no mid on the wire, but paho's callback does, and
+        # aiomqtt completes whichever publish waits under it: never one of a QoS 1
+        # message still in flight (paho's numbers wrap at 65,535).
+        mid = paho._mid_generate()
+        while mid in paho._out_messages:
+            mid = paho._mid_generate()
         rc = paho._packet_queue(paho_client.PUBLISH, data, mid, 0, _BatchInfo(mid, written))
         if rc not in (paho_client.MQTT_ERR_SUCCESS, paho_client.MQTT_ERR_AGAIN):
             # Only when paho writes at once itself (no aiomqtt writer registered).
