@@ -51,7 +51,7 @@ from devicegw.contract.payloads import (
 from devicegw.contract.spo2 import PostDoseSafetySummary, SafetyAlert
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
-from devicegw.recording.bed_inputs import decode_sample
+from devicegw.recording.bed_inputs import DECODED_SAMPLES, decode_sample
 from devicegw.recording.format import (
     _EPOCH,
     BED_TICK,
@@ -68,6 +68,7 @@ from devicegw.recording.format import (
     RecordingError,
     RecordingHeader,
     first_header,
+    iter_field_batches,
     iter_record_batches,
     parse_header,
 )
@@ -380,14 +381,15 @@ class Player:
         latest = _BEFORE_ANY  # this device's latest UTC so far (summary's last: the latest)
         run = self._runs.get(device_id)
         epoch, micros = _EPOCH, timedelta
+        decoded, new_record = DECODED_SAMPLES.get, tuple.__new__
         try:
             for _, path in self._groups[device_id]:
                 stats = ReadStats()
-                for batch in iter_record_batches(path, stats):
+                for batch in iter_field_batches(path, stats):
                     if s.first_utc_us is None:  # batches are never empty
-                        s.first_utc_us = batch[0].utc_us
-                    for rec in batch:
-                        kind, mono, utc_us, payload = rec
+                        s.first_utc_us = batch[0][2]
+                    for fields in batch:
+                        kind, mono, utc_us, payload = fields
                         count += 1
                         if utc_us > latest:
                             latest = utc_us
@@ -397,7 +399,11 @@ class Player:
                             if kind == OX_SAMPLE:
                                 run.last_utc_us = utc_us
                                 if run.bed is not None:
-                                    run.bed.feed(mono, decode_sample(payload))
+                                    # decode_sample's cache, looked up here: one call less
+                                    sample = decoded(payload)
+                                    if sample is None:
+                                        sample = decode_sample(payload)
+                                    run.bed.feed(mono, sample)
                                 continue
                             if kind == RX:
                                 run.last_utc_us = utc_us
@@ -413,7 +419,7 @@ class Player:
                                 if run.bed is not None:
                                     run.bed.tick(mono)
                                 continue
-                        apply(device_id, rec)
+                        apply(device_id, new_record(Record, fields))
                         run = self._runs.get(device_id)  # a header may have started a new run
                 if stats.bytes_skipped:
                     s.skipped_bytes += stats.bytes_skipped
