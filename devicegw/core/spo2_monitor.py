@@ -476,7 +476,11 @@ class Spo2Monitor:
 
     def tick(self, t_s: float) -> list[Spo2Event]:
         """Let time pass without a sample: closes the observation window when it is due."""
-        t = self._time(t_s)
+        last = self._last_t
+        if last is not None and t_s < last:
+            t = self._time(t_s)
+        else:
+            self._last_t = t = t_s  # in order: what _time decides, inline (a tick a second)
         return [] if self._dose is None else self._advance(t)
 
     def link_down(self, t_s: float) -> list[Spo2Event]:

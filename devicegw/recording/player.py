@@ -391,10 +391,10 @@ class Player:
                     for fields in batch:
                         kind, mono, utc_us, payload = fields
                         count += 1
-                        if utc_us > latest:
+                        if utc_us > latest:  # (the first record of each call always is)
                             latest = utc_us
-                        if at is not None:
-                            at[0] = latest
+                            if at is not None:
+                                at[0] = latest
                         if run is not None:  # the commonest kinds first
                             if kind == OX_SAMPLE:
                                 run.last_utc_us = utc_us
