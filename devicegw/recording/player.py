@@ -26,6 +26,7 @@ recordings of such a bed replay without an overlay (``no_oximeter_assigned``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import time
 from collections import Counter
@@ -573,6 +574,19 @@ def _play_device(
     return player._finish(time.perf_counter() - t0), out
 
 
+#: A replay worker's young-generation threshold (CPython's default: 700). A replay
+#: allocates millions of short-lived tuples; collecting them 14x less often, with what
+#: the worker inherited frozen, is ~3 % fewer instructions (callgrind, one BID bed).
+WORKER_GC_GEN0 = 10_000
+
+
+def _worker_gc() -> None:
+    """A replay worker's collector: what it inherited frozen, young collections rarer."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(WORKER_GC_GEN0, gen1, gen2)
+
+
 def _merge_summaries(parts: Sequence[ReplaySummary], files: int, wall_s: float) -> ReplaySummary:
     total = ReplaySummary(files=files, wall_s=wall_s)
     for part in parts:
@@ -620,7 +634,8 @@ def play_parallel(
         # devices left one worker alone with the last chunk). Results keep device order.
         size = [sum(p.stat().st_size for p in job[0]) for job in job_list]
         order = sorted(range(len(job_list)), key=lambda i: -size[i])
-        with ProcessPoolExecutor(max_workers=min(jobs, len(job_list))) as pool:
+        workers = min(jobs, len(job_list))
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_gc) as pool:
             done = pool.map(_play_device, [job_list[i] for i in order])
             by_index = dict(zip(order, done, strict=True))
         results = [by_index[i] for i in range(len(job_list))]
