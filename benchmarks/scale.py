@@ -43,6 +43,7 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devicegw.mqtt.publisher import no_delay  # noqa: E402
 from drivers.clock import ScaledClock  # noqa: E402
 from simulators.oximeter_pty import NoninPtySimulator  # noqa: E402
 from simulators.oximeter_pty import default_link_name as ox_link_name  # noqa: E402
@@ -218,6 +219,7 @@ async def one_run(
             cfg = tmp / "gw.toml"
             cfg.write_text(gateway_toml(n, links, tmp / "data", broker.port, session_s))
             async with aiomqtt.Client("127.0.0.1", broker.port, identifier="edc-bench") as sub:
+                no_delay(sub)  # as `devicegw edc-client` does: PUBACKs out at once
                 await sub.subscribe("#", qos=1)
                 prof = [] if profile is None else ["-m", "cProfile", "-o", str(profile)]
                 run = ["run", "--config", str(cfg), "--time-scale", str(scale)]

@@ -16,6 +16,7 @@ from devicegw.storage.assignments import (
     AssignmentRefused,
     AssignmentService,
     KitListError,
+    current_of,
     load_kit_list,
 )
 from devicegw.storage.audit import AuditTrail, verify
@@ -73,6 +74,42 @@ def test_assign_change_end_and_lookup_by_time(store: Store, clock: ManualClock) 
     assert [a.subject_id for a in svc.history("B1")] == ["CVD-042-0017", "CVD-042-0021", None]
     assert _kinds(store) == ["bed_assigned", "bed_assigned", "bed_unassigned"]
     assert verify(store).ok
+
+
+def test_current_read_from_each_beds_latest_row_is_the_historys(
+    store: Store, clock: ManualClock
+) -> None:
+    """``current()`` reads each bed's latest row only; it must equal the whole history's
+    ``current_of`` through assignments, replacements, ends and a bed reassigned after one."""
+    svc = _service(store, clock)
+    steps = [
+        ("B1", "CVD-042-0001", "K-1"),
+        ("B2", "CVD-042-0002", "K-2"),
+        ("B3", "CVD-042-0003", "K-3"),
+        ("B1", "CVD-042-0004", "K-4"),  # replaces 0001 on B1
+        ("B2", None, None),  # B2 ends
+        ("B3", None, None),
+        ("B3", "CVD-042-0001", "K-5"),  # 0001 again, now on B3
+        ("B10", "CVD-042-0010", "K-10"),
+    ]
+    for bed, subject, kit in steps:
+        clock.advance(60)
+        if subject is None:
+            svc.end(bed=bed, operator="nurse.lee", reason="discharged")
+        else:
+            svc.assign(
+                bed=bed, subject_id=subject, kit_number=kit, operator="nurse.lee", reason="r"
+            )
+        assert svc.current() == current_of(svc.history())
+    assert {b: a.subject_id for b, a in svc.current().items()} == {
+        "B1": "CVD-042-0004",
+        "B3": "CVD-042-0001",
+        "B10": "CVD-042-0010",
+    }
+    with pytest.raises(AssignmentRefused, match="is assigned to bed B3"):
+        svc.assign(
+            bed="B2", subject_id="CVD-042-0001", kit_number="K-9", operator="n.l", reason="r"
+        )
 
 
 def test_history_survives_a_restart(tmp_path: Path, clock: ManualClock) -> None:

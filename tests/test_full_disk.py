@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from devicegw.storage.store import Store, StoreError
+from devicegw.storage.witness import open_checked
 from tests.e2e_harness import running
 from tests.mqtt_helpers import MosquittoBroker, require
 
@@ -102,3 +104,19 @@ async def test_full_disk_holds_decided_events_and_publishes_them_once(
     assert set(counts.values()) == {1}, counts
     with contextlib.suppress(FileNotFoundError):
         filler.unlink()
+
+
+def test_a_data_dir_with_less_than_the_wal_working_space_is_refused_at_start(
+    small_disk: Path,
+) -> None:
+    """Below MIN_FREE_BYTES (the WAL's ~16 MB between checkpoints and as much again for a
+    checkpoint) the store is not opened: one clear error now, not a full disk later."""
+    keep = 20 * 2**20  # leave ~20 MB free: above the old 16 MB threshold, below 32 MB
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(b"\0" * (free - keep))
+    with pytest.raises(StoreError, match=r"MB free for the gateway store .* at least 32 MB"):
+        open_checked(small_disk / "data")
+    assert not (small_disk / "data" / Store.FILE_NAME).exists()
+    (small_disk / "filler").unlink()
+    opening = open_checked(small_disk / "data")  # with the space back it opens
+    opening.store.close()

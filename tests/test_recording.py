@@ -22,6 +22,8 @@ from devicegw.recording.format import (
     RecordingWriter,
     encode_record,
     first_header,
+    iter_field_batches,
+    iter_record_batches,
     iter_records,
     show_lines,
     us_to_utc,
@@ -117,6 +119,23 @@ def test_decoder_fed_whole_bytewise_and_in_chunks_agrees(tmp_path: Path) -> None
     assert dec.finish().bytes_skipped == 0
     assert bytewise == whole
     assert len(whole) == 5
+
+
+def test_plain_fields_are_the_records_whatever_the_split(tmp_path: Path) -> None:
+    """``feed_fields`` (the player's) gives the same four fields as ``feed``, fed whole or
+    byte by byte, and ``iter_field_batches`` the same as ``iter_record_batches``."""
+    path = write_sample(tmp_path).paths()[0]
+    data = path.read_bytes()
+    whole = [tuple(r) for r in RecordDecoder().feed(data)]
+    assert RecordDecoder().feed_fields(data) == whole
+    dec = RecordDecoder()
+    bytewise: list[tuple[str, float, int, bytes]] = []
+    for i in range(len(data)):
+        bytewise += dec.feed_fields(data[i : i + 1])
+    assert bytewise == whole and dec.finish().bytes_skipped == 0
+    assert [f for b in iter_field_batches(path, chunk=7) for f in b] == whole
+    assert [tuple(r) for b in iter_record_batches(path, chunk=7) for r in b] == whole
+    assert all(type(f) is tuple for b in iter_field_batches(path) for f in b)
 
 
 def test_every_truncation_is_tolerated(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,13 @@ from devicegw.contract.payloads import (
 )
 from devicegw.mqtt.publisher import encode
 from devicegw.recording.format import MAGIC, encode_record, iter_records
-from devicegw.recording.player import Emitted, Player, play_parallel
+from devicegw.recording.player import (
+    WORKER_GC_GEN0,
+    Emitted,
+    Player,
+    _worker_gc,
+    play_parallel,
+)
 from devicegw.runtime.gateway import Gateway
 from drivers.clock import ScaledClock
 from simulators.scenario import load_scenario
@@ -501,3 +509,17 @@ def test_device_by_device_replay_keeps_the_interleaved_order(tmp_path: Path) -> 
         summary.wall_s = 0.0
     assert seq_summary.as_dict() == ref_summary.as_dict()
     assert seq_summary.problems == ref_summary.problems
+
+
+def _collector_state() -> tuple[int, int]:
+    return gc.get_threshold()[0], gc.get_freeze_count()
+
+
+def test_replay_workers_collect_young_objects_less_often() -> None:
+    """play_parallel's workers start with what they inherited frozen and a raised young
+    threshold (a replay's millions of short-lived tuples); the parent is untouched."""
+    before = gc.get_threshold()
+    with ProcessPoolExecutor(max_workers=1, initializer=_worker_gc) as pool:
+        threshold, frozen = pool.submit(_collector_state).result(timeout=60)
+    assert threshold == WORKER_GC_GEN0 and frozen > 0
+    assert gc.get_threshold() == before

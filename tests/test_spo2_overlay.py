@@ -519,6 +519,31 @@ def test_link_drop_mid_session_is_flagged_and_ends_the_hold() -> None:
     assert s.session.coverage_pct == 70.5
 
 
+def test_between_doses_times_going_backwards_are_clamped_and_counted() -> None:
+    """The monitor's between-dose path (no dose open) clamps and counts like the dose path,
+    and a tick's time is kept the same way."""
+    r = Run()
+    r.feed(1010, sample(95.0))
+    r.feed(1005, sample(94.0))
+    r.tick(1001)
+    assert r.m.out_of_order == 2
+    assert [t for t, _, _ in r.m._ring] == [1010, 1010]  # the late sample held at 1010
+
+
+def test_the_baseline_ring_holds_only_the_window_whatever_the_gaps() -> None:
+    """One sample in, one out once the window is full; a gap drops every sample it passed."""
+    rules = Spo2Rules.model_validate({"baseline_window_s": 120.0})
+    r = Run(rules)
+    r.values(0, 600, 95.0)  # 1 Hz for 10 minutes, no dose
+    assert [t for t, _, _ in r.m._ring] == [float(t) for t in range(479, 600)]
+    r.feed(700, sample(96.0))  # 100 s without a sample: most of the window goes
+    assert [t for t, _, _ in r.m._ring] == [float(t) for t in range(580, 600)] + [700.0]
+    r.feed(1000, sample(97.0))  # longer than the window: only the newest is left
+    assert [t for t, _, _ in r.m._ring] == [1000.0]
+    r.feed(1001, sample(None))  # an invalid sample is not kept
+    assert [t for t, _, _ in r.m._ring] == [1000.0]
+
+
 def test_times_going_backwards_are_clamped_and_counted() -> None:
     r = Run()
     r.start(1000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -696,3 +697,34 @@ async def test_control_with_automatic_acks_the_event_would_be_lost(
     path = tmp_path / "doses.jsonl"
     assert await _crash_then_restart(mosquitto, path, "edc-autoack") == tail.EXIT_TIMEOUT
     assert not path.exists()
+
+
+@pytest.mark.e2e
+async def test_the_edc_client_sends_its_acks_without_nagle_delay(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its PUBACKs free the broker's in-flight window: TCP_NODELAY on its real socket
+    (paho leaves Nagle on, so a PUBACK could wait ~40 ms for the broker's delayed ACK)."""
+    seen: list[int] = []
+    real = client.no_delay
+
+    def checked(mqtt: aiomqtt.Client) -> None:
+        sock = mqtt._client.socket()
+        assert isinstance(sock, socket.socket)
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        real(mqtt)
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(client, "no_delay", checked)
+    options = TailOptions(host=mosquitto.host, port=mosquitto.port, count=1, timeout=10)
+    printer = Printer(as_json=True, out=io.StringIO())
+    subscribed = asyncio.Event()
+    task = asyncio.create_task(
+        run_edc_client(
+            options, printer, store=AckStore(tmp_path / "d.jsonl"), on_subscribed=subscribed.set
+        )
+    )
+    await asyncio.wait_for(subscribed.wait(), 10)
+    await publish(mosquitto, (DOSE_TOPIC, wire(dose(), seq=1), False))
+    assert await asyncio.wait_for(task, 15) == 0
+    assert seen[0] == 0 and seen[1] != 0  # paho's default, then set

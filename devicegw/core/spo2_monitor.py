@@ -381,15 +381,33 @@ class Spo2Monitor:
         return None if self._dose is None else self._dose.correlation_id
 
     def feed(self, t_s: float, sample: OximeterSample) -> list[Spo2Event]:
-        t = self._time(t_s)
-        # Between doses (most of a ward's day) only the baseline ring is kept: _advance has
-        # no deadline without a dose, and a hold counts only in a dose's windows.
-        events: list[Spo2Event] = []
-        if self._dose is not None:
-            events = self._advance(t)
-            self._end_hold(t)
+        last = self._last_t
+        if last is not None and t_s < last:
+            t = self._time(t_s)
+        else:
+            self._last_t = t = t_s  # in order (nearly always): what _time decides, inline
         valid = sample.valid
-        below = valid and sample.spo2 is not None and sample.spo2 < self.rules.absolute_threshold
+        spo2 = sample.spo2
+        rules = self.rules
+        dose = self._dose
+        if dose is None:
+            # Between doses (most of a ward's day) only the baseline ring is kept (what
+            # _keep does, inline): _advance has no deadline without a dose, and a hold
+            # counts only in a dose's windows.
+            self._hold = (t, valid, valid and spo2 is not None and spo2 < rules.absolute_threshold)
+            self._link_up = True
+            if valid:
+                ring = self._ring
+                ring.append((t, spo2, sample.pulse_bpm))  # type: ignore[arg-type]
+                horizon = t - rules.baseline_window_s
+                if ring[0][0] < horizon:  # one out for one in, once the window is full
+                    ring.popleft()
+                    if ring[0][0] < horizon:
+                        self._trim(ring, t)
+            return []
+        events = self._advance(t)
+        self._end_hold(t)
+        below = valid and spo2 is not None and spo2 < rules.absolute_threshold
         self._hold = (t, valid, below)
         self._link_up = True
         if valid:
@@ -413,6 +431,9 @@ class Spo2Monitor:
         assert sample.spo2 is not None and sample.pulse_bpm is not None
         ring = self._ring
         ring.append((t, sample.spo2, sample.pulse_bpm))
+        self._trim(ring, t)
+
+    def _trim(self, ring: deque[tuple[float, float, float]], t: float) -> None:
         horizon = t - self.rules.baseline_window_s
         while ring and ring[0][0] < horizon:
             ring.popleft()
@@ -455,7 +476,11 @@ class Spo2Monitor:
 
     def tick(self, t_s: float) -> list[Spo2Event]:
         """Let time pass without a sample: closes the observation window when it is due."""
-        t = self._time(t_s)
+        last = self._last_t
+        if last is not None and t_s < last:
+            t = self._time(t_s)
+        else:
+            self._last_t = t = t_s  # in order: what _time decides, inline (a tick a second)
         return [] if self._dose is None else self._advance(t)
 
     def link_down(self, t_s: float) -> list[Spo2Event]:

@@ -27,7 +27,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import NamedTuple, NoReturn, Protocol, cast
+from typing import NamedTuple, NoReturn, Protocol
 
 from devicegw.config import Config, DeviceSettings
 from devicegw.contract.payloads import (
@@ -315,7 +315,7 @@ class Vm1Pipeline:
             # isinstance against seven host command classes for every device message.
             if type(message) in _HOST_COMMAND_CLASSES:
                 continue  # a host command echoed back is not from the device
-            msg = cast(DeviceMessage, message)
+            msg: DeviceMessage = message  # type: ignore[assignment]  # (cast() is a call)
             health.frames_ok += 1
             health.last_frame_mono = mono
             if isinstance(msg, Ack):
@@ -502,7 +502,8 @@ class Vm1Pipeline:
             self._check_allowed(msg)
             self._audit_identity(msg)
             self._reconcile(msg, fetch)
-        for event in self.tracker.feed(Rx(msg, utc, mono)):
+        # Rx(...) without its Python-level __new__ (a message each): the same tuple.
+        for event in self.tracker.feed(_new_tuple(Rx, (msg, utc, mono))):
             if isinstance(event, SessionStarted):
                 self.health.sessions_started += 1
                 who = self._subject_at(utc)

@@ -26,6 +26,7 @@ from devicegw.edc.tail import (
     payload_bytes,
 )
 from devicegw.errors import GatewayError
+from devicegw.mqtt.publisher import no_delay
 
 DOSE_TOPICS = f"{DEFAULT_PREFIX}/+/+/dose/+"
 EXIT_CONFLICT = 3
@@ -72,6 +73,7 @@ async def run_edc_client(
         client = mqtt_client(options, identifier=options.client_id, clean_session=False)
         acks = _manual_acks(client)
         async with client:
+            no_delay(client)  # each PUBACK out at once: the broker's in-flight window moves on
             await client.subscribe(DOSE_TOPICS, qos=1)
             printer.info(f"subscribed to {DOSE_TOPICS} as {options.client_id}")
             if on_subscribed:

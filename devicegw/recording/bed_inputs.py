@@ -59,18 +59,18 @@ def _number(data: dict[str, Any], key: str) -> float | None:
 #: Decoded ``S`` payloads by their bytes. A subject's readings repeat (integer SpO2 and
 #: pulse, a few quality sets), so a replayed ward mostly finds its samples here instead of
 #: parsing JSON three times a second per bed; samples are frozen, so sharing one is safe.
-_DECODED: dict[bytes, OximeterSample] = {}
+DECODED_SAMPLES: dict[bytes, OximeterSample] = {}
 _DECODED_MAX = 8192
 
 
 def decode_sample(payload: bytes) -> OximeterSample:
     """An ``S`` payload back into the sample; anything malformed is a RecordingError."""
-    sample = _DECODED.get(payload)
+    sample = DECODED_SAMPLES.get(payload)
     if sample is None:
         sample = _decode_sample(payload)
-        if len(_DECODED) >= _DECODED_MAX:
-            _DECODED.clear()  # rare: a bounded cache, not an LRU
-        _DECODED[payload] = sample
+        if len(DECODED_SAMPLES) >= _DECODED_MAX:
+            DECODED_SAMPLES.clear()  # rare: a bounded cache, not an LRU
+        DECODED_SAMPLES[payload] = sample
     return sample
 
 

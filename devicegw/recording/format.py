@@ -27,11 +27,11 @@ import os
 import struct
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, NamedTuple
+from typing import Any, BinaryIO, Literal, NamedTuple, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -54,11 +54,13 @@ __all__ = [
     "ReadStats",
     "Record",
     "RecordDecoder",
+    "RecordFields",
     "RecordingError",
     "RecordingHeader",
     "RecordingWriter",
     "encode_record",
     "file_name",
+    "iter_field_batches",
     "iter_record_batches",
     "iter_records",
     "make_header",
@@ -123,6 +125,12 @@ def us_to_utc(us: int) -> datetime:
 
 
 _new_tuple = tuple.__new__
+
+
+_R = TypeVar("_R")
+
+#: A record's four fields as a plain tuple (see :meth:`RecordDecoder.feed_fields`).
+RecordFields = tuple[str, float, int, bytes]
 
 
 class Record(NamedTuple):
@@ -271,6 +279,14 @@ class RecordDecoder:
         self._dead = False
 
     def feed(self, data: bytes) -> list[Record]:
+        return cast("list[Record]", self._feed(data, plain=False))
+
+    def feed_fields(self, data: bytes) -> list[RecordFields]:
+        """:meth:`feed` with plain tuples of the same four fields: a reader that unpacks
+        each record at once (a replay, millions of them) skips building the NamedTuple."""
+        return cast("list[RecordFields]", self._feed(data, plain=True))
+
+    def _feed(self, data: bytes, *, plain: bool) -> list[Any]:
         if self._dead:
             self.stats.bytes_skipped += len(data)
             return []
@@ -287,7 +303,7 @@ class RecordDecoder:
             self._magic_ok = True
             pos = len(MAGIC)
             self.stats.bytes_ok += len(MAGIC)
-        out: list[Record] = []
+        out: list[Any] = []
         n = len(buf)
         unpack_prefix = _PREFIX.unpack_from
         crc32 = zlib.crc32
@@ -329,8 +345,10 @@ class RecordDecoder:
                 at = self.stats.bytes_ok + pos - first
                 self._die(f"unknown record kind {chr(kind_b)!r} at byte {at}")
                 break
-            # Record(...) without its Python-level __new__: the same tuple, half the cost.
-            append(new_record(Record, (kind, mono, utc_us, data_b[start + body_min : end])))
+            if plain:
+                append((kind, mono, utc_us, data_b[start + body_min : end]))
+            else:  # Record(...) without its Python-level __new__: the same tuple, half the cost
+                append(new_record(Record, (kind, mono, utc_us, data_b[start + body_min : end])))
             pos = end
         if not self._dead and n - pos >= 8:
             # A prefix but not a whole body header: a record still coming, or a bad length.
@@ -385,13 +403,29 @@ def iter_record_batches(
     """:func:`iter_records` a list at a time (the records of one read of ``chunk`` bytes):
     for a reader that loops over millions of records, one generator step per read
     instead of one per record."""
+    return _batches(path, stats, chunk, RecordDecoder.feed)
+
+
+def iter_field_batches(
+    path: str | Path, stats: ReadStats | None = None, *, chunk: int = 256 * 1024
+) -> Iterator[list[RecordFields]]:
+    """:func:`iter_record_batches` as plain tuples (:meth:`RecordDecoder.feed_fields`)."""
+    return _batches(path, stats, chunk, RecordDecoder.feed_fields)
+
+
+def _batches(
+    path: str | Path,
+    stats: ReadStats | None,
+    chunk: int,
+    feed: Callable[[RecordDecoder, bytes], list[_R]],
+) -> Iterator[list[_R]]:
     decoder = RecordDecoder()
     with open(path, "rb") as f:
         while True:
             data = f.read(chunk)
             if not data:
                 break
-            records = decoder.feed(data)
+            records = feed(decoder, data)
             if records:
                 yield records
     final = decoder.finish()

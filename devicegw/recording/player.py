@@ -26,6 +26,7 @@ recordings of such a bed replay without an overlay (``no_oximeter_assigned``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import time
 from collections import Counter
@@ -51,7 +52,7 @@ from devicegw.contract.payloads import (
 from devicegw.contract.spo2 import PostDoseSafetySummary, SafetyAlert
 from devicegw.core.bed_monitor import BedMonitor
 from devicegw.core.vm1_pipeline import UnexpectedDeviceError, Vm1Pipeline
-from devicegw.recording.bed_inputs import decode_sample
+from devicegw.recording.bed_inputs import DECODED_SAMPLES, decode_sample
 from devicegw.recording.format import (
     _EPOCH,
     BED_TICK,
@@ -68,6 +69,7 @@ from devicegw.recording.format import (
     RecordingError,
     RecordingHeader,
     first_header,
+    iter_field_batches,
     iter_record_batches,
     parse_header,
 )
@@ -380,24 +382,29 @@ class Player:
         latest = _BEFORE_ANY  # this device's latest UTC so far (summary's last: the latest)
         run = self._runs.get(device_id)
         epoch, micros = _EPOCH, timedelta
+        decoded, new_record = DECODED_SAMPLES.get, tuple.__new__
         try:
             for _, path in self._groups[device_id]:
                 stats = ReadStats()
-                for batch in iter_record_batches(path, stats):
+                for batch in iter_field_batches(path, stats):
                     if s.first_utc_us is None:  # batches are never empty
-                        s.first_utc_us = batch[0].utc_us
-                    for rec in batch:
-                        kind, mono, utc_us, payload = rec
+                        s.first_utc_us = batch[0][2]
+                    for fields in batch:
+                        kind, mono, utc_us, payload = fields
                         count += 1
-                        if utc_us > latest:
+                        if utc_us > latest:  # (the first record of each call always is)
                             latest = utc_us
-                        if at is not None:
-                            at[0] = latest
+                            if at is not None:
+                                at[0] = latest
                         if run is not None:  # the commonest kinds first
                             if kind == OX_SAMPLE:
                                 run.last_utc_us = utc_us
                                 if run.bed is not None:
-                                    run.bed.feed(mono, decode_sample(payload))
+                                    # decode_sample's cache, looked up here: one call less
+                                    sample = decoded(payload)
+                                    if sample is None:
+                                        sample = decode_sample(payload)
+                                    run.bed.feed(mono, sample)
                                 continue
                             if kind == RX:
                                 run.last_utc_us = utc_us
@@ -413,7 +420,7 @@ class Player:
                                 if run.bed is not None:
                                     run.bed.tick(mono)
                                 continue
-                        apply(device_id, rec)
+                        apply(device_id, new_record(Record, fields))
                         run = self._runs.get(device_id)  # a header may have started a new run
                 if stats.bytes_skipped:
                     s.skipped_bytes += stats.bytes_skipped
@@ -567,6 +574,19 @@ def _play_device(
     return player._finish(time.perf_counter() - t0), out
 
 
+#: A replay worker's young-generation threshold (CPython's default: 700). A replay
+#: allocates millions of short-lived tuples; collecting them 14x less often, with what
+#: the worker inherited frozen, is ~3 % fewer instructions (callgrind, one BID bed).
+WORKER_GC_GEN0 = 10_000
+
+
+def _worker_gc() -> None:
+    """A replay worker's collector: what it inherited frozen, young collections rarer."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(WORKER_GC_GEN0, gen1, gen2)
+
+
 def _merge_summaries(parts: Sequence[ReplaySummary], files: int, wall_s: float) -> ReplaySummary:
     total = ReplaySummary(files=files, wall_s=wall_s)
     for part in parts:
@@ -614,7 +634,8 @@ def play_parallel(
         # devices left one worker alone with the last chunk). Results keep device order.
         size = [sum(p.stat().st_size for p in job[0]) for job in job_list]
         order = sorted(range(len(job_list)), key=lambda i: -size[i])
-        with ProcessPoolExecutor(max_workers=min(jobs, len(job_list))) as pool:
+        workers = min(jobs, len(job_list))
+        with ProcessPoolExecutor(max_workers=workers, initializer=_worker_gc) as pool:
             done = pool.map(_play_device, [job_list[i] for i in order])
             by_index = dict(zip(order, done, strict=True))
         results = [by_index[i] for i in range(len(job_list))]

@@ -230,7 +230,8 @@ class AssignmentService:
                     f"kit {kit_number} was already used for a finished dose"
                     " (give an override reason to use it again)",
                 )
-            for other_bed, a in self._current_locked().items():
+            current = self._current_locked()
+            for other_bed, a in current.items():
                 if other_bed != bed and a.subject_id == subject_id:
                     self._refuse(
                         bed,
@@ -240,7 +241,7 @@ class AssignmentService:
                         asked,
                         f"subject {subject_id} is assigned to bed {other_bed}",
                     )
-            previous = self._current_locked().get(bed)
+            previous = current.get(bed)
             row = self._insert(
                 bed,
                 subject_id,
@@ -353,7 +354,7 @@ class AssignmentService:
     # -- internals -------------------------------------------------------------------------
 
     def _current_locked(self) -> dict[str, Assignment]:
-        return current_of(self.history())
+        return read_current(self._store)
 
     def _kit_used(self, kit_number: str) -> bool:
         row = self._store.conn.execute(
@@ -456,6 +457,17 @@ def read_history(store: Store, bed: str | None = None) -> list[Assignment]:
     if bed is not None:
         sql, args = sql + " WHERE bed = ?", (bed,)
     return [_row(r) for r in store.conn.execute(sql + " ORDER BY seq", args)]
+
+
+def read_current(store: Store) -> dict[str, Assignment]:
+    """:func:`current_of` the whole history, with only each bed's latest row read: a
+    500-bed ward seeding its assignments at start read the growing history twice per
+    bed (~1.6 s before the loop started)."""
+    latest = store.conn.execute(
+        "SELECT * FROM assignment WHERE seq IN (SELECT MAX(seq) FROM assignment GROUP BY bed)"
+        " ORDER BY seq"
+    )
+    return current_of([_row(r) for r in latest])
 
 
 def current_of(history: list[Assignment]) -> dict[str, Assignment]:

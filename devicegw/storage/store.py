@@ -81,10 +81,10 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
-#: Free space the data directory must have at start: the WAL's working space (SQLite
-#: checkpoints at 1,000 pages, ~4 MB, and a checkpoint needs room in the main file
-#: too) plus headroom for a day of events. README "Disk".
-MIN_FREE_BYTES = 16 * 1024 * 1024
+#: Free space the data directory must have at start: the WAL's working space (up to
+#: SAFETY_NET_PAGES, ~16 MB, while the daemon runs; a checkpoint needs as much again in
+#: the main file). README "Disk".
+MIN_FREE_BYTES = 32 * 1024 * 1024
 #: SQLite's own checkpoint threshold (pages), restored when the background one stops.
 AUTOCHECKPOINT_PAGES = 1000
 #: How often the daemon's worker thread checkpoints the WAL (Store.checkpoint_in_background).

@@ -88,7 +88,15 @@ class Vm1StreamDecoder:
         return out
 
     def _decode(self, payload: bytes, out: list[Message]) -> None:
-        self._track_seq(payload)
+        if len(payload) >= 2:  # what _track_seq does for the next in sequence, inline
+            last_seq = self._last_seq
+            is_host = payload[0] >= _HOST_TYPE_BIT
+            last = last_seq.get(is_host)
+            seq = payload[1]
+            if last is not None and seq == (last + 1) & 0xFF:
+                last_seq[is_host] = seq
+            else:
+                self._track_seq(payload)
         try:
             out.append(decode_payload(payload))
         except ProtocolError as exc:
