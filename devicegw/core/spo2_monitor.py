@@ -389,12 +389,13 @@ class Spo2Monitor:
         valid = sample.valid
         spo2 = sample.spo2
         rules = self.rules
+        below = valid and spo2 is not None and spo2 < rules.absolute_threshold
         dose = self._dose
         if dose is None:
             # Between doses (most of a ward's day) only the baseline ring is kept (what
             # _keep does, inline): _advance has no deadline without a dose, and a hold
             # counts only in a dose's windows.
-            self._hold = (t, valid, valid and spo2 is not None and spo2 < rules.absolute_threshold)
+            self._hold = (t, valid, below)
             self._link_up = True
             if valid:
                 ring = self._ring
@@ -407,7 +408,6 @@ class Spo2Monitor:
             return []
         events = self._advance(t)
         self._end_hold(t)
-        below = valid and spo2 is not None and spo2 < rules.absolute_threshold
         self._hold = (t, valid, below)
         self._link_up = True
         if valid:
