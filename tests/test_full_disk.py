@@ -112,7 +112,8 @@ def test_a_data_dir_with_less_than_the_wal_working_space_is_refused_at_start(
     """Below MIN_FREE_BYTES (the WAL's ~16 MB between checkpoints and as much again for a
     checkpoint) the store is not opened: one clear error now, not a full disk later."""
     keep = 20 * 2**20  # leave ~20 MB free: above the old 16 MB threshold, below 32 MB
-    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    st = os.statvfs(small_disk)
+    free = st.f_bavail * st.f_frsize
     (small_disk / "filler").write_bytes(b"\0" * (free - keep))
     with pytest.raises(StoreError, match=r"MB free for the gateway store .* at least 32 MB"):
         open_checked(small_disk / "data")
