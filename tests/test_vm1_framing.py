@@ -540,3 +540,47 @@ def test_truncated_frames_never_raise(frames: list[bytes], data: st.DataObject) 
     for frame in frames:
         decoder.feed(frame[: data.draw(st.integers(0, len(frame)))])
     assert decoder.feed(FRAMES[1])[-1:] == MESSAGES[1:2]
+
+
+def _rejected(stats: DeframerStats) -> int:
+    return stats.crc_errors + stats.short_frames + stats.oversize_frames + stats.bad_escapes
+
+
+# Whole frames as a VM-1's reads and recorded RX chunks bring them: good ones, framed garbage
+# of any length (short, oversize, bad CRC) and raw content whose escapes may be illegal.
+WHOLE_FRAMES = (
+    PAYLOADS.map(encode_frame)
+    | st.binary(max_size=150).map(_frame_raw)
+    | st.binary(max_size=150).map(lambda b: b"\x7e" + b.replace(b"\x7e", b"") + b"\x7e")
+    | st.sampled_from(FRAMES)
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(WHOLE_FRAMES, min_size=1, max_size=10))
+def test_one_whole_frame_per_chunk_is_judged_as_byte_by_byte(frames: list[bytes]) -> None:
+    """A chunk that is one whole frame takes the deframer's shortcut (no split, the common
+    checks inline); fed byte by byte, the same frames never do. Same messages, counters."""
+    whole = Vm1StreamDecoder()
+    got = whole.feed(b"\x7e")  # synced, as after the first frame
+    for frame in frames:
+        got += whole.feed(frame)
+    bytewise = Vm1StreamDecoder()
+    assert got == _feed_bytewise(bytewise, b"\x7e" + b"".join(frames))
+    assert whole.stats == bytewise.stats
+    assert whole.stats.frames_bad == bytewise.stats.frames_bad == _rejected(whole.stats)
+
+
+@settings(max_examples=200)
+@given(SEGMENTS, st.lists(st.integers(1, 64), max_size=40))
+def test_frames_bad_is_every_rejected_frame(stream: bytes, sizes: list[int]) -> None:
+    """frames_bad is kept as a count (not summed on demand): always the four counters' sum."""
+    decoder = Vm1StreamDecoder()
+    pos = 0
+    for size in sizes:
+        decoder.feed(stream[pos : pos + size])
+        pos += size
+        assert decoder.stats.frames_bad == _rejected(decoder.stats)
+    decoder.feed(stream[pos:])
+    assert decoder.stats.frames_bad == _rejected(decoder.stats)
+    assert DeframerStats(crc_errors=2, bad_escapes=1).frames_bad == 3  # as given, summed

@@ -9,6 +9,7 @@ All times are the gateway's monotonic clock, shared by both devices.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections import deque
 from dataclasses import replace
@@ -77,10 +78,12 @@ class BedMonitor:
         #: The last 30 minutes at one reading a second: (monotonic s, SpO2, pulse), None
         #: where the reading was not valid. For the ward dashboard, never for decisions.
         self.trend: deque[tuple[float, float | None, float | None]] = deque(maxlen=TREND_POINTS)
+        self._trend_t = -math.inf  # time of the trend's latest point (none yet)
         self.alerts_raised = 0
 
     def feed(self, t: float, sample: OximeterSample) -> None:
-        if not self.trend or t - self.trend[-1][0] >= 1.0:
+        if t - self._trend_t >= 1.0:  # the trend's latest time, kept: a sample or three a second
+            self._trend_t = t
             valid = sample.valid
             self.trend.append(
                 (t, sample.spo2 if valid else None, sample.pulse_bpm if valid else None)

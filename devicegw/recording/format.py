@@ -316,28 +316,27 @@ class RecordDecoder:
             del buf[:pos]  # no complete record yet (a bad length is judged below)
             return out
         # One copy of the buffer per feed that completes a record; then each payload is
-        # copied once (a slice of bytes), and the CRC reads a view, not a copy of each body.
+        # copied once (a slice of bytes). The CRC reads a slice of the body too: a small
+        # copy costs fewer instructions than a memoryview slice (callgrind: ~1,700 vs ~2,000).
         data_b = bytes(buf)
-        view = memoryview(data_b)
         kind_of = _KIND_OF
-        new_record = _new_tuple
         append = out.append
         first = pos  # bytes_ok is settled once, after the loop
         unpack_head = _HEAD.unpack_from
         max_body = MAX_BODY
         head = _HEAD.size  # prefix + body header: the shortest possible record
+        limit = n - head
         # Prefix and body header in one unpack; the body's fields are used only once the
         # CRC has vouched for them. Fewer than ``head`` bytes left are judged after the loop.
-        while n - pos >= head:
+        while pos <= limit:
             length, crc, kind_b, mono, utc_us = unpack_head(data_b, pos)
+            end = pos + 8 + length
             if length < body_min or length > max_body:
                 self._die(f"bad record length {length} at byte {self.stats.bytes_ok + pos - first}")
                 break
-            start = pos + 8
-            end = start + length
             if end > n:
                 break
-            if crc32(view[start:end]) != crc:
+            if crc32(data_b[pos + 8 : end]) != crc:
                 self._die(f"CRC mismatch in the record at byte {self.stats.bytes_ok + pos - first}")
                 break
             kind = kind_of[kind_b]
@@ -345,10 +344,7 @@ class RecordDecoder:
                 at = self.stats.bytes_ok + pos - first
                 self._die(f"unknown record kind {chr(kind_b)!r} at byte {at}")
                 break
-            if plain:
-                append((kind, mono, utc_us, data_b[start + body_min : end]))
-            else:  # Record(...) without its Python-level __new__: the same tuple, half the cost
-                append(new_record(Record, (kind, mono, utc_us, data_b[start + body_min : end])))
+            append((kind, mono, utc_us, data_b[pos + head : end]))
             pos = end
         if not self._dead and n - pos >= 8:
             # A prefix but not a whole body header: a record still coming, or a bad length.
@@ -356,13 +352,15 @@ class RecordDecoder:
             if length < body_min or length > max_body:
                 self._die(f"bad record length {length} at byte {self.stats.bytes_ok + pos - first}")
         self.stats.bytes_ok += pos - first
-        view.release()
         if self._dead:
             self.stats.bytes_skipped += n - pos
             buf.clear()
         else:
             del buf[:pos]
         self.stats.records += len(out)
+        if not plain:  # Record(...) without its Python-level __new__: the same tuple, half the cost
+            new_record = _new_tuple
+            return [new_record(Record, fields) for fields in out]
         return out
 
     def _die(self, problem: str) -> None:

@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -74,6 +74,7 @@ from devicegw.recording.format import (
     parse_header,
 )
 from drivers.clock import Clock, ScaledClock
+from drivers.oximeter.sample import OximeterSample
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -381,6 +382,7 @@ class Player:
         count = rx_bytes = 0
         latest = _BEFORE_ANY  # this device's latest UTC so far (summary's last: the latest)
         run = self._runs.get(device_id)
+        bed_feed, bed_tick, pipe_feed = _entry_points(run)
         epoch, micros = _EPOCH, timedelta
         decoded, new_record = DECODED_SAMPLES.get, tuple.__new__
         try:
@@ -399,29 +401,30 @@ class Player:
                         if run is not None:  # the commonest kinds first
                             if kind == OX_SAMPLE:
                                 run.last_utc_us = utc_us
-                                if run.bed is not None:
+                                if bed_feed is not None:
                                     # decode_sample's cache, looked up here: one call less
                                     sample = decoded(payload)
                                     if sample is None:
                                         sample = decode_sample(payload)
-                                    run.bed.feed(mono, sample)
+                                    bed_feed(mono, sample)
                                 continue
                             if kind == RX:
                                 run.last_utc_us = utc_us
                                 rx_bytes += len(payload)
                                 try:  # noqa: SIM105 (as in apply)
                                     # us_to_utc inline, positional: the same datetime, half the cost
-                                    run.pipeline.feed(payload, epoch + micros(0, 0, utc_us), mono)
+                                    pipe_feed(payload, epoch + micros(0, 0, utc_us), mono)
                                 except UnexpectedDeviceError:
                                     pass
                                 continue
                             if kind == BED_TICK:
                                 run.last_utc_us = utc_us
-                                if run.bed is not None:
-                                    run.bed.tick(mono)
+                                if bed_tick is not None:
+                                    bed_tick(mono)
                                 continue
                         apply(device_id, new_record(Record, fields))
                         run = self._runs.get(device_id)  # a header may have started a new run
+                        bed_feed, bed_tick, pipe_feed = _entry_points(run)
                 if stats.bytes_skipped:
                     s.skipped_bytes += stats.bytes_skipped
                     problem = f"{path}: {stats.problem}"
@@ -541,6 +544,27 @@ class Player:
         if progress is not None:
             progress(self.total_bytes)
         return self._finish(time.perf_counter() - t0)
+
+
+def _entry_points(
+    run: _Run | None,
+) -> tuple[
+    Callable[[float, OximeterSample], None] | None,
+    Callable[[float], None] | None,
+    Callable[[bytes, datetime, float], object],
+]:
+    """A run's bed ``feed`` and ``tick`` (None without an oximeter) and pipeline ``feed``,
+    bound once per run for :meth:`Player.play_device` (no attribute lookups per record)."""
+    if run is None:
+        return None, None, _no_run
+    bed = run.bed
+    if bed is None:
+        return None, None, run.pipeline.feed
+    return bed.feed, bed.tick, run.pipeline.feed
+
+
+def _no_run(data: bytes, utc: datetime, mono: float) -> object:
+    raise AssertionError("play_device feeds a pipeline only once a run has started")
 
 
 def _keyed(

@@ -84,17 +84,21 @@ class OximeterSample:
     signal_strength: int | None = None
     pleth: tuple[int, ...] = ()
     source: str
+    #: Both values present and no gating flag: safe to use for decisions. Settled once,
+    #: at construction: the monitor's path asks it several times per sample, and a
+    #: property call each time was ~5 % of a replay's instructions.
+    valid: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        quality = self.quality
+        valid = (
+            self.spo2 is not None
+            and self.pulse_bpm is not None
+            and (not quality or quality.isdisjoint(GATING_FLAGS))
+        )
+        object.__setattr__(self, "valid", valid)
 
     @property
     def gating(self) -> frozenset[QualityFlag]:
         """The subset of ``quality`` that makes this sample unusable."""
         return self.quality & GATING_FLAGS
-
-    @property
-    def valid(self) -> bool:
-        """Both values present and no gating flag: safe to use for decisions."""
-        # Asked several times per sample on the monitor's path: no set is built for it.
-        if self.spo2 is None or self.pulse_bpm is None:
-            return False
-        quality = self.quality
-        return not quality or quality.isdisjoint(GATING_FLAGS)

@@ -66,7 +66,7 @@ from drivers.vm1.messages import (
     Stop,
 )
 
-__all__ = ["decode_payload", "encode_payload"]
+__all__ = ["PAYLOAD_DECODERS", "decode_payload", "encode_payload"]
 
 _E = TypeVar("_E", bound=IntEnum)
 
@@ -360,6 +360,8 @@ def _dec_ident(p: bytes) -> Ident:
 # result is the same object (same type, fields, equality and hash); every value is
 # checked first, exactly as before.
 _new_object = object.__new__
+_STATE_OF = {int(m): m for m in DeviceState}
+_BREATH_OF = {int(m): m for m in Breath}
 _STATUS_SET = tuple(
     getattr(Status, f).__set__
     for f in ("state", "reservoir_ul", "battery_pct", "flags", "fault_code", "seq", "dev_ms")
@@ -374,7 +376,9 @@ def _dec_status(p: bytes) -> Status:
     _, seq, dev_ms, state, reservoir, battery, flags, fault = _STATUS.unpack(p)
     if battery != BATTERY_ON_MAINS and battery > 100:
         raise ProtocolError(f"{n}: battery_pct {battery} outside 0..100 and not 0xFF")
-    member = _enum_in(n, "state", state, DeviceState)
+    member = _STATE_OF.get(state)  # what _enum_in does, without the call (every frame)
+    if member is None:
+        raise ProtocolError(f"{n}: unknown state value {state}")
     msg: Status = _new_object(Status)
     s_state, s_reservoir, s_battery, s_flags, s_fault, s_seq, s_dev_ms = _STATUS_SET
     s_state(msg, member)
@@ -389,7 +393,9 @@ def _dec_status(p: bytes) -> Status:
 
 def _dec_output(p: bytes) -> Output:
     _, seq, dev_ms, rate, cum, breath = _OUTPUT.unpack(p)
-    member = _enum_in("OUTPUT", "breath", breath, Breath)
+    member = _BREATH_OF.get(breath)  # as in _dec_status
+    if member is None:
+        raise ProtocolError(f"OUTPUT: unknown breath value {breath}")
     msg: Output = _new_object(Output)
     s_rate, s_cum, s_breath, s_seq, s_dev_ms = _OUTPUT_SET
     s_rate(msg, rate)
@@ -477,8 +483,11 @@ def _dec_get_session(p: bytes) -> GetSession:
     return GetSession(session_no=session_no, seq=seq, dev_ms=dev_ms)
 
 
-# type byte -> (exact payload length, decoder)
-_DECODERS: dict[int, tuple[int, Callable[[bytes], Message]]] = {
+#: type byte -> (exact payload length, decoder). A decoder given a payload of exactly
+#: its length returns the message or raises ProtocolError (a bad field value);
+#: :func:`decode_payload` is the checked entry point. Public for the stream decoder,
+#: which looks a frame's decoder up itself (a call less per frame).
+PAYLOAD_DECODERS: dict[int, tuple[int, Callable[[bytes], Message]]] = {
     MsgType.IDENT: (_IDENT.size, _dec_ident),
     MsgType.STATUS: (_STATUS.size, _dec_status),
     MsgType.OUTPUT: (_OUTPUT.size, _dec_output),
@@ -502,7 +511,7 @@ def decode_payload(payload: bytes | bytearray | memoryview) -> Message:
     payload = bytes(payload)
     if len(payload) < HEADER_LEN:
         raise ProtocolError(f"payload of {len(payload)} bytes is shorter than the 6-byte header")
-    entry = _DECODERS.get(payload[0])
+    entry = PAYLOAD_DECODERS.get(payload[0])
     if entry is None:
         raise ProtocolError(f"unknown message type 0x{payload[0]:02X}")
     size, decoder = entry

@@ -21,7 +21,7 @@ from typing import assert_never
 
 from drivers.errors import ProtocolError
 from drivers.link_unit import LinkUnit
-from drivers.vm1.codec import decode_payload, encode_payload
+from drivers.vm1.codec import PAYLOAD_DECODERS, decode_payload, encode_payload
 from drivers.vm1.framing import Deframer, DeframerStats, encode_frame
 from drivers.vm1.messages import Message
 
@@ -80,28 +80,35 @@ class Vm1StreamDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Messages completed by ``data`` in arrival order; never raises."""
-        out: list[Message] = []
-        stats = self.stats
-        for payload in self._deframer.feed(data):
-            self._decode(payload, out)
-        stats.messages += len(out)
-        return out
+        return self._decode(self._deframer.feed(data))
 
-    def _decode(self, payload: bytes, out: list[Message]) -> None:
-        if len(payload) >= 2:  # what _track_seq does for the next in sequence, inline
-            last_seq = self._last_seq
-            is_host = payload[0] >= _HOST_TYPE_BIT
-            last = last_seq.get(is_host)
-            seq = payload[1]
-            if last is not None and seq == (last + 1) & 0xFF:
-                last_seq[is_host] = seq
-            else:
-                self._track_seq(payload)
-        try:
-            out.append(decode_payload(payload))
-        except ProtocolError as exc:
-            self.stats.bad_payloads += 1
-            self.last_error = exc
+    def _decode(self, payloads: list[bytes]) -> list[Message]:
+        """The messages of good payloads, in order; a rejected one is counted, not raised."""
+        out: list[Message] = []
+        decoders = PAYLOAD_DECODERS
+        for payload in payloads:
+            n = len(payload)
+            if n >= 2:  # what _track_seq does for the next in sequence, inline
+                last_seq = self._last_seq
+                is_host = payload[0] >= _HOST_TYPE_BIT
+                last = last_seq.get(is_host)
+                seq = payload[1]
+                if last is not None and seq == (last + 1) & 0xFF:
+                    last_seq[is_host] = seq
+                else:
+                    self._track_seq(payload)
+            try:
+                # decode_payload's lookup, inline; it still judges (and names) the rest
+                entry = decoders.get(payload[0]) if n else None
+                if entry is not None and n == entry[0]:
+                    out.append(entry[1](payload))
+                else:
+                    out.append(decode_payload(payload))
+            except ProtocolError as exc:
+                self.stats.bad_payloads += 1
+                self.last_error = exc
+        self.stats.messages += len(out)
+        return out
 
     def reset(self) -> None:
         """Forget partial frames and sequence history, e.g. after the port reopens."""
@@ -142,11 +149,8 @@ class Vm1PayloadDecoder(Vm1StreamDecoder):
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """The message in the payload ``data`` (empty if it does not decode); never raises."""
-        out: list[Message] = []
         self.stats.frames_ok += 1
-        self._decode(bytes(data), out)
-        self.stats.messages += len(out)
-        return out
+        return self._decode([bytes(data)])
 
 
 def vm1_decoder(unit: LinkUnit) -> Vm1StreamDecoder:
