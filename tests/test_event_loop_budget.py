@@ -337,6 +337,39 @@ async def test_safety_messages_share_a_background_fsync_and_wait_for_it(tmp_path
         store.close()
 
 
+async def test_per_session_audit_records_are_fsynced_off_the_loop(tmp_path: Path) -> None:
+    """A ward starting its doses: each session_started (and device_identified) record was
+    a FULL commit, an fsync on the event loop, per bed (issue 13). With sync_later the
+    records are in the chain at once and on disk after the store's worker fsyncs."""
+    from devicegw.core.ports import AuditKind
+    from devicegw.storage.audit import AuditTrail, verify
+
+    store = Store(tmp_path / "gw.sqlite3")
+    try:
+        trail = AuditTrail(store, clock=ManualClock(NOW), gateway_id="gw-t")
+        await _until_synced(store)
+        before = store.synced_gen
+        for bed in range(20):
+            trail.append(
+                AuditKind.session_started,
+                device_id=f"neb-{bed}",
+                session_no=1,
+                body={"kit_number": None},
+                sync_later=True,
+            )
+        assert synchronous(store) == FULL  # each commit was NORMAL; FULL again after
+        assert store.synced_gen == before  # not one fsync yet: nothing yielded to the loop
+        result = verify(store)
+        assert result.ok and result.records >= 20  # chained, readable at once
+        await _until_synced(store)
+        assert store.synced_gen > before
+        trail.append(AuditKind.session_started, device_id="neb-x", session_no=2, body={})
+        assert store.synced_gen == store.transaction_gen - 1  # the default: durable on return
+        assert verify(store).ok
+    finally:
+        store.close()
+
+
 def test_without_an_event_loop_sync_later_is_an_ordinary_durable_commit(tmp_path: Path) -> None:
     store = Store(tmp_path / "gw.sqlite3")
     ob = Outbox(store)

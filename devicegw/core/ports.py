@@ -108,6 +108,7 @@ class AuditLog(Protocol):
         subject_id: str | None = None,
         session_no: int | None = None,
         body: Mapping[str, object],
+        sync_later: bool = False,
     ) -> object: ...
 
     def record_session_finished(self, record: DoseRecord) -> object: ...

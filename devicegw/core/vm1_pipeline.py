@@ -89,6 +89,7 @@ log = logging.getLogger(__name__)
 
 HOST_COMMAND_TYPES = (GetInfo, SetClock, SetRate, GetSession, Start, Stop, Ping)
 _HOST_COMMAND_CLASSES: frozenset[type] = frozenset(HOST_COMMAND_TYPES)
+_NO_ALARMS: frozenset[int] = frozenset()
 _new_tuple = tuple.__new__
 GET_SESSION = int(MsgType.GET_SESSION)
 
@@ -313,12 +314,15 @@ class Vm1Pipeline:
         for message in messages:
             # By exact class (the codec makes exactly these): one set lookup instead of
             # isinstance against seven host command classes for every device message.
-            if type(message) in _HOST_COMMAND_CLASSES:
+            cls = type(message)
+            if cls in _HOST_COMMAND_CLASSES:
                 continue  # a host command echoed back is not from the device
             msg: DeviceMessage = message  # type: ignore[assignment]  # (cast() is a call)
             health.frames_ok += 1
             health.last_frame_mono = mono
-            if isinstance(msg, Ack):
+            if (cls is Status or cls is Output) and health.identified:
+                self._on_message(msg, utc, mono, fetch)  # nearly every frame: the chain skipped
+            elif isinstance(msg, Ack):
                 acks.append(msg)  # transport level: the handshake needs them before IDENT
                 if health.identified:
                     self._on_ack(msg, utc, mono)
@@ -520,6 +524,7 @@ class Vm1Pipeline:
                             "device_uptime_ms": msg.dev_ms,
                             "kit_number": who.kit_number,
                         },
+                        sync_later=True,  # per session, on the loop: fsync'ed off it
                     )
                 log.info(
                     "session started",
@@ -561,6 +566,7 @@ class Vm1Pipeline:
                 "serial_no": ident.serial_no,
                 "firmware": ident.firmware,
             },
+            sync_later=True,  # per connection (500 at a ward's start): fsync'ed off the loop
         )
 
     def _check_allowed(self, ident: Ident) -> None:
@@ -771,12 +777,13 @@ class Vm1Pipeline:
         """Send the device status / detail if anything its audience cares about changed."""
         t = self.tracker
         status = t.status
-        key = (
-            self.health.connected,
-            status.state if status else None,
-            t.identity.serial_no if t.identity else None,
-            error,
-        )
+        connected = self.health.connected
+        identity = t.identity
+        if status is None:
+            state = battery = fault = None
+        else:  # (called for every STATUS a device sends: the keys are built cheaply)
+            state, battery, fault = status.state, status.battery_pct, status.fault_code
+        key = (connected, state, None if identity is None else identity.serial_no, error)
         if key != self._last_status_key:
             self._last_status_key = key
             self.sink.device_status(
@@ -784,17 +791,15 @@ class Vm1Pipeline:
                 DeviceStatus(
                     gateway_id=self.config.gateway.id,
                     device_id=self.device.id,
-                    connected=self.health.connected,
-                    state=status.state.name if status else None,
-                    identity=device_identity(self.device, t.identity),
+                    connected=connected,
+                    state=None if state is None else state.name,
+                    identity=device_identity(self.device, identity),
                     last_seen_utc=self._utc if self.health.last_frame_mono is not None else None,
                     error=error,
                 ),
             )
-        alarms = sorted(alarm_name(c) for c in t.active_alarms) if t.active_alarms else []
-        fault = status.fault_code if status else None
-        battery = status.battery_pct if status else None
-        detail_key = (self.health.connected, battery, fault, tuple(alarms))
+        active = t.active_alarms
+        detail_key = (connected, battery, fault, frozenset(active) if active else _NO_ALARMS)
         if detail_key != self._last_detail_key:
             self._last_detail_key = detail_key
             self.sink.device_detail(
@@ -802,12 +807,12 @@ class Vm1Pipeline:
                 DeviceDetail(
                     gateway_id=self.config.gateway.id,
                     device_id=self.device.id,
-                    connected=self.health.connected,
+                    connected=connected,
                     battery_pct=battery,
                     on_mains=status.on_mains if status else None,
                     reservoir_ml=_ml(status.reservoir_ul if status else None),
                     fault_code=fault,
-                    active_alarms=alarms,
+                    active_alarms=sorted(alarm_name(c) for c in active),
                 ),
             )
 
