@@ -47,6 +47,7 @@ from devicegw.config import BrokerSettings  # noqa: E402
 from devicegw.contract.payloads import (  # noqa: E402
     DoseDetail,
     DoseEvent,
+    DoseRecord,
     GatewayStatus,
     dose_event_id,
 )
@@ -191,11 +192,9 @@ async def feed(run: Run, rate: float) -> None:
         device_id = event.device.device_id
         run.publisher.commit_dose(
             TOPICS.dose(device_id),
-            event,
+            DoseRecord(event, detail_for(event, template)),
             device_id=device_id,
-            event_id=str(event.event_id),
             detail_topic=TOPICS.dose_detail(device_id),
-            detail=detail_for(event, template),
         )
     run.feed_done_at = time.monotonic()
 

@@ -573,6 +573,46 @@ def test_session_finished_from_a_dose_record(store: Store, clock: ManualClock) -
     assert verify(store).ok
 
 
+def test_a_dose_is_encoded_once_for_the_outbox_and_the_audit(
+    store: Store, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox stores, and the audit trail hashes, the same bytes: the record's own
+    encoding, made once (issue 13: two encodings per dose on the event loop at 500 beds)."""
+    from devicegw.contract.payloads import DoseDetail, DoseEvent
+    from devicegw.mqtt.publisher import encode
+    from devicegw.storage.outbox import Outbox, payload_sha256
+
+    record = real_dose_record()
+    calls: list[str] = []
+    for model in (DoseEvent, DoseDetail):
+        original = model.model_dump_json
+
+        def counted(self: Any, *args: Any, _original: Any = original, **kw: Any) -> str:
+            calls.append(type(self).__name__)
+            return str(_original(self, *args, **kw))
+
+        monkeypatch.setattr(model, "model_dump_json", counted)
+    event_json, detail_json = record.encoded()
+    assert record.encoded() == (event_json, detail_json)
+    Outbox(store).add(
+        "dose",
+        "d/neb-bed01",
+        event_json,
+        qos=1,
+        retain=False,
+        now=clock.now(),
+        event_id=str(record.event.event_id),
+        detail=("dd/neb-bed01", detail_json),
+    )
+    rec = AuditTrail(store, clock=clock, gateway_id="gw1").record_session_finished(record)
+    assert sorted(calls) == ["DoseDetail", "DoseEvent"]  # once each, for both stores
+    assert rec.body["payload_sha256"] == payload_sha256(event_json)
+    assert rec.body["detail_sha256"] == payload_sha256(detail_json)
+    monkeypatch.undo()
+    assert (event_json, detail_json) == (encode(record.event), encode(record.detail))
+    assert record == type(record)(record.event, record.detail)  # the cache is not compared
+
+
 # -- record_assignments -------------------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel
 
 from devicegw.config import BrokerSettings
+from devicegw.contract.payloads import DoseRecord, encode_json
 from devicegw.contract.vocabulary import PAYLOAD_FEED, Feed, PayloadKind, TopicKind
 from devicegw.errors import ConfigError
 from devicegw.mqtt.qos0_batch import Qos0Batches, TopicFields, encode_publish, qos0_batches
@@ -64,7 +65,7 @@ SESSION_EXPIRY_S = 3600
 
 def encode(payload: BaseModel) -> bytes:
     """The one JSON encoding of every payload (stable key order, UTC ISO times)."""
-    return payload.model_dump_json().encode("utf-8")
+    return encode_json(payload)
 
 
 def feed_of(payload: bytes) -> Feed:
@@ -312,25 +313,26 @@ class MqttPublisher:
     def commit_dose(
         self,
         topic: str,
-        payload: BaseModel,
+        record: DoseRecord,
         *,
         device_id: str,
-        event_id: str,
         detail_topic: str,
-        detail: BaseModel,
     ) -> AddResult:
         """Commit a dose event and its restricted detail to the outbox, in one transaction,
-        unique by ``event_id``; the connection loop publishes them (now, or after an outage)."""
+        unique by the event's id; the connection loop publishes them (now, or after an
+        outage). The bytes stored are the record's own encoding (``DoseRecord.encoded``),
+        which the audit trail hashes too."""
+        event, detail = record.encoded()
         result = self.outbox.add(
             TopicKind.DOSE,
             topic,
-            encode(payload),
+            event,
             qos=1,
             retain=False,
             now=self._clock.now(),
             device_id=device_id,
-            event_id=event_id,
-            detail=(detail_topic, encode(detail)),
+            event_id=str(record.event.event_id),
+            detail=(detail_topic, detail),
         )
         self._outbox_changed = True
         self._wake.set()

@@ -93,11 +93,9 @@ class MqttSink:
         """The blinded event and its restricted detail, committed in one transaction."""
         self._pub.commit_dose(
             self._topics.dose(device_id),
-            record.event,
+            record,
             device_id=device_id,
-            event_id=str(record.event.event_id),
             detail_topic=self._topics.dose_detail(device_id),
-            detail=record.detail,
         )
         for listener in self.listeners:
             listener.dose_record(device_id, record)
