@@ -262,8 +262,10 @@ async def test_plx_and_berrymed_discovered_connected_streaming(
     starts = [b.window_start_s - a.window_start_s for a, b in itertools.pairwise(bm_samples)]
     assert min(starts) >= 1.0  # the promise: at most one window (sample) per second
     assert max(starts) < 3.0  # (a loaded machine may deliver a window late, never early)
-    gaps = [b.t_s - a.t_s for a, b in itertools.pairwise(bm_samples)]
-    assert min(gaps) > 0.8  # t_s is each window's last packet, a bit before the next starts
+    # t_s is each window's last packet: no later than the next window's first. (Receipt
+    # times: a loaded machine bunches packets, so the gap between two t_s has no lower
+    # bound -- 0.49 s was seen with the other core busy.)
+    assert all(a.t_s <= b.window_start_s for a, b in itertools.pairwise(bm_samples))
     middle = bm_samples[1:-1]
     mean_packets = sum(s.packets for s in middle) / len(middle)
     assert 95 <= mean_packets <= 110, mean_packets  # ~100 packets per window
