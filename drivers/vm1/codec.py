@@ -127,11 +127,16 @@ def _enum_out(msg: str, field: str, value: object, enum: type[_E]) -> int:
 _MEMBERS: dict[type[Any], dict[int, Any]] = {}
 
 
-def _enum_in(msg: str, field: str, value: int, enum: type[_E]) -> _E:
+def _members(enum: type[_E]) -> dict[int, _E]:
+    """``enum``'s members by value, built once."""
     members = _MEMBERS.get(enum)
     if members is None:
         members = _MEMBERS[enum] = {int(m): m for m in enum}
-    member: _E | None = members.get(value)
+    return members
+
+
+def _enum_in(msg: str, field: str, value: int, enum: type[_E]) -> _E:
+    member = _members(enum).get(value)
     if member is None:
         raise ProtocolError(f"{msg}: unknown {field} value {value}")
     return member
@@ -360,8 +365,8 @@ def _dec_ident(p: bytes) -> Ident:
 # result is the same object (same type, fields, equality and hash); every value is
 # checked first, exactly as before.
 _new_object = object.__new__
-_STATE_OF = {int(m): m for m in DeviceState}
-_BREATH_OF = {int(m): m for m in Breath}
+_STATE_OF = _members(DeviceState)  # _enum_in's tables, looked up inline below
+_BREATH_OF = _members(Breath)
 _STATUS_SET = tuple(
     getattr(Status, f).__set__
     for f in ("state", "reservoir_ul", "battery_pct", "flags", "fault_code", "seq", "dev_ms")
