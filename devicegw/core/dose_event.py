@@ -12,6 +12,8 @@ republished or replayed record can be compared with the original.
 
 from __future__ import annotations
 
+import numpy as np
+
 from devicegw import __version__
 from devicegw.config import Config, DeviceSettings
 from devicegw.contract.payloads import (
@@ -50,7 +52,7 @@ def device_identity(device: DeviceSettings, ident: Ident | None) -> DeviceIdenti
 
 
 def _rate_stats(session: FinishedSession, assessment: Assessment, ident: Ident | None) -> RateStats:
-    rates = session.sample_rates_ul_min
+    rates = np.asarray(session.sample_rates_ul_min, dtype=np.int64)
     vol = assessment.volumes
     neb_s = assessment.nebulizing_s
     mean = (
@@ -59,10 +61,10 @@ def _rate_stats(session: FinishedSession, assessment: Assessment, ident: Ident |
         else None
     )
     return RateStats(
-        samples=len(rates),
+        samples=int(rates.size),
         mean_ul_min=None if mean is None else round(mean, 1),
-        min_ul_min=min(rates) if rates else None,
-        max_ul_min=max(rates) if rates else None,
+        min_ul_min=int(rates.min()) if rates.size else None,
+        max_ul_min=int(rates.max()) if rates.size else None,
         nominal_ul_min=ident.nominal_rate_ul_min if ident else None,
     )
 

@@ -17,6 +17,7 @@ without a link is link-down time, not pause time.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -93,8 +94,11 @@ class FinishedSession:
     device_end_wall_s: int | None
     device_start_ms: int | None  # raw dev_ms (uptime) at start / end
     device_end_ms: int | None
-    sample_times_s: tuple[float, ...]  # OUTPUT sample times from session start (device time)
-    sample_rates_ul_min: tuple[int, ...]
+    #: OUTPUT sample times from session start (device time) and their rates: arrays, so
+    #: the volume estimate takes them as they are (a tuple of a 5-minute dose's 3,000 floats
+    #: costs more to build and to convert than the estimate itself).
+    sample_times_s: Sequence[float]
+    sample_rates_ul_min: Sequence[int]
     pauses: tuple[Pause, ...]
     alarms: tuple[AlarmSpan, ...]
     link_interruptions: int
@@ -610,8 +614,8 @@ class SessionTracker:
             device_end_wall_s=end_wall_s,
             device_start_ms=o.start_raw_ms,
             device_end_ms=end_raw_ms,
-            sample_times_s=tuple(o.times),
-            sample_rates_ul_min=tuple(o.rates),
+            sample_times_s=o.times[:],
+            sample_rates_ul_min=o.rates[:],
             pauses=tuple(
                 Pause(
                     start_s=p[0] - o.start_dev,
