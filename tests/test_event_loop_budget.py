@@ -221,8 +221,7 @@ def test_no_systemd_task_outside_systemd(tmp_path: Path) -> None:
             gw.close()
 
 
-def test_the_status_snapshot_serialises_as_asdict_would() -> None:
-    """health._plain replaced dataclasses.asdict (its deep copy cost the loop ~20 ms a round)."""
+def _status_snapshot(devices: int = 2) -> health.GatewaySnapshot:
     dev = health.DeviceSnapshot(
         identity=health.DeviceIdentity("VM-1", 'VM1-"7"\n', "1.2"),
         port="/dev/ttyUSB0",
@@ -244,7 +243,7 @@ def test_the_status_snapshot_serialises_as_asdict_would() -> None:
         open_session=3,
     )
     ox = health.OximeterSnapshot("/dev/x", "B1", True, 0.2, 5, 0, 0, None)
-    snap = health.GatewaySnapshot(
+    return health.GatewaySnapshot(
         gateway_id="g",
         site="s",
         utc=NOW.isoformat(),
@@ -255,14 +254,52 @@ def test_the_status_snapshot_serialises_as_asdict_would() -> None:
         store=health.StoreSnapshot(0, 0, 0, None, None, 0),
         descriptors_in_use=None,
         descriptors_limit=2,
-        devices={"d1": dev, "d2": dataclasses.replace(dev, identity=None)},
-        oximeters={"o1": ox},
+        devices={
+            f"d{i}": dev if i % 2 else dataclasses.replace(dev, identity=None, frames_ok=i)
+            for i in range(devices)
+        },
+        oximeters={f"o{i}": dataclasses.replace(ox, samples=i) for i in range(devices // 2)},
         task_restarts={"x": 1},
         task_errors={},
         loop_lag=health.LoopLagSnapshot(1, 0.0, 0, 0),
     )
+
+
+def test_the_status_snapshot_serialises_as_asdict_would() -> None:
+    """health._plain replaced dataclasses.asdict (its deep copy cost the loop ~20 ms a round)."""
+    snap = _status_snapshot()
     assert snap.to_json() == json.loads(json.dumps(dataclasses.asdict(snap)))
     assert json.dumps(snap.to_json()) == json.dumps(dataclasses.asdict(snap))
+
+
+@pytest.mark.parametrize("devices", [0, 1, 2, health.SLICE, 2 * health.SLICE + 37])
+async def test_the_status_file_is_encoded_in_slices_the_loop_runs_between(
+    devices: int, tmp_path: Path
+) -> None:
+    """At 1,000 devices one snapshot built and encoded whole stopped the loop ~20 ms every
+    2 s (issue 13): now a slice of devices per turn, and the same JSON object."""
+    snap = _status_snapshot(devices)
+    turns = 0
+    done = False
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while not done:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    before = turns
+    text = await health.encode_in_slices(snap)
+    done = True
+    await counter
+    assert json.loads(text) == json.loads(json.dumps(dataclasses.asdict(snap)))
+    slices = -(-devices // health.SLICE) + -(-(devices // 2) // health.SLICE)
+    assert turns - before >= slices
+    health.write_text(text, tmp_path)
+    health.write(snap, tmp_path / "whole")
+    assert health.read(tmp_path)[0] == health.read(tmp_path / "whole")[0]
 
 
 # -- a finished session's fsync off the loop (Store.transaction(sync_later=True)) --------
@@ -517,3 +554,22 @@ async def test_a_failing_checkpoint_is_said_once_and_tried_again(
         assert store.checkpoints == 2
     finally:
         store.close()
+
+
+async def test_the_gateway_snapshot_in_slices_is_the_whole_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from devicegw.runtime.gateway import Gateway
+    from tests.session_stream import one_device_config
+
+    config = one_device_config()
+    config = config.model_copy(
+        update={"gateway": config.gateway.model_copy(update={"data_dir": str(tmp_path)})}
+    )
+    monkeypatch.setattr(health, "SLICE", 1)
+    gw = Gateway(config, clock=ManualClock(), notifier=Notifier.from_environment({}))
+    try:
+        assert gw.runners
+        assert await gw.snapshot_in_slices() == gw.snapshot()
+    finally:
+        gw.close()
