@@ -715,3 +715,37 @@ def test_plx_readings_from_device_storage_are_not_live_samples() -> None:
     assert r.of(SafetyAlertRaised) == []
     assert r.summary.session.excluded_by_flag == {"from_storage": 1}
     assert r.summary.session.nadir_spo2 == 95.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.sampled_from([0.0, -0.0, 0.33, 5.0, -0.1, 7.0]),
+            st.floats(min_value=-2.0, max_value=12.0, allow_nan=False),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    tail=st.floats(min_value=-2.0, max_value=12.0, allow_nan=False),
+    start=st.sampled_from([0.0, 86_400.5, 1.0e6 + 1 / 3]),
+)
+def test_baseline_coverage_is_the_reference_sum(
+    steps: list[float], tail: float, start: float
+) -> None:
+    """_covered_s was rewritten for speed (a baseline's ~900 samples per session start and
+    end); its value decides whether a baseline exists, so it must equal the plain sum
+    bit for bit."""
+    m = Spo2Monitor(Spo2Rules(), CTX)
+    gap = m.rules.max_sample_gap_s
+    times = []
+    t = start
+    for step in steps:
+        t += step
+        times.append(t)
+    values = [(x, 97.0, 70.0) for x in times]
+    until = t + tail
+    ends = [*times[1:], until]
+    reference = sum(min(max(0.0, b - a), gap) for a, b in zip(times, ends, strict=True))
+    got = m._covered_s(values, until)
+    assert repr(got) == repr(reference)
