@@ -619,3 +619,48 @@ async def test_read_at_least_returns_what_is_left_when_the_port_fails() -> None:
         if controller >= 0:
             os.close(controller)
         os.close(device)
+
+
+_STATUS_BITS = st.integers(min_value=0, max_value=0x7F).map(lambda b: (b | 0x80) & ~0x01)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_STATUS_BITS, min_size=25, max_size=25), st.booleans())
+def test_a_decoded_packets_cached_status_summary_is_the_computed_one(
+    statuses: list[int], whole: bool
+) -> None:
+    """The decoder takes a packet's statuses and their summary (flags OR-ed, worst
+    perfusion) from a cache of status columns (issue 13); a packet built from the same
+    statuses afresh computes them itself: both must agree, sample quality included."""
+    raw = [statuses[0] | 0x01, *statuses[1:]]  # SYNC on the first frame only
+    packet = dataclasses.replace(NORMAL_PKT, statuses=tuple(nonin.NoninStatus(b) for b in raw))
+    wire = encode_packet(packet)
+    decoder = NoninDecoder()
+    if whole:
+        decoded = decoder.feed(wire)
+    else:
+        decoded = [p for i in range(0, len(wire), 5) for p in decoder.feed(wire[i : i + 5])]
+    assert len(decoded) == 1
+    got = decoded[0]
+    fresh = dataclasses.replace(got, statuses=tuple(got.statuses))  # not the cached tuple
+    assert got == packet
+    for attr in ("sensor_disconnected", "artifact", "out_of_track", "sensor_alarm", "perfusion"):
+        assert getattr(got, attr) == getattr(fresh, attr), attr
+    assert to_sample(got).quality == to_sample(fresh).quality
+
+
+def test_the_status_column_cache_is_bounded_and_stays_right_when_cleared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(nonin, "_COLUMNS_MAX", 4)
+    monkeypatch.setattr(nonin, "_COLUMNS", {})
+    monkeypatch.setattr(nonin, "_COLUMN_OF_TUPLE", {})
+    decoder = NoninDecoder()
+    for n in range(20):
+        column = [0x81 | (n & 0x06)] + [0x80 | (n % 3) << 1] * 24
+        packet = dataclasses.replace(
+            NORMAL_PKT, statuses=tuple(nonin.NoninStatus(b) for b in column)
+        )
+        (got,) = decoder.feed(encode_packet(packet))
+        assert got.perfusion == dataclasses.replace(got, statuses=tuple(got.statuses)).perfusion
+        assert len(nonin._COLUMNS) <= 4 and len(nonin._COLUMN_OF_TUPLE) == len(nonin._COLUMNS)

@@ -212,16 +212,21 @@ class NoninPacket:
     hr_display: int | None
     hr_extended_display: int | None
     #: Every frame's STATUS OR-ed, and the worst perfusion class: read several times per
-    #: packet (75 frames/s per oximeter), so computed once here (issue 13).
+    #: packet (75 frames/s per oximeter), so computed once here (issue 13). Not init
+    #: fields, so that ``dataclasses.replace`` with other statuses computes them afresh.
     _status_any: int = field(init=False, repr=False, compare=False)
     _worst_perfusion: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        raw = [int(s) & 0xFF for s in self.statuses]
-        object.__setattr__(self, "_status_any", reduce(or_, raw, 0))
-        object.__setattr__(
-            self, "_worst_perfusion", max(map(_PERFUSION_OF.__getitem__, raw), default=0)
-        )
+        statuses = self.statuses
+        # The decoder's statuses are a tuple from its column cache, summarised there.
+        known = _COLUMN_OF_TUPLE.get(id(statuses))
+        if known is not None and known[0] is statuses:
+            status_any, worst = known[1], known[2]
+        else:
+            status_any, worst = _summarise(bytes(int(s) & 0xFF for s in statuses))
+        object.__setattr__(self, "_status_any", status_any)
+        object.__setattr__(self, "_worst_perfusion", worst)
 
     def _any(self, bit: NoninStatus) -> bool:
         return bool(self._status_any & int(bit))
@@ -257,12 +262,12 @@ def _frame_valid(frame: bytes | bytearray) -> bool:
     return frame[0] == START and bool(frame[1] & _BIT7_BIT) and frame_checksum(frame) == frame[4]
 
 
-def _hr(data: list[int], pos: tuple[int, int]) -> int | None:
+def _hr(data: bytes, pos: tuple[int, int]) -> int | None:
     value = ((data[pos[0]] & 0x03) << 7) | (data[pos[1]] & 0x7F)
     return None if value == HR_MISSING else value
 
 
-def _spo2(data: list[int], pos: int, name: str) -> int | None:
+def _spo2(data: bytes, pos: int, name: str) -> int | None:
     value = data[pos]
     if value == SPO2_MISSING:
         return None
@@ -285,11 +290,47 @@ def decode_packet(data: bytes | bytearray | memoryview) -> NoninPacket:
     return _packet_from_frames(frames)
 
 
+def _summarise(raw_statuses: bytes) -> tuple[int, int]:
+    """(every STATUS OR-ed, worst perfusion class) of a packet's raw STATUS bytes."""
+    return reduce(or_, raw_statuses, 0), max(
+        map(_PERFUSION_OF.__getitem__, raw_statuses), default=0
+    )
+
+
+_Column = tuple[tuple[NoninStatus, ...], int, int]
+#: A packet's raw STATUS column -> (statuses, OR of all, worst perfusion). A Nonin sends the
+#: same column packet after packet (it changes with the perfusion class, a lost pulse, a
+#: probe off), so three packets a second per oximeter cost a dict lookup each, not 25 enum
+#: lookups and the summary (issue 13). Bounded: cleared when full.
+_COLUMNS: dict[bytes, _Column] = {}
+#: The same entries by the id of their statuses tuple, for NoninPacket.__post_init__; an
+#: entry holds its tuple, so the id is not reused while the entry exists.
+_COLUMN_OF_TUPLE: dict[int, _Column] = {}
+_COLUMNS_MAX = 4096
+
+
+def _status_column(raw: bytes) -> _Column:
+    known = _COLUMNS.get(raw)
+    if known is None:
+        if len(_COLUMNS) >= _COLUMNS_MAX:
+            _COLUMNS.clear()
+            _COLUMN_OF_TUPLE.clear()
+        known = _COLUMNS[raw] = (tuple(map(_STATUS_OF.__getitem__, raw)), *_summarise(raw))
+        _COLUMN_OF_TUPLE[id(known[0])] = known
+    return known
+
+
 def _packet_from_frames(frames: list[bytes]) -> NoninPacket:
-    data = [f[3] for f in frames]
+    return _packet_from_columns(
+        bytes(f[1] for f in frames), bytes(f[2] for f in frames), bytes(f[3] for f in frames)
+    )
+
+
+def _packet_from_columns(raw_statuses: bytes, pleth: bytes, data: bytes) -> NoninPacket:
+    """A packet from its 25 STATUS, PLETH and DATA bytes (frame order)."""
     return NoninPacket(
-        statuses=tuple(_STATUS_OF[f[1]] for f in frames),
-        pleth=tuple(f[2] for f in frames),
+        statuses=_status_column(raw_statuses)[0],
+        pleth=tuple(pleth),
         hr=_hr(data, _HR),
         spo2=_spo2(data, _SPO2, "SpO2"),
         firmware_revision=data[_REV],
@@ -387,6 +428,25 @@ def to_sample(packet: NoninPacket, *, source: str = SOURCE) -> OximeterSample:
     Any frame of the packet with SNSD, ARTF, OOT, SNSA or red perfusion gates
     the sample; yellow perfusion is reported but does not gate.
     """
+    key = (packet._status_any, packet._worst_perfusion)
+    quality = _QUALITY.get(key)
+    if quality is None:
+        quality = _QUALITY[key] = _quality(packet)  # at most 256 x 4 keys
+    return OximeterSample(
+        spo2=None if packet.spo2 is None else float(packet.spo2),
+        pulse_bpm=None if packet.hr is None else float(packet.hr),
+        quality=quality,
+        pleth=packet.pleth,
+        source=source,
+    )
+
+
+#: (every STATUS OR-ed, worst perfusion) -> the sample's quality flags: all a packet's
+#: quality depends on, looked up three times a second per oximeter.
+_QUALITY: dict[tuple[int, int], frozenset[QualityFlag]] = {}
+
+
+def _quality(packet: NoninPacket) -> frozenset[QualityFlag]:
     quality: set[QualityFlag] = set()
     if packet.sensor_disconnected:
         quality.add(QualityFlag.PROBE_UNPLUGGED)
@@ -401,13 +461,7 @@ def to_sample(packet: NoninPacket, *, source: str = SOURCE) -> OximeterSample:
         quality.add(QualityFlag.LOW_PERFUSION)
     elif perfusion is Perfusion.YELLOW:
         quality.add(QualityFlag.MARGINAL_PERFUSION)
-    return OximeterSample(
-        spo2=None if packet.spo2 is None else float(packet.spo2),
-        pulse_bpm=None if packet.hr is None else float(packet.hr),
-        quality=frozenset(quality),
-        pleth=packet.pleth,
-        source=source,
-    )
+    return frozenset(quality)
 
 
 @dataclass(slots=True)
@@ -537,13 +591,23 @@ class NoninDecoder:
         ):
             return 0
         self.stats.frames_ok += FRAMES_PER_PACKET
-        self._complete([chunk[i : i + FRAME_LEN] for i in range(0, PACKET_LEN, FRAME_LEN)], out)
+        self._complete_columns(statuses, chunk[2::FRAME_LEN], chunk[3::FRAME_LEN], out)
         return pos + PACKET_LEN
 
     def _complete(self, frames: list[bytes], out: list[NoninPacket]) -> None:
         """25 valid frames: a packet, or a bad packet counted (never raised)."""
+        self._complete_columns(
+            bytes(f[1] for f in frames),
+            bytes(f[2] for f in frames),
+            bytes(f[3] for f in frames),
+            out,
+        )
+
+    def _complete_columns(
+        self, statuses: bytes, pleth: bytes, data: bytes, out: list[NoninPacket]
+    ) -> None:
         try:
-            packet = _packet_from_frames(frames)
+            packet = _packet_from_columns(statuses, pleth, data)
         except ProtocolError as exc:
             self.stats.bad_packets += 1
             self.last_error = exc
