@@ -320,10 +320,13 @@ def _status_column(raw: bytes) -> _Column:
     return known
 
 
+def _columns(frames: list[bytes]) -> tuple[bytes, bytes, bytes]:
+    """The STATUS, PLETH and DATA bytes of 25 frames, each in frame order."""
+    return bytes(f[1] for f in frames), bytes(f[2] for f in frames), bytes(f[3] for f in frames)
+
+
 def _packet_from_frames(frames: list[bytes]) -> NoninPacket:
-    return _packet_from_columns(
-        bytes(f[1] for f in frames), bytes(f[2] for f in frames), bytes(f[3] for f in frames)
-    )
+    return _packet_from_columns(*_columns(frames))
 
 
 def _packet_from_columns(raw_statuses: bytes, pleth: bytes, data: bytes) -> NoninPacket:
@@ -596,12 +599,7 @@ class NoninDecoder:
 
     def _complete(self, frames: list[bytes], out: list[NoninPacket]) -> None:
         """25 valid frames: a packet, or a bad packet counted (never raised)."""
-        self._complete_columns(
-            bytes(f[1] for f in frames),
-            bytes(f[2] for f in frames),
-            bytes(f[3] for f in frames),
-            out,
-        )
+        self._complete_columns(*_columns(frames), out)
 
     def _complete_columns(
         self, statuses: bytes, pleth: bytes, data: bytes, out: list[NoninPacket]
