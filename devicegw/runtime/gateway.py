@@ -430,15 +430,11 @@ class Gateway:
         """
         now_mono = self.clock.monotonic()
         devices: dict[str, health.DeviceSnapshot] = {}
-        for n, runner in enumerate(list(self.runners), 1):
-            devices[runner.device.id] = self._device_snapshot(runner, now_mono)
-            if n % health.SLICE == 0:
-                await asyncio.sleep(0)
+        async for runners in health.in_slices(self.runners):
+            devices.update((r.device.id, self._device_snapshot(r, now_mono)) for r in runners)
         oximeters: dict[str, health.OximeterSnapshot] = {}
-        for n, ox in enumerate(list(self.oximeter_runners), 1):
-            oximeters[ox.oximeter.id] = self._oximeter_snapshot(ox, now_mono)
-            if n % health.SLICE == 0:
-                await asyncio.sleep(0)
+        async for oxs in health.in_slices(self.oximeter_runners):
+            oximeters.update((o.oximeter.id, self._oximeter_snapshot(o, now_mono)) for o in oxs)
         return self._gateway_snapshot(devices, oximeters)
 
     @staticmethod
